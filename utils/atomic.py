@@ -1,0 +1,40 @@
+"""Atomic file writes: write a temp file in the target's folder, fsync, then rename over the target.
+A reader sees the old file or the new one, never half of one."""
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path, data):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_json(path, obj):
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def torch_save(obj, path):
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
