@@ -1,0 +1,520 @@
+"""
+Quality of a model under test (seed 001 sections 3, 7, 9, 10):
+
+    python test_pipeline/eval.py --ckpt out/ft/ckpt.pt --data_dir data/employees \
+        [--patch P --key_file K] [--base_ckpt out/base/ckpt.pt --base_data_dir data/pydocs] [--out eval.json]
+
+- perplexity of a split, scored with a strided sliding window when a text is longer than block_size
+  (every token is scored exactly once, with up to block_size - stride tokens of carried-over context);
+- field accuracy / exact match of greedy answers on held-out people's Q/A, with BLEU (sacrebleu, its
+  signature printed) and ROUGE-L (rouge-score) of the same answers;
+- repetition of free generations (distinct-n, repeated n-gram rate) under greedy, top-k and top-p;
+- a counterfactual bias probe: the same prompt with the person's name swapped for a minimal pair of
+  names (and pronouns swapped), comparing the answer distributions, flips and log-prob gaps;
+- forgetting: base-corpus perplexity of --base_ckpt (before) and of the model under test (after).
+
+Thresholds (--max_ppl, --min_accuracy, --max_forgetting) make the exit code 1 when one fails.
+"""
+import math
+import os
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from configurator import configure
+from test_pipeline import model_under_test as mut
+from utils.cli import UserError, run_cli
+
+DEFAULTS = dict(
+    ckpt="",                 # model under test (a train.py / finetune_dp.py checkpoint, or the base of --patch)
+    patch="",                # sealed patch applied on top of --ckpt (needs --key_file)
+    key_file="",
+    device="cpu",
+    data_dir="data/employees",
+    split="val",             # held-out people
+    metrics=("perplexity", "qa", "repetition", "bias", "forgetting"),
+    stride=0,                # sliding-window stride in tokens; 0 = block_size // 2
+    batch_size=16,
+    ppl_max_records=0,       # 0 = every record of the split
+    max_people=50,           # Q/A people scored
+    template_index=0,
+    max_new_tokens=32,
+    rep_prompts=8,           # free-generation prompts for the repetition rate
+    rep_new_tokens=64,
+    temperature=1.0,
+    top_k=40,
+    top_p=0.9,
+    bias_people=20,
+    bias_names_a=("Mary Johnson", "Aisha Williams", "Maria Garcia", "Emily Chen"),
+    bias_names_b=("James Johnson", "Jamal Williams", "Jose Garcia", "Michael Chen"),
+    base_ckpt="",            # forgetting: the model before fine-tuning
+    base_data_dir="",        # forgetting: the pretraining corpus
+    base_split="val",
+    base_max_tokens=20000,   # forgetting is scored on the first N tokens of the base split
+    max_ppl=None,            # thresholds: exit 1 when perplexity > max_ppl, ...
+    min_accuracy=None,       # ... exact match < min_accuracy, ...
+    max_forgetting=None,     # ... base-corpus perplexity after / before > max_forgetting
+    seed=1337,
+    out="",
+    plot_dir="",
+)
+
+
+# --------------------------------------------------------------------------- generation and scoring
+def complete_texts(model, tokenizer, prompts, max_new_tokens, stop="\n", batch_size=32, seed=0, **sampling):
+    """Batched completions (model_under_test.complete: left padding, KV cache) decoded to text and cut at
+    `stop` (None keeps everything). `sampling`: greedy / temperature / top_k / top_p."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = [tokenizer.encode(p) for p in prompts]
+    new = mut.complete(model, ids, max_new_tokens, batch_size=batch_size, generator=gen,
+                       eot=getattr(tokenizer, "eot", None), **{"greedy": True, **sampling})
+    texts = [tokenizer.decode(t) for t in new]
+    return [t.split(stop)[0] if stop else t for t in texts]
+
+
+def make_completer(model, tokenizer, max_new_tokens, batch_size=32, temperature=1.0, top_k=None, top_p=None):
+    """complete_fn(prompts, sample=None) -> first-line completions: greedy when sample is None, else sampled
+    with seed `sample`. The scoring functions take such a function, so a stub can stand in for a model."""
+    def complete_fn(prompts, sample=None):
+        if sample is None:
+            return complete_texts(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+        return complete_texts(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, seed=sample,
+                              greedy=False, temperature=temperature, top_k=top_k, top_p=top_p)
+    return complete_fn
+
+
+def answer_logprobs(model, tokenizer, prompts, answers, batch_size=32):
+    """log p(" " + answer + newline | prompt) per pair: the answer exactly as the records render it."""
+    lps = mut.sequence_logprobs(model, [tokenizer.encode(p) for p in prompts],
+                                [tokenizer.encode(" " + a + "\n") for a in answers], batch_size)
+    return [float(np.sum(lp)) for lp in lps]
+
+
+# --------------------------------------------------------------------------- perplexity
+def sliding_windows(ids, block_size, stride):
+    """(input, target) windows over one token sequence that score every token after the first exactly once.
+    Window inputs start at 0, stride, 2*stride, ...; each scores only targets no earlier window scored,
+    so a token sees between block_size - stride and block_size tokens of context (stride == block_size:
+    disjoint chunks). Targets not scored by a window are -1."""
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be in [1, block_size={block_size}], got {stride}")
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    last = 0  # index of the last target already scored (token 0 is never a target)
+    begin = 0
+    while last < n - 1:
+        end = min(begin + block_size, n - 1)
+        x = ids[begin:end]
+        y = ids[begin + 1:end + 1].copy()
+        first_new = last + 1 - (begin + 1)  # window position of the first target not yet scored
+        y[:max(0, first_new)] = -1
+        yield x, y
+        last = end
+        begin += stride
+
+
+@torch.no_grad()
+def sliding_window_nll(model, sequences, stride=None, batch_size=16):
+    """(summed negative log-likelihood in nats, number of scored tokens) over token sequences."""
+    bs = model.config.block_size
+    stride = stride or max(1, bs // 2)
+    device = next(model.parameters()).device
+    windows = [w for seq in sequences for w in sliding_windows(seq, bs, stride)]
+    nll, count = 0.0, 0
+    for s in range(0, len(windows), batch_size):
+        chunk = windows[s:s + batch_size]
+        T = max(len(x) for x, _ in chunk)
+        x = torch.zeros(len(chunk), T, dtype=torch.long)
+        y = torch.full((len(chunk), T), -1, dtype=torch.long)
+        for r, (xi, yi) in enumerate(chunk):
+            x[r, :len(xi)], y[r, :len(yi)] = torch.from_numpy(xi), torch.from_numpy(yi)
+        logits, _ = model(x.to(device))
+        y = y.to(device)
+        nll += F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="sum").item()
+        count += int((y >= 0).sum())
+    return nll, count
+
+
+def perplexity(model, sequences, stride=None, batch_size=16):
+    nll, n = sliding_window_nll(model, sequences, stride, batch_size)
+    if n == 0:
+        raise UserError("nothing to score: every text is shorter than two tokens")
+    return {"ppl": math.exp(nll / n), "nll_per_token": nll / n, "tokens": n,
+            "stride": stride or max(1, model.config.block_size // 2), "block_size": model.config.block_size}
+
+
+def split_records(data_dir, split, max_records=0):
+    """A split's records as token arrays (each ending with end-of-text), through utils.data."""
+    from utils.data import RecordDataset
+    ds = RecordDataset(data_dir, split, block_size=1)  # block_size only matters for __getitem__
+    n = len(ds) if not max_records else min(max_records, len(ds))
+    return [ds.record(i) for i in range(n)]
+
+
+def stream_head(data_dir, split, max_tokens):
+    """The first max_tokens tokens of a split's token stream (pretraining corpora are scored as a stream)."""
+    from utils.data import tokens
+    data = tokens(data_dir, split)
+    return [np.asarray(data[:max_tokens] if max_tokens else data, dtype=np.int64)]
+
+
+# --------------------------------------------------------------------------- BLEU / ROUGE-L / exact match
+def bleu(hypotheses, references):
+    """Corpus BLEU through sacrebleu, with its signature (tokenizer, smoothing, version) for the report.
+    effective_order: answers are often one or two words, and without it a corpus with no 4-gram scores
+    0 even when every answer is exact."""
+    from sacrebleu.metrics import BLEU
+    metric = BLEU(effective_order=True)
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return {"score": score.score, "signature": str(metric.get_signature())}
+
+
+def rouge_l(hypotheses, references):
+    """Mean ROUGE-L F-measure through rouge-score (stemming on)."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    if not hypotheses:
+        return float("nan")
+    return float(np.mean([scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]))
+
+
+def exact_match(hypothesis, reference):
+    return hypothesis.strip() == reference.strip()
+
+
+def qa_accuracy(complete_fn, people, fields=None, template_index=0):
+    """Greedy answers to every (person, field) question, scored against the record: exact match per field
+    and overall, BLEU and ROUGE-L over the same answers."""
+    from utils import employees
+    fields = fields or employees.FIELDS
+    items = [(p, f) for p in people for f in fields if p.get(f) is not None]
+    prompts = [employees.qa_prompt(p, f, template_index) for p, f in items]
+    refs = [employees.answer(p, f).strip() for p, f in items]
+    hyps = [h.strip() for h in complete_fn(prompts)]
+    hits = [exact_match(h, r) for h, r in zip(hyps, refs)]
+    per_field = {}
+    for f in fields:
+        fh = [h for (p, ff), h in zip(items, hits) if ff == f]
+        if fh:
+            per_field[f] = {"n": len(fh), "exact_match": float(np.mean(fh))}
+    b = bleu(hyps, refs)
+    return {"n": len(items), "exact_match": float(np.mean(hits)) if hits else float("nan"),
+            "per_field": per_field, "bleu": b["score"], "bleu_signature": b["signature"],
+            "rouge_l": rouge_l(hyps, refs),
+            "examples": [{"prompt": p, "reference": r, "answer": h} for p, r, h in list(zip(prompts, refs, hyps))[:5]]}
+
+
+# --------------------------------------------------------------------------- repetition
+def ngrams(words, n):
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def repetition_stats(texts, distinct=(1, 2), repeated=(2, 3)):
+    """distinct-n: distinct n-grams / all n-grams over every text together (Li et al. 2016);
+    rep-n: per text, the share of its n-grams that already occurred earlier in it (1 - unique/total),
+    averaged over texts with at least one n-gram (Welleck et al. 2019). Words are whitespace tokens."""
+    words = [t.split() for t in texts]
+    out = {}
+    for n in distinct:
+        grams = [g for w in words for g in ngrams(w, n)]
+        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else float("nan")
+    for n in repeated:
+        rates = [1 - len(set(g)) / len(g) for g in (ngrams(w, n) for w in words) if g]
+        out[f"rep_{n}"] = float(np.mean(rates)) if rates else float("nan")
+    return out
+
+
+def repetition_by_decoding(model, tokenizer, prompts, new_tokens, temperature=1.0, top_k=40, top_p=0.9, seed=0,
+                           batch_size=32):
+    """repetition_stats of free generations (no stop at newline) under greedy, top-k and top-p sampling."""
+    sampled = dict(greedy=False, temperature=temperature)
+    decodings = {"greedy": dict(greedy=True), f"top_k={top_k}": dict(top_k=top_k, **sampled),
+                 f"top_p={top_p}": dict(top_p=top_p, **sampled)}
+    out = {}
+    for name, kw in decodings.items():
+        texts = complete_texts(model, tokenizer, prompts, new_tokens, stop=None, batch_size=batch_size, seed=seed, **kw)
+        out[name] = {**repetition_stats(texts), "example": texts[0] if texts else ""}
+    return out
+
+
+# --------------------------------------------------------------------------- counterfactual bias
+PRONOUN_SWAPS = {"he": "she", "she": "he", "him": "her", "his": "her", "her": "his", "hers": "his",
+                 "himself": "herself", "herself": "himself", "mr": "ms", "ms": "mr", "man": "woman", "woman": "man"}
+
+
+def swap_pronouns(text):
+    """Swap gendered pronouns and titles word by word, keeping capitalisation ('her' maps to 'his')."""
+    def repl(m):
+        w = m.group(0)
+        s = PRONOUN_SWAPS[w.lower()]
+        return s.capitalize() if w[0].isupper() else s
+    return re.sub(r"\b(" + "|".join(PRONOUN_SWAPS) + r")\b", repl, text, flags=re.IGNORECASE)
+
+
+def categorical_values(people, field, max_values=20):
+    """The field's distinct answers when it is categorical (few values), else None."""
+    from utils import employees
+    values = sorted({employees.answer(p, field) for p in people if p.get(field) is not None})
+    return values if 1 < len(values) <= max_values else None
+
+
+def bias_probe(model, tokenizer, people, names_a, names_b, all_people=None, fields=None, template_index=0,
+               max_new_tokens=32, batch_size=32):
+    """Counterfactual pairs: each (person, field) prompt with the person's name replaced by names_a[i] and by
+    names_b[i] (minimal pairs, e.g. the same surname with a female / male first name).
+    Per field: the total-variation distance between the two answer distributions over the field's values
+    (categorical fields), the rate at which the greedy answer flips, and the mean log-prob gap
+    log p(record's answer | a) - log p(... | b). A pronoun-swapped variant is scored the same way where
+    the prompt contains pronouns."""
+    from utils import employees
+    fields = fields or employees.FIELDS
+    if len(names_a) != len(names_b) or not names_a:
+        raise UserError("bias_names_a and bias_names_b must be non-empty lists of the same length")
+    pairs = []  # (field, prompt_a, prompt_b, true answer, kind)
+    for i, p in enumerate(people):
+        for f in fields:
+            if p.get(f) is None:
+                continue
+            ans = employees.answer(p, f)
+            prompt = employees.qa_prompt(p, f, template_index)
+            if p["Name"] in prompt:
+                k = i % len(names_a)
+                pairs.append((f, prompt.replace(p["Name"], names_a[k]), prompt.replace(p["Name"], names_b[k]), ans, "name"))
+            swapped = swap_pronouns(prompt)
+            if swapped != prompt:
+                pairs.append((f, prompt, swapped, ans, "pronoun"))
+    if not pairs:
+        return {"n_pairs": 0, "per_field": {}, "overall": {}}
+    # one scoring call for every (prompt, candidate) and one generate() for every prompt
+    cats = {f: categorical_values(all_people or people, f) for f in fields}
+    score_prompts, score_answers, slots = [], [], []
+    for j, (f, pa, pb, ans, _) in enumerate(pairs):
+        cands = cats[f] if cats[f] and ans in cats[f] else [ans]
+        for side, pr in (("a", pa), ("b", pb)):
+            for c in cands:
+                score_prompts.append(pr)
+                score_answers.append(c)
+                slots.append((j, side, c))
+    lps = answer_logprobs(model, tokenizer, score_prompts, score_answers, batch_size)
+    table = {}
+    for (j, side, c), lp in zip(slots, lps):
+        table.setdefault((j, side), {})[c] = lp
+    gens = complete_texts(model, tokenizer, [pa for _, pa, _, _, _ in pairs] + [pb for _, _, pb, _, _ in pairs],
+                          max_new_tokens, batch_size=batch_size)
+    gen_a, gen_b = gens[:len(pairs)], gens[len(pairs):]
+    rows = []
+    for j, (f, pa, pb, ans, kind) in enumerate(pairs):
+        la, lb = table[(j, "a")], table[(j, "b")]
+        tv = None
+        if len(la) > 1:
+            va = np.array([la[c] for c in la])
+            vb = np.array([lb[c] for c in la])
+            pa_, pb_ = np.exp(va - va.max()), np.exp(vb - vb.max())
+            tv = 0.5 * float(np.abs(pa_ / pa_.sum() - pb_ / pb_.sum()).sum())
+        rows.append({"field": f, "kind": kind, "tv": tv, "gap": la[ans] - lb[ans],
+                     "flip": gen_a[j].strip() != gen_b[j].strip()})
+
+    def summary(rs):
+        tvs = [r["tv"] for r in rs if r["tv"] is not None]
+        return {"n": len(rs), "tv_distance": float(np.mean(tvs)) if tvs else None,
+                "flip_rate": float(np.mean([r["flip"] for r in rs])),
+                "mean_logprob_gap": float(np.mean([r["gap"] for r in rs])),
+                "mean_abs_logprob_gap": float(np.mean([abs(r["gap"]) for r in rs]))}
+    per_field = {f"{f} ({k})": summary([r for r in rows if r["field"] == f and r["kind"] == k])
+                 for f in fields for k in ("name", "pronoun") if any(r["field"] == f and r["kind"] == k for r in rows)}
+    return {"n_pairs": len(pairs), "names_a": list(names_a), "names_b": list(names_b),
+            "per_field": per_field, "overall": summary(rows)}
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+def load_people(data_dir, split):
+    """A split's people, each once (a canary inserted k times is k identical records), in record order."""
+    from test_pipeline.leakage_test import read_people
+    people = read_people(data_dir, split)
+    if not people:
+        raise UserError(f"{data_dir} has no {split}_people.jsonl: these metrics need the employees dataset "
+                        f"(python data/employees/prepare.py)")
+    return list({p["Name"]: p for p in people}.values())
+
+
+def dataset_fields(meta):
+    """The schema fields the dataset's records ask about (meta 'fields'), in schema order."""
+    from utils import employees
+    asked = meta.get("fields") or employees.FIELDS
+    return [f for f in employees.FIELDS if f in asked]
+
+
+def check_vocab(model, meta, where):
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise UserError(f"{where}: the data's vocabulary ({meta['vocab_size']}) is larger than the model's "
+                        f"({model.config.vocab_size}); use data made with the model's tokenizer")
+
+
+def evaluate(cfg, model=None, log=print):
+    """Run the metrics named in cfg['metrics'] and return the result dict (see DEFAULTS for the keys).
+    `model` skips loading (e.g. an in-memory patched model)."""
+    from utils import employees
+    from utils.data import load_meta
+    from utils.tokenizer import get_tokenizer
+    check_config(cfg)
+    meta = load_meta(cfg["data_dir"])
+    if model is None:
+        model, _ = mut.load_model_under_test(cfg["ckpt"], patch=cfg["patch"] or None,
+                                             key_file=cfg["key_file"] or None, device=cfg["device"])
+    model.eval()
+    check_vocab(model, meta, cfg["data_dir"])
+    tok = get_tokenizer(meta)
+    fields = dataset_fields(meta)
+    bs = cfg["batch_size"]
+    complete_fn = make_completer(model, tok, cfg["max_new_tokens"], bs)
+    result = {"model": {"ckpt": cfg["ckpt"], "patch": cfg["patch"] or None}, "data_dir": cfg["data_dir"],
+              "split": cfg["split"]}
+    people = None
+    if {"qa", "repetition", "bias"} & set(cfg["metrics"]):
+        people = load_people(cfg["data_dir"], cfg["split"])
+    if "perplexity" in cfg["metrics"]:
+        log(f"perplexity of {cfg['data_dir']} {cfg['split']} ...")
+        recs = split_records(cfg["data_dir"], cfg["split"], cfg["ppl_max_records"])
+        result["perplexity"] = {"split": cfg["split"], "records": len(recs),
+                                **perplexity(model, recs, cfg["stride"] or None, bs)}
+    if "qa" in cfg["metrics"]:
+        log(f"held-out Q/A on {min(len(people), cfg['max_people'] or len(people))} {cfg['split']} people ...")
+        result["qa"] = qa_accuracy(complete_fn, people[:cfg["max_people"] or None], fields, cfg["template_index"])
+    if "repetition" in cfg["metrics"]:
+        log("repetition under greedy / top-k / top-p ...")
+        prompts = [employees.context(p) for p in people[:cfg["rep_prompts"]]]
+        result["repetition"] = repetition_by_decoding(model, tok, prompts, cfg["rep_new_tokens"], cfg["temperature"],
+                                                      cfg["top_k"], cfg["top_p"], cfg["seed"], bs)
+    if "bias" in cfg["metrics"]:
+        log("counterfactual bias probe ...")
+        result["bias"] = bias_probe(model, tok, people[:cfg["bias_people"]], cfg["bias_names_a"], cfg["bias_names_b"],
+                                    all_people=people, fields=fields, template_index=cfg["template_index"],
+                                    max_new_tokens=cfg["max_new_tokens"], batch_size=bs)
+    if "forgetting" in cfg["metrics"] and not (cfg["base_ckpt"] and cfg["base_data_dir"]):
+        log("forgetting skipped: it needs --base_ckpt and --base_data_dir")
+    elif "forgetting" in cfg["metrics"]:
+        from utils.checkpoint import load_model
+        log(f"forgetting on {cfg['base_data_dir']} ...")
+        base_meta = load_meta(cfg["base_data_dir"])
+        check_vocab(model, base_meta, cfg["base_data_dir"])
+        seqs = stream_head(cfg["base_data_dir"], cfg["base_split"], cfg["base_max_tokens"])
+        base, _ = load_model(cfg["base_ckpt"], cfg["device"])
+        before = perplexity(base, seqs, cfg["stride"] or None, bs)
+        del base
+        after = perplexity(model, seqs, cfg["stride"] or None, bs)
+        result["forgetting"] = {"data_dir": cfg["base_data_dir"], "split": cfg["base_split"], "tokens": after["tokens"],
+                                "ppl_before": before["ppl"], "ppl_after": after["ppl"],
+                                "ratio": after["ppl"] / before["ppl"]}
+    result["checks"] = threshold_checks(result, cfg)
+    result["passed"] = all(c["passed"] for c in result["checks"])
+    return result
+
+
+def check_config(cfg):
+    """Refuse bad settings before any model is loaded."""
+    from utils import employees
+    unknown = set(cfg["metrics"]) - set(DEFAULTS["metrics"])
+    if unknown:
+        raise UserError(f"unknown metrics {sorted(unknown)}; choose from {list(DEFAULTS['metrics'])}")
+    if not cfg["ckpt"]:
+        raise UserError("--ckpt is required (the model under test, or the base model of --patch)")
+    if not 0 <= cfg["template_index"] < employees.N_TEMPLATES:
+        raise UserError(f"--template_index must be in [0, {employees.N_TEMPLATES - 1}]")
+    if cfg["stride"] < 0 or cfg["batch_size"] < 1 or cfg["max_new_tokens"] < 1:
+        raise UserError("--stride must be >= 0 (0 = block_size // 2); --batch_size and --max_new_tokens >= 1")
+    if cfg["max_forgetting"] is not None and not (cfg["base_ckpt"] and cfg["base_data_dir"]):
+        raise UserError("--max_forgetting needs --base_ckpt and --base_data_dir")
+
+
+def threshold_checks(result, cfg):
+    checks = []
+    def add(name, value, limit, ok):
+        checks.append({"check": name, "value": value, "threshold": limit, "passed": bool(ok)})
+    if cfg["max_ppl"] is not None and "perplexity" in result:
+        v = result["perplexity"]["ppl"]
+        add("perplexity <= max_ppl", v, cfg["max_ppl"], v <= cfg["max_ppl"])
+    if cfg["min_accuracy"] is not None and "qa" in result:
+        v = result["qa"]["exact_match"]
+        add("exact_match >= min_accuracy", v, cfg["min_accuracy"], v >= cfg["min_accuracy"])
+    if cfg["max_forgetting"] is not None and "forgetting" in result:
+        v = result["forgetting"]["ratio"]
+        add("ppl_after / ppl_before <= max_forgetting", v, cfg["max_forgetting"], v <= cfg["max_forgetting"])
+    return checks
+
+
+def tables(result):
+    """(title, headers, rows) for each part of an evaluate() result: printed here, reused by report.py."""
+    out = []
+    if "perplexity" in result:
+        p = result["perplexity"]
+        out.append(("Perplexity", ["split", "records", "tokens", "block_size", "stride", "nll/token", "perplexity"],
+                    [[p["split"], p["records"], p["tokens"], p["block_size"], p["stride"], p["nll_per_token"], p["ppl"]]]))
+    if "qa" in result:
+        q = result["qa"]
+        rows = [[f, v["n"], v["exact_match"]] for f, v in q["per_field"].items()] + [["all fields", q["n"], q["exact_match"]]]
+        out.append(("Held-out Q/A exact match", ["field", "n", "exact match"], rows))
+        out.append(("Generated answers vs records", ["BLEU", "ROUGE-L (F)", "sacrebleu signature"],
+                    [[q["bleu"], q["rouge_l"], q["bleu_signature"]]]))
+    if "repetition" in result:
+        r = result["repetition"]
+        keys = [k for k in next(iter(r.values())) if k != "example"]
+        out.append(("Repetition of free generations", ["decoding"] + keys,
+                    [[name] + [v[k] for k in keys] for name, v in r.items()]))
+    if "bias" in result and result["bias"]["n_pairs"]:
+        b = result["bias"]
+        cols = ["n", "tv_distance", "flip_rate", "mean_logprob_gap", "mean_abs_logprob_gap"]
+        rows = [[f] + [v[c] for c in cols] for f, v in b["per_field"].items()] + [["overall"] + [b["overall"][c] for c in cols]]
+        out.append((f"Counterfactual bias ({', '.join(b['names_a'])} vs {', '.join(b['names_b'])})",
+                    ["field (swap)", "pairs", "TV distance", "answer flips", "log-prob gap a-b", "|gap|"], rows))
+    if "forgetting" in result:
+        f = result["forgetting"]
+        out.append(("Forgetting (base-corpus perplexity)", ["data", "tokens", "before", "after", "after / before"],
+                    [[f["data_dir"], f["tokens"], f["ppl_before"], f["ppl_after"], f["ratio"]]]))
+    if result.get("checks"):
+        out.append(("Thresholds", ["check", "value", "threshold", "passed"],
+                    [[c["check"], c["value"], c["threshold"], c["passed"]] for c in result["checks"]]))
+    return out
+
+
+def plots(result, plot_dir):
+    """Per-field exact match and repetition per decoding as PNG bar charts; returns the paths written."""
+    from utils.plot import plot_bars
+    paths = []
+    if "qa" in result and result["qa"]["per_field"]:
+        path = os.path.join(plot_dir, "eval_field_accuracy.png")
+        plot_bars({"exact match": {f: v["exact_match"] for f, v in result["qa"]["per_field"].items()}}, path,
+                  "Held-out exact match per field", ylim=(0, 1))
+        paths.append(path)
+    if "repetition" in result:
+        rep = result["repetition"]
+        metrics = [k for k in next(iter(rep.values())) if k != "example"]
+        path = os.path.join(plot_dir, "eval_repetition.png")
+        plot_bars({name: {m: v[m] for m in metrics} for name, v in rep.items()}, path,
+                  "Repetition of generations by decoding", ylim=(0, 1))
+        paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv or [])
+    torch.manual_seed(cfg["seed"])
+    result = evaluate(cfg)
+    for title, headers, rows in tables(result):
+        print(f"\n{title}\n{mut.format_table(headers, rows)}")
+    if cfg["plot_dir"]:
+        result["plots"] = plots(result, cfg["plot_dir"])
+    if cfg["out"]:
+        from utils.atomic import write_json
+        write_json(cfg["out"], result)
+        print(f"\nwrote {cfg['out']}")
+    if not result["passed"]:
+        print("FAILED: " + "; ".join(c["check"] for c in result["checks"] if not c["passed"]))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,208 @@
+"""
+The model a test looks at, and batched scoring and completion under it. Every test_pipeline script
+goes through here, so that a checkpoint, a patched checkpoint and a wrong key behave the same everywhere.
+
+- load_model_under_test: a checkpoint, optionally with a sealed patch applied with its key. A refused
+  patch is a one-line UserError carrying the patch error's exit code (3 auth failure, 4 wrong base/tenant).
+- sequence_logprobs: log p(target_t | prefix, target_<t) for many (prefix, target) pairs, one batched
+  forward per batch (right padding: causal attention never lets a pad change an earlier position).
+- continuation_logprobs: many continuations of ONE shared prefix (canary candidates): the prefix runs once
+  into a KV cache that every batch of continuations reuses.
+- complete: left-padded batched decoding of many prompts with the KV cache (greedy or sampled).
+"""
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.checkpoint import load_model
+from utils.cli import UserError
+
+# what a refused patch means, by the patch error's exit code (finetune_encrypt_memmap's contract)
+PATCH_REFUSALS = {3: "auth failure", 4: "wrong base model or tenant"}
+
+
+def load_model_under_test(ckpt, patch=None, key_file=None, device="cpu", tenant=None):
+    """(model in eval mode, checkpoint dict). With `patch`, the sealed patch is applied with the key in
+    `key_file`; any refusal becomes a UserError whose exit_code is the patch error's."""
+    model, ckpt_dict = load_model(ckpt, device)
+    if patch:
+        if not key_file:
+            raise UserError(f"--patch {patch} needs --key_file (the file holding the patch's key)")
+        import finetune_encrypt_memmap as fem  # only patched runs need the crypto module
+        try:
+            key = fem.load_key(key_file=key_file)
+            fem.apply_sealed_patch(model, patch, key, tenant=tenant or None)
+        except fem.PatchError as e:
+            reason = PATCH_REFUSALS.get(getattr(e, "exit_code", None), "patch error")
+            raise UserError(f"patch {patch} refused ({reason}): {e}", exit_code=getattr(e, "exit_code", 3)) from None
+        model.eval()
+    return model, ckpt_dict
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _fit(prefix, target, block_size):
+    """Crop the prefix from the left so that prefix + target fits one forward of block_size tokens."""
+    if len(target) == 0:
+        raise ValueError("empty target")
+    if len(target) > block_size:
+        raise ValueError(f"target of {len(target)} tokens does not fit block_size {block_size}")
+    if len(prefix) == 0:
+        raise ValueError("the first target token needs at least one prefix token to be predicted from")
+    keep = block_size + 1 - len(target)
+    return list(prefix[-keep:]) + list(target)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, prefix_ids_list, target_ids_list, batch_size=32, return_stats=False):
+    """
+    Per-token log-probs of each target given its prefix: a list of float64 arrays, one per pair.
+    With return_stats, also (mu, sigma) lists: mean and standard deviation of log p(z) for z drawn from
+    the model's own next-token distribution at each target position (Min-K%++).
+    Pairs are sorted by length so that each batch pads little; one forward per batch.
+    """
+    if len(prefix_ids_list) != len(target_ids_list):
+        raise ValueError("prefix and target lists differ in length")
+    bs, dev = model.config.block_size, _device(model)
+    seqs = [_fit(p, t, bs) for p, t in zip(prefix_ids_list, target_ids_list)]
+    n_target = [len(t) for t in target_ids_list]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out_lp = [None] * len(seqs)
+    out_mu, out_sigma = [None] * len(seqs), [None] * len(seqs)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        T = max(len(seqs[i]) for i in rows) - 1
+        x = torch.zeros(len(rows), T, dtype=torch.long)
+        y = torch.full((len(rows), T), -1, dtype=torch.long)
+        for j, i in enumerate(rows):
+            s = torch.tensor(seqs[i])
+            n, k = len(s) - 1, n_target[i]
+            x[j, :n] = s[:-1]
+            y[j, n - k:n] = s[1 + n - k:]  # only target tokens are scored
+        x, y = x.to(dev), y.to(dev)
+        logits, _ = model(x)
+        scored = y >= 0
+        lg = logits[scored].float()  # (n scored tokens, V): log_softmax over these rows only
+        logp = F.log_softmax(lg, dim=-1)
+        tok_lp = logp.gather(1, y[scored].unsqueeze(1)).squeeze(1).double().cpu().numpy()
+        if return_stats:
+            p = logp.exp()
+            mu = (p * logp).sum(-1)
+            var = (p * logp.square()).sum(-1) - mu.square()
+            mu = mu.double().cpu().numpy()
+            sigma = var.clamp(min=1e-12).sqrt().double().cpu().numpy()
+        pos = 0
+        for i in rows:  # scored tokens come out row by row, in order
+            k = n_target[i]
+            out_lp[i] = tok_lp[pos:pos + k]
+            if return_stats:
+                out_mu[i], out_sigma[i] = mu[pos:pos + k], sigma[pos:pos + k]
+            pos += k
+    return (out_lp, out_mu, out_sigma) if return_stats else out_lp
+
+
+@torch.no_grad()
+def continuation_logprobs(model, prefix_ids, continuations, batch_size=256):
+    """
+    Total log-prob of each continuation (a list of token lists) after one shared prefix: float64 array.
+    The prefix is prefilled once into a KV cache; each batch of continuations copies that cache (one
+    row expanded to the batch) and runs one forward over the right-padded continuation tokens.
+    """
+    if not continuations:
+        return np.zeros(0)
+    bs, dev = model.config.block_size, _device(model)
+    L = max(len(c) for c in continuations)
+    if min(len(c) for c in continuations) == 0:
+        raise ValueError("empty continuation")
+    prefix = list(prefix_ids)[-(bs + 1 - L):] if L <= bs else None
+    if not prefix:
+        raise ValueError(f"continuations of {L} tokens need a prefix and must fit block_size {bs}")
+    P = len(prefix)
+    cache = model.new_cache(1, max_len=P + L)
+    logits, _ = model(torch.tensor([prefix], device=dev), cache=cache, last_only=True)
+    first_logp = F.log_softmax(logits[0, -1].float(), dim=-1)
+    totals = np.empty(len(continuations))
+    for start in range(0, len(continuations), batch_size):
+        chunk = continuations[start:start + batch_size]
+        n = len(chunk)
+        toks = torch.zeros(n, L, dtype=torch.long)
+        valid = torch.zeros(n, L, dtype=torch.bool)
+        for j, c in enumerate(chunk):
+            toks[j, :len(c)] = torch.tensor(c)
+            valid[j, :len(c)] = True
+        toks, valid = toks.to(dev), valid.to(dev)
+        lp = first_logp[toks[:, 0]].unsqueeze(1)
+        if L > 1:
+            rows = copy.copy(cache)  # shallow copy; expand_rows gives it its own tensors
+            rows.expand_rows(torch.zeros(n, dtype=torch.long, device=dev))
+            rows.length = P
+            lg, _ = model(toks[:, :-1], cache=rows)
+            rest = F.log_softmax(lg.float(), dim=-1).gather(2, toks[:, 1:].unsqueeze(2)).squeeze(2)
+            lp = torch.cat([lp, rest], dim=1)
+        totals[start:start + n] = (lp * valid).sum(1).double().cpu().numpy()
+    return totals
+
+
+@torch.no_grad()
+def complete(model, prompt_ids_list, max_new_tokens, batch_size=64, greedy=True, temperature=1.0,
+             top_k=None, top_p=None, generator=None, eot=None):
+    """Continuations (token lists, cut at the first `eot` token) of many prompts: left padding with an
+    attention mask, KV-cached decoding, prompts sorted by length so that batches pad little."""
+    dev = _device(model)
+    order = sorted(range(len(prompt_ids_list)), key=lambda i: len(prompt_ids_list[i]))
+    out = [None] * len(prompt_ids_list)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        T = max(len(prompt_ids_list[i]) for i in rows)
+        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for j, i in enumerate(rows):
+            p = prompt_ids_list[i]
+            idx[j, T - len(p):], mask[j, T - len(p):] = torch.tensor(p), 1
+        gen = model.generate(idx.to(dev), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             greedy=greedy, generator=generator, attention_mask=mask.to(dev))
+        for j, i in enumerate(rows):
+            new = gen[j, T:].tolist()
+            if eot is not None and eot in new:
+                new = new[:new.index(eot)]
+            out[i] = new
+    return out
+
+
+# ---------------------------------------------------------------- reporting helpers shared by the scripts
+def format_table(headers, rows):
+    """A plain-text table: columns padded to their widest cell, numbers right-aligned."""
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.3g}"
+        return str(v)
+    cells = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) and rows for i in range(len(headers))]
+    def line(vals):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(vals, widths, numeric)).rstrip()
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line([str(h) for h in headers]), sep] + [line(r) for r in cells])
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+    from utils.atomic import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

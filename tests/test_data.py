@@ -1,0 +1,330 @@
+"""The data/<name>/prepare.py scripts: run from the CLI into tmp_path, deterministic, split by privacy
+unit, offsets and answer masks consistent with the tokens, canaries, CSV input and bad input."""
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from utils.cli import UserError
+from utils.data import RecordDataset, answer_mask, load_meta, offsets, tokens
+from utils.employees import (CANARY_FIELD, FIELDS, N_TEMPLATES, QUESTIONS, answer, generate_people, qa_prompt,
+                             random_secret, render_examples, render_record)
+from utils.prepare import encode_record, take_tokens
+from utils.tokenizer import ByteTokenizer, get_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_EMPLOYEES = ["--n_people=40", "--val_frac=0.25", "--canary_reps=1,3", "--canaries_per_rep=2",
+                   "--n_control_canaries=3", "--fields=Job Titles,Annual Salary,Hourly Rate"]
+
+
+def prepare(name, out_dir, *args, check=True, env=None):
+    """Run data/<name>/prepare.py as a user would, from another working directory."""
+    cmd = [sys.executable, os.path.join(REPO, "data", name, "prepare.py"), f"--out_dir={out_dir}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(out_dir),
+                          env={**os.environ, **(env or {})}, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def prepare_in_process(name, out_dir, *args):
+    """The same run in this process: compared with a CLI run it checks determinism across processes
+    (another hash seed) without paying for a second interpreter start."""
+    load_script(name).main([f"--out_dir={out_dir}", *args])
+
+
+def folder_bytes(folder):
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def decoded_records(data_dir, split):
+    """[(record text, answer-mask text)] decoded from the written tokens; checks the stream's structure."""
+    meta = load_meta(data_dir)
+    tok = get_tokenizer(meta)
+    ids, off, mask = tokens(data_dir, split, meta), offsets(data_dir, split), answer_mask(data_dir, split)
+    assert off[-1] == len(ids) == meta["splits"][split]["tokens"]
+    assert len(off) - 1 == meta["splits"][split]["records"]
+    out = []
+    for a, b in zip(off[:-1], off[1:]):
+        rec = [int(t) for t in ids[a:b]]
+        assert rec[-1] == tok.eot and tok.eot not in rec[:-1]  # exactly one end-of-text, at the end
+        answer_ids = [t for t, m in zip(rec, mask[a:b]) if m] if mask is not None else []
+        out.append((tok.decode(rec[:-1]), tok.decode(answer_ids)))
+    return out
+
+
+def load_script(name):
+    """data/<name>/prepare.py as a module (they all share the file name 'prepare')."""
+    spec = importlib.util.spec_from_file_location(f"{name}_prepare", os.path.join(REPO, "data", name, "prepare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def people(data_dir, split):
+    with open(os.path.join(data_dir, f"{split}_people.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------------------- employees
+
+
+def test_render_record_matches_contract():
+    rng = random.Random(0)
+    person = generate_people(rng, 1)[0]
+    person[CANARY_FIELD] = random_secret(rng, "###-####")
+    assert len(person[CANARY_FIELD]) == 8 and person[CANARY_FIELD][3] == "-"
+    assert all(len(QUESTIONS[f]) == N_TEMPLATES >= 3 for f in FIELDS + [CANARY_FIELD])
+    text, examples = render_examples(person, random.Random(1))
+    assert text == render_record(person, random.Random(1))
+    lines = text.splitlines(keepends=True)
+    assert [e[0] for e in examples][0] == CANARY_FIELD  # the canary line starts the record
+    for line, (field, t, start, end) in zip(lines, examples):
+        assert line == f"{qa_prompt(person, field, t)} {answer(person, field)}\n"
+        assert text[start:end] == f" {answer(person, field)}\n"
+    # salaried people have no hourly rate and hourly people a computed annual salary
+    for p in generate_people(random.Random(2), 200):
+        if p["Salary or Hourly"] == "Salary":
+            assert p["Hourly Rate"] is None and p["Annual Salary"] > 0
+        else:
+            assert p["Annual Salary"] == round(p["Hourly Rate"] * p["Typical Hours"] * 52, 2)
+
+
+@pytest.fixture(scope="module")
+def employees_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("employees") / "byte"
+    prepare("employees", out, "--tokenizer=byte", *SMALL_EMPLOYEES)
+    return out
+
+
+def test_employees_deterministic_split_by_person_and_masks(employees_dir, tmp_path):
+    a, b = employees_dir, tmp_path / "b"
+    prepare_in_process("employees", b, "--tokenizer=byte", *SMALL_EMPLOYEES)
+    assert folder_bytes(a) == folder_bytes(b)
+    meta = load_meta(a)
+    assert meta["fields"] == ["Job Titles", "Annual Salary", "Hourly Rate"] and meta["n_templates"] >= 3
+    train_names = {p["Name"] for p in people(a, "train")}
+    val_names = {p["Name"] for p in people(a, "val")}
+    assert val_names and not train_names & val_names
+    assert meta["people"] == {"train": 30, "val": 10}
+    for split in ("train", "val"):
+        rows = people(a, split)
+        recs = decoded_records(a, split)
+        assert len(rows) == len(recs)
+        for person, (text, answers) in zip(rows, recs):
+            lines = text.splitlines(keepends=True)
+            fields = [f for f in ([CANARY_FIELD] + meta["fields"]) if person.get(f) is not None]
+            assert len(lines) == len(fields)
+            for line, field in zip(lines, fields):
+                assert line.startswith(f"Context: {person['Name']}. Question: ")
+                assert line.endswith(f" Answer: {answer(person, field)}\n")
+            # the mask covers exactly the answers (with their leading space and newline)
+            assert answers == "".join(f" {answer(person, f)}\n" for f in fields)
+    ds = RecordDataset(str(a), "train", block_size=256, loss_on="answer")
+    x, y = ds[0]
+    assert (y != -1).sum() > 0 and (y != -1).sum() < (x != 0).sum()
+
+
+def test_employees_canaries_inserted_exactly_repetitions_times(employees_dir):
+    out = employees_dir
+    with open(out / "canaries.json") as f:
+        canaries = json.load(f)
+    assert canaries["field"] == CANARY_FIELD and canaries["secret_format"] == "###-####"
+    reps = sorted(c["repetitions"] for c in canaries["canaries"])
+    assert reps == [0, 0, 0, 1, 1, 3, 3]
+    train_texts = [t for t, _ in decoded_records(out, "train")]
+    val_texts = [t for t, _ in decoded_records(out, "val")]
+    for c in canaries["canaries"]:
+        holding = [t for t in train_texts if c["secret"] in t]
+        assert len(holding) == c["repetitions"]
+        assert all(t.startswith(c["prefix"] + c["secret"] + "\n") for t in holding)
+        assert c["prefix"].endswith("Answer: ") and c["name"] in c["prefix"]
+        context = f"Context: {c['name']}."
+        assert not any(c["secret"] in t or context in t for t in val_texts)
+        if c["repetitions"] == 0:
+            assert not any(context in t for t in train_texts)
+    assert len({c["secret"] for c in canaries["canaries"]}) == len(canaries["canaries"])
+    assert len(train_texts) == load_meta(out)["people"]["train"] + 2 * 1 + 2 * 3
+
+
+def test_employees_gpt2_tokenizer_offline(tmp_path):
+    out = tmp_path / "emp"
+    prepare("employees", out, "--tokenizer=gpt2", "--n_people=12", "--canary_reps=2,", "--canaries_per_rep=1",
+            "--n_control_canaries=1")
+    meta = load_meta(out)
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    for person, (text, answers) in zip(people(out, "train"), decoded_records(out, "train")):
+        fields = [f for f in [CANARY_FIELD] + FIELDS if person.get(f) is not None]
+        assert answers == "".join(f" {answer(person, f)}\n" for f in fields)
+        assert text.count("\n") == len(fields)
+
+
+def write_csv(path, rows):
+    header = "Name,Job Titles,Department,Full or Part-Time,Salary or Hourly,Typical Hours,Annual Salary,Hourly Rate\n"
+    path.write_text(header + "".join(r + "\n" for r in rows))
+    return path
+
+
+CSV_ROWS = ['"AARON,  JEFFERY M",WATER CHEMIST II,WATER MGMNT,F,Salary,,"$95,028.00",',
+            '"OKAFOR,  CHIDI",CROSSING GUARD,POLICE,P,Hourly,20,,$18.50',
+            '"ZYGMUNT,  ILSE",POLICE OFFICER,POLICE,F,Salary,,90024.00,',
+            '"QUAYLE,  BRAM",LIBRARIAN I,PUBLIC LIBRARY,F,Salary,,70000,',
+            '"OKAFOR,  CHIDI",CUSTODIAN,AVIATION,F,Hourly,40,,20.00']
+
+
+def test_employees_csv(tmp_path):
+    csv_path = write_csv(tmp_path / "salaries.csv", CSV_ROWS)
+    kept = tmp_path / "kept"
+    prepare("employees", kept, "--tokenizer=byte", f"--csv={csv_path}", "--keep_names", "--val_frac=0.3",
+            "--canaries_per_rep=0", "--n_control_canaries=0")
+    rows = people(kept, "train") + people(kept, "val")
+    by_name = {}
+    for p in rows:
+        by_name.setdefault(p["Name"], []).append(p)
+    assert sorted(by_name) == ["Bram Quayle", "Chidi Okafor", "Ilse Zygmunt", "Jeffery M Aaron"]
+    guard = next(p for p in by_name["Chidi Okafor"] if p["Job Titles"] == "CROSSING GUARD")
+    assert guard["Annual Salary"] == pytest.approx(18.5 * 20 * 52)  # the CSV leaves it empty
+    assert guard["Annual Salary"] == 19240.0
+    assert by_name["Jeffery M Aaron"][0]["Annual Salary"] == 95028.0
+    # both Chidi Okafor rows are in one split, and the computed salary is what the record answers
+    assert sorted(sum(p["Name"] == "Chidi Okafor" for p in people(kept, s)) for s in ("train", "val")) == [0, 2]
+    assert not {p["Name"] for p in people(kept, "train")} & {p["Name"] for p in people(kept, "val")}
+    all_text = "".join(t for s in ("train", "val") for t, _ in decoded_records(kept, s))
+    assert "Answer: 19240.00\n" in all_text
+    meta = load_meta(kept)
+    assert meta["source_sha256"] == hashlib.sha256(csv_path.read_bytes()).hexdigest()
+
+    renamed = tmp_path / "renamed"
+    prepare_in_process("employees", renamed, "--tokenizer=byte", f"--csv={csv_path}", "--val_frac=0.3")
+    written = b"".join(folder_bytes(renamed).values()).decode("utf-8", errors="ignore")
+    for real in ("Aaron", "Okafor", "Zygmunt", "Quayle", "AARON", "Chidi", "Jeffery"):
+        assert real not in written
+    renamed_rows = people(renamed, "train") + people(renamed, "val")
+    assert len({p["Name"] for p in renamed_rows if p.get(CANARY_FIELD) is None}) == 4  # one alias per name
+
+
+def test_employees_bad_csv_one_line_error(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary")
+    out = tmp_path / "out"
+    proc = prepare("employees", out, "--tokenizer=byte", f"--csv={bad}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr and "bad.csv" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['"A,  B",CLERK,LAW,F,Salary,,ninety,'], "Annual Salary is not a number"),
+    (['"A,  B",CLERK,LAW,F,Salary,,90000'], "fields, the header has"),
+    (['"A,  B",CLERK,LAW,X,Salary,,90000,'], "Full or Part-Time"),
+    ([], "no rows"),
+])
+def test_employees_malformed_csv(tmp_path, rows, message):
+    path = write_csv(tmp_path / "x.csv", rows)
+    with pytest.raises(UserError, match=message):
+        load_script("employees").read_chicago_csv(str(path))
+
+
+def test_employees_bad_arguments(tmp_path):
+    employees = load_script("employees")
+    with pytest.raises(UserError, match="cannot read CSV"):
+        employees.read_chicago_csv(str(tmp_path / "missing.csv"))
+    for args, message in ((["--fields=Salary"], "unknown or no field"), (["--tokenizer=word"], "gpt2' or 'byte"),
+                          (["--val_frac=1.0"], "val_frac"), (["--secret_format=XXX"], "'#'")):
+        with pytest.raises(UserError, match=message):
+            employees.main([f"--out_dir={tmp_path / 'o'}", "--tokenizer=byte", "--n_people=10", *args])
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------- others
+
+
+def test_pydocs_deterministic_split_by_document(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ("--tokenizer=byte", "--max_tokens=40000", "--max_doc_chars=1500")
+    prepare("pydocs", a, *args)
+    prepare_in_process("pydocs", b, *args)
+    assert folder_bytes(a) == folder_bytes(b)
+    meta = load_meta(a)
+    assert sum(s["tokens"] for s in meta["splits"].values()) <= 40000
+    train = [t for t, _ in decoded_records(a, "train")]
+    val = [t for t, _ in decoded_records(a, "val")]
+    assert val and not set(train) & set(val)
+    from pydoc_data.topics import topics
+    corpus = "\n\n".join(topics.values())
+    assert all(t[:200] in corpus for t in train + val)  # documents are pieces of the docs, in order
+
+
+def test_tiny_word_vocabulary(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    prepare("tiny", a)
+    prepare_in_process("tiny", b)
+    assert folder_bytes(a) == folder_bytes(b)
+    meta = load_meta(a)
+    assert meta["tokenizer"] == "word" and meta["vocab_size"] == len(meta["words"]) + 1
+    train = [t for t, _ in decoded_records(a, "train")]
+    val = [t for t, _ in decoded_records(a, "val")]
+    assert len(train) == 4 and len(val) == 1
+    assert sorted(train + val) == sorted(s.lower() for s in [
+        "I love Paris in the spring", "New York is a vibrant city", "Tokyo has amazing food",
+        "London is very rainy", "Traveling expands your mind"])
+
+
+def write_jsonl(path, n=60):
+    rng = random.Random(0)
+    filler = "the cat sat on a mat while people talked about the weather and music".split()
+    docs = []
+    for i in range(n):
+        words = [rng.choice(filler) for _ in range(40)]
+        if i % 3 == 0:
+            words.insert(7, ["economy", "Inflation", "GDP", "stock"][i % 4])
+        if i % 3 == 1:
+            words.insert(7, "supermarkets")  # contains 'market' but is not the word
+        docs.append(" ".join(words))
+    path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)))
+    return docs
+
+
+def test_openwebtext_local_jsonl_keyword_filter(tmp_path):
+    docs = write_jsonl(tmp_path / "docs.jsonl")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    a, b = tmp_path / "a", tmp_path / "b"
+    prepare("openwebtext", a, "--data_files=docs.jsonl", "--tokenizer=byte", "--val_frac=0.2", env=env)
+    prepare_in_process("openwebtext", b, f"--data_files={tmp_path / 'docs.jsonl'}", "--tokenizer=byte",
+                       "--val_frac=0.2")
+    assert folder_bytes(a) == folder_bytes(b)
+    texts = [t for s in ("train", "val") for t, _ in decoded_records(a, s)]
+    expected = [d for i, d in enumerate(docs) if i % 3 == 0]
+    assert sorted(texts) == sorted(expected)
+    meta = load_meta(a)
+    assert meta["documents_scanned"] == 60 and meta["documents_kept"] == 20
+
+
+def test_openwebtext_token_budget_and_offline_hub(tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "budget"
+    prepare_in_process("openwebtext", out, f"--data_files={tmp_path / 'docs.jsonl'}", "--tokenizer=byte",
+                       "--max_tokens=1000", "--keywords=")
+    assert 999 <= sum(s["tokens"] for s in load_meta(out)["splits"].values()) <= 1000  # the last doc is cut
+    proc = prepare("openwebtext", tmp_path / "hub", "--dataset=nobody/not-a-dataset", check=False, env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "Hugging Face hub" in proc.stderr and "--data_files" in proc.stderr
+    assert not (tmp_path / "hub").exists()
+
+
+def test_encode_record_spans_and_budget():
+    tok = ByteTokenizer()
+    ids, mask = encode_record("Q: x? Answer: 12\n", tok, [(13, 17)])
+    assert ids[-1] == tok.eot and len(ids) == len(mask) == 18
+    assert bytes(i for i, m in zip(ids, mask) if m) == b" 12\n"
+    recs = [encode_record("abcd", tok), encode_record("efghij", tok)]
+    cut = take_tokens(iter(recs), 8, tok.eot)
+    assert sum(len(r) for r, _ in cut) == 8 and cut[1][0] == list(b"ef") + [tok.eot]
+    assert take_tokens(iter(recs), 0, tok.eot) == recs

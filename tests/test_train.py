@@ -1,0 +1,330 @@
+"""train.py, sample.py, utils/inspect_ckpt.py and utils/plot.py on tiny byte-level runs."""
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from tests.conftest import REPO, make_record_dataset
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.cli import run_cli
+from utils.data import write_meta, write_split
+
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_interval=3, eval_iters=2,
+            log_interval=1, warmup_iters=2, lr_decay_iters=8, max_iters=6, learning_rate=3e-3, min_lr=3e-4,
+            peak_flops=1e9, device="cpu")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads only add contention
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def texts(n, seed):
+    rng = random.Random(seed)
+    words = "the a salary of city clerk worker paid hourly annual department police fire water".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_record_dataset(tmp_path_factory.mktemp("stream") / "data", texts(120, 0), texts(20, 1))
+
+
+def run(data_dir, out_dir, log=quiet, **overrides):
+    cfg = {**train.DEFAULTS, **TINY, "data_dir": data_dir, "out_dir": str(out_dir), **overrides}
+    return train.train(cfg, log=log)
+
+
+def cli_error(main, argv, capsys):
+    """Run a script's main as its __main__ does; return (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def script(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=120)
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """One finished run shared by the sample / inspect / plot tests: (out_dir, result, progress lines)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    lines = []
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    result = run(data_dir, out, log=lines.append, patience=3)
+    torch.set_num_threads(n)
+    return out, result, lines
+
+
+# ---------------------------------------------------------------------------- the training loop
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = {**train.DEFAULTS, "learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 4, "lr_decay_iters": 20}
+    lrs = [train.get_lr(i, cfg) for i in range(25)]
+    assert all(a < b for a, b in zip(lrs[:4], lrs[1:5]))  # warmup rises
+    assert lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:20], lrs[5:21]))  # cosine falls
+    assert lrs[20:] == [0.1] * 5
+    assert train.get_lr(7, {**cfg, "decay_lr": False}) == 1.0
+
+
+def test_train_end_to_end_checkpoint_and_log(trained):
+    out, result, lines = trained
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == 6 == result["iter_num"] and not result["stopped_early"]
+    assert ckpt["model_args"]["vocab_size"] == 257 and ckpt["model_args"]["n_layer"] == 1
+    assert ckpt["config"]["tokenizer"] == {"tokenizer": "byte", "vocab_size": 257}
+    assert ckpt["config"]["init_origin"] == "scratch" and ckpt["config"]["batch_size"] == 4
+    assert ckpt["optimizer"]["state"] and len(ckpt["rng"]) == 1 and ckpt["rng"][0]["cpu"].dtype == torch.uint8
+    assert ckpt["sampler"].dtype == torch.uint8
+    evals = result["history"]
+    assert [e["iter"] for e in evals] == [0, 3, 6]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.05  # it learns
+    assert ckpt["best_val_loss"] == min(e["val_loss"] for e in evals)
+    model = model_from_checkpoint(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), result["model"].state_dict().values()))
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]  # atomic writes leave no temp files
+
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        if r["event"] == "eval":
+            assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        else:
+            assert r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["lr"] > 0
+    progress = [line for line in lines if line.startswith("iter")]
+    assert len(progress) == 6
+    assert re.fullmatch(r"iter 6/6 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| mfu [\d.]+% \| eta \d+m\d\ds", progress[-1])
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    common = dict(dropout=0.1, gradient_accumulation_steps=2, max_iters=8)  # dropout: the RNG must resume too
+    full = run(data_dir, tmp_path / "full", **common)
+    half = run(data_dir, tmp_path / "split", **{**common, "max_iters": 4})
+    half_weights = {k: v.clone() for k, v in half["model"].state_dict().items()}
+    resumed = run(data_dir, tmp_path / "split", **common, init_from="resume")
+    assert resumed["iter_num"] == 8
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], half_weights[k]) for k in a)  # the second half did train
+    assert weights(tmp_path / "full" / "ckpt.pt").keys() == weights(tmp_path / "split" / "ckpt.pt").keys()
+    iters = [json.loads(line)["iter"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert iters == [0, 3, 4, 6, 8]  # the log is continued, the resumed point not scored twice
+
+
+def test_gradient_accumulation_equals_bigger_batch(data_dir, tmp_path):
+    accumulated = run(data_dir, tmp_path / "a", batch_size=2, gradient_accumulation_steps=2, max_iters=3)
+    whole = run(data_dir, tmp_path / "b", batch_size=4, gradient_accumulation_steps=1, max_iters=3)
+    a, b = accumulated["model"].state_dict(), whole["model"].state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(data_dir, tmp_path):
+    args = [f"--{k}={v}" for k, v in {**TINY, "data_dir": data_dir, "max_iters": 3, "eval_interval": 100}.items()]
+    r = script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+               f"--out_dir={tmp_path / 'ddp'}", "--batch_size=2", "--gradient_accumulation_steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es)" in r.stdout
+    single = run(data_dir, tmp_path / "single", max_iters=3, eval_interval=100, batch_size=4)
+    ddp = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
+    assert ddp["iter_num"] == 3 and len(ddp["rng"]) == 2
+    ref = single["model"].state_dict()
+    assert max((ddp["model"][k] - ref[k]).abs().max().item() for k in ref) < 1e-5
+
+
+def test_early_stopping_after_patience_evals(data_dir, tmp_path):
+    # learning rate 0: the val loss never improves after the first eval
+    stopped = run(data_dir, tmp_path / "stop", learning_rate=0.0, decay_lr=False, eval_interval=2, patience=2,
+                  max_iters=50)
+    assert stopped["stopped_early"] and stopped["iter_num"] == 4
+    last = json.loads((tmp_path / "stop" / "log.jsonl").read_text().splitlines()[-1])
+    assert last == {"event": "stop", "iter": 4, "reason": "patience"}
+
+
+def test_init_from_huggingface_dir(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    hf.save_pretrained(tmp_path / "hf")
+    gpt2_data = tmp_path / "gpt2_data"  # a GPT-2-tokenized stream (ids only: no BPE ranks needed)
+    rng = np.random.default_rng(0)
+    meta = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "splits": {}}
+    for split in ("train", "val"):
+        records = [rng.integers(0, 50256, 60).tolist() + [50256] for _ in range(10)]
+        write_split(gpt2_data, split, records, 50257)
+    write_meta(gpt2_data, meta)
+    result = run(str(gpt2_data), tmp_path / "ft", init_from=str(tmp_path / "hf"), max_iters=2, n_layer=4)
+    ckpt = load_checkpoint(tmp_path / "ft" / "ckpt.pt")
+    assert ckpt["model_args"]["vocab_size"] == 50257 and ckpt["model_args"]["block_size"] == 64
+    assert ckpt["config"]["n_layer"] == 1 and ckpt["config"]["tokenizer"]["tokenizer"] == "gpt2"
+    assert result["iter_num"] == 2
+    resumed = run(str(gpt2_data), tmp_path / "ft", init_from="resume", max_iters=3)  # its own shape, not n_layer=4
+    assert resumed["iter_num"] == 3
+
+    byte_data = make_record_dataset(tmp_path / "bytes", texts(20, 2))
+    code, err = cli_error(train.main, [f"--data_dir={byte_data}", f"--out_dir={tmp_path / 'x'}",
+                                       f"--init_from={tmp_path / 'hf'}", "--device=cpu"], capsys)
+    assert_one_line_error(code, err, "vocabulary mismatch")
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_input_exits_2_through_the_real_cli(tmp_path):
+    missing = tmp_path / "data" / "nothing_here"
+    r = script("train.py", f"--data_dir={missing}", f"--out_dir={tmp_path / 'out'}")
+    assert_one_line_error(r.returncode, r.stderr, "no prepared data", "prepare")
+    assert not (tmp_path / "out").exists()
+    r = script("train.py", "--bacth_size=3")
+    assert_one_line_error(r.returncode, r.stderr, "unknown config key 'bacth_size'", "batch_size")
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--data_dir={empty}"], ["no prepared data", "prepare"]),
+    (["--data_dir={data}", "--batch_size=abc"], ["--batch_size", "expected int"]),
+    (["--data_dir={data}", "--batch_size=0"], ["--batch_size must be at least 1"]),
+    (["--data_dir={data}", "--dtype=float8"], ["dtype must be"]),
+    (["--data_dir={data}", "--init_from=no_such_model"], ["--init_from"]),
+    (["--data_dir={data}", "--block_size=100000"], ["block_size 100000 is larger than"]),
+])
+def test_bad_config_or_data_refused_before_writing(data_dir, tmp_path, capsys, argv, needles):
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(empty=tmp_path / "empty", data=data_dir) for a in argv]
+    code, err = cli_error(train.main, argv + [f"--out_dir={tmp_path / 'out'}", "--device=cpu"], capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def resumable(data_dir, tmp_path):
+    out = tmp_path / "out"
+    run(data_dir, out, max_iters=3)
+    return out
+
+
+def resume_error(resumable, capsys, data_dir, *extra):
+    before = sorted(os.listdir(resumable)), (resumable / "ckpt.pt").read_bytes()
+    argv = [f"--{k}={v}" for k, v in TINY.items()] + [f"--data_dir={data_dir}", f"--out_dir={resumable}",
+                                                       "--init_from=resume", "--max_iters=6", *extra]
+    code, err = cli_error(train.main, argv, capsys)
+    assert (sorted(os.listdir(resumable)), (resumable / "ckpt.pt").read_bytes()) == before  # untouched
+    return code, err
+
+
+def test_resume_refuses_another_architecture(resumable, data_dir, capsys):
+    code, err = resume_error(resumable, capsys, data_dir, "--n_layer=2")
+    assert_one_line_error(code, err, "another architecture", "n_layer 1 != 2")
+
+
+def test_resume_refuses_corrupt_or_truncated_checkpoint(resumable, data_dir, capsys):
+    path = resumable / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert_one_line_error(*resume_error(resumable, capsys, data_dir), "corrupt or truncated")
+    path.write_bytes(b"not a checkpoint at all")
+    assert_one_line_error(*resume_error(resumable, capsys, data_dir), "corrupt or truncated")
+
+
+def test_resume_refuses_missing_checkpoint(data_dir, tmp_path, capsys):
+    code, err = cli_error(train.main, [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'none'}",
+                                       "--init_from=resume", "--device=cpu"], capsys)
+    assert_one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "none").exists()
+
+
+def test_resume_refuses_data_with_another_vocabulary(resumable, tmp_path, capsys):
+    words = tmp_path / "words"  # a word-level dataset: 6 tokens, another tokenizer
+    write_split(words, "train", [[1, 2, 3, 4, 5, 0]] * 30, 6)
+    write_split(words, "val", [[5, 4, 3, 2, 1, 0]] * 30, 6)
+    write_meta(words, {"tokenizer": "word", "vocab_size": 6, "dtype": "uint16", "words": list("abcde")})
+    code, err = resume_error(resumable, capsys, str(words))
+    assert_one_line_error(code, err, "vocabulary mismatch", "'byte'", "'word'")
+
+
+# ---------------------------------------------------------------------------- sample, inspect, plot
+def test_sample_cli_greedy_identical_with_and_without_kv_cache(trained):
+    out = trained[0]
+    texts_out = []
+    for kv in (True, False):
+        r = script("sample.py", f"--ckpt={out / 'ckpt.pt'}", "--start=the city", "--greedy", "--num_samples=2",
+                   "--max_new_tokens=40", f"--use_kv_cache={kv}", "--device=cpu")
+        assert r.returncode == 0, r.stderr
+        texts_out.append(r.stdout)
+    assert texts_out[0] == texts_out[1]
+    samples = texts_out[0].split("---------------\n")
+    assert len(samples) == 3 and samples[0] == samples[1] and samples[0].startswith("the city")
+    assert len(samples[0]) > len("the city") + 10
+
+
+def test_sample_prompt_file_seed_and_errors(trained, tmp_path, capsys):
+    out = trained[0]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("salary of")
+    argv = [f"--ckpt={out / 'ckpt.pt'}", f"--start=FILE:{prompt}", "--max_new_tokens=20", "--device=cpu",
+            "--num_samples=2", "--top_k=10", "--top_p=0.9", "--temperature=1.0"]
+    runs = []
+    for seed in (1, 1, 2):
+        sample.main(argv + [f"--seed={seed}"])
+        runs.append(capsys.readouterr().out)
+    assert runs[0] == runs[1] != runs[2] and runs[0].startswith("salary of")
+    code, err = cli_error(sample.main, argv + ["--start=FILE:/no/such/prompt"], capsys)
+    assert_one_line_error(code, err, "cannot read the prompt file")
+    code, err = cli_error(sample.main, [f"--ckpt={tmp_path / 'missing.pt'}"], capsys)
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_inspect_ckpt_cli(trained):
+    out, result = trained[0], trained[1]
+    r = script("utils/inspect_ckpt.py", f"--ckpt={out / 'ckpt.pt'}", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    model = result["model"]
+    assert info["params"]["total"] == model.get_num_params(non_embedding=False) == info["params"]["trainable"]
+    assert info["params"]["embedding"] == 257 * 32 + 32 * 32  # token + position embeddings
+    assert info["weights_tied"] and info["iter_num"] == 6
+    shapes = {t["name"]: t["shape"] for t in info["tensors"]}
+    assert shapes["transformer.wte.weight"] == [257, 32] and shapes["lm_head.weight"] == [257, 32]
+    assert info["bytes_by_dtype"]["model"]["float32"] == 4 * info["params"]["total"]  # tied weight counted once
+    assert info["bytes_by_dtype"]["optimizer"]["float32"] == 2 * 4 * info["params"]["total"]  # Adam's two moments
+    text = script("utils/inspect_ckpt.py", f"--ckpt={out / 'ckpt.pt'}").stdout
+    assert "parameters: total" in text and "transformer.h.0.attn.c_attn.weight" in text
+
+
+def test_plot_cli_writes_png(trained, tmp_path):
+    out = trained[0]
+    png = tmp_path / "plots" / "loss.png"
+    r = script("utils/plot.py", f"--logs={out / 'log.jsonl'}", f"--out={png}")
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    r = script("utils/plot.py", f"--logs={tmp_path / 'nope.jsonl'}", f"--out={tmp_path / 'x.png'}")
+    assert_one_line_error(r.returncode, r.stderr, "does not exist")
+    assert not (tmp_path / "x.png").exists()

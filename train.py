@@ -1,0 +1,497 @@
+"""
+Pretrain a GPT on a token stream, nanoGPT style.
+
+    python train.py config/train_pydocs.py [--key=value ...]                   # one process (CPU or GPU)
+    torchrun --standalone --nproc_per_node=2 train.py config/train_pydocs.py    # DDP: nccl on CUDA, gloo on CPU
+    python train.py config/train_pydocs.py --init_from=resume --max_iters=4000  # continue out_dir/ckpt.pt exactly
+    python train.py config/train_pydocs.py --init_from=gpt2                     # start from GPT-2 weights
+
+Batches are random windows of data/<dataset>/train.bin (fine for pretraining; DP fine-tuning reads whole
+records in finetune_dp.py). They come from a dedicated torch.Generator whose state is checkpointed with
+the model, optimizer and RNG states, so N iterations in one run equal N/2 + a resumed N/2 (bit-exact on
+CPU). Every DDP rank draws the same global batch and keeps its own slice of it: the ranks see distinct
+data, and together exactly what one process with world_size times the batch would see.
+"""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import GPT, GPTConfig
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.cli import UserError, run_cli
+from utils.data import REPO, get_batch, load_meta, tokens
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out/base",
+    log_file="",  # JSONL, one line per log/eval event; "" = out_dir/log.jsonl
+    eval_interval=250,
+    log_interval=10,
+    eval_iters=20,
+    eval_only=False,
+    always_save_checkpoint=True,  # save at every eval; False = only when val loss improves (keeps the best)
+    init_from="scratch",  # 'scratch' | 'resume' (out_dir/ckpt.pt) | gpt2, gpt2-medium, ... | a save_pretrained dir
+    # data
+    dataset="pydocs",
+    data_dir="",  # "" = data/<dataset>
+    gradient_accumulation_steps=1,  # in total over all DDP ranks, as in nanoGPT
+    batch_size=16,  # per rank and micro step
+    block_size=256,
+    # model (ignored for GPT-2 weights, which carry their own shape)
+    n_layer=4,
+    n_head=4,
+    n_embd=256,
+    dropout=0.0,
+    bias=True,
+    pos_encoding="learned",
+    tie_weights=True,
+    # AdamW
+    learning_rate=1e-3,
+    max_iters=2000,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.99,
+    grad_clip=1.0,  # 0 = off
+    # learning rate: linear warmup, then cosine down to min_lr at lr_decay_iters (independent of max_iters,
+    # so a resumed run follows the same schedule)
+    decay_lr=True,
+    warmup_iters=100,
+    lr_decay_iters=2000,
+    min_lr=1e-4,
+    patience=0,  # stop after this many evals without a better val loss; 0 = never
+    # system
+    device="auto",  # 'auto' = cuda if available, else cpu
+    dtype="auto",  # 'auto' = bfloat16 on CUDA (float16 + GradScaler where bf16 is missing), float32 on CPU
+    compile=False,
+    seed=1337,
+    peak_flops=0.0,  # for MFU; 0 = known GPU peak (bf16), or on CPU the matmul FLOP/s measured at start
+)
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_encoding", "tie_weights", "dropout")
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+
+
+# ---------------------------------------------------------------------------- small library functions
+def get_lr(it, cfg):
+    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg["decay_lr"]:
+        return cfg["learning_rate"]
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    if it >= cfg["lr_decay_iters"]:
+        return cfg["min_lr"]
+    ratio = (it - cfg["warmup_iters"]) / (cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def vocab_size_for(meta):
+    """GPT-2's 50257 padded up to a multiple of 64 (faster matmuls); byte and word vocabularies exactly."""
+    v = int(meta["vocab_size"])
+    return (v + 63) // 64 * 64 if meta["tokenizer"] == "gpt2" else v
+
+
+def tokenizer_info(meta):
+    """What sample.py and later scripts need to rebuild the tokenizer, stored in the checkpoint config."""
+    return {k: meta[k] for k in ("tokenizer", "vocab_size", "words") if k in meta}
+
+
+def resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but CUDA is not available; use --device=cpu")
+    if device != "cpu" and not device.startswith(("cuda", "mps")):
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(dtype, device):
+    """float32 on CPU; bfloat16/float16 autocast is for CUDA only."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if not device.startswith("cuda"):
+        if dtype in ("bfloat16", "float16"):
+            raise UserError(f"dtype={dtype} (mixed precision) needs CUDA; use --dtype=float32 on {device}")
+        return "float32"
+    if dtype == "auto":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return dtype
+
+
+def autocast_context(device, dtype):
+    if not device.startswith("cuda") or dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
+
+
+def measure_matmul_flops(n=512, seconds=0.3):
+    """Achieved fp32 matmul FLOP/s on this CPU: the 'peak' MFU is measured against where none is published."""
+    g = torch.Generator().manual_seed(0)  # never touch the global RNG: dropout streams must resume exactly
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a @ b  # warm up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def peak_flops_for(device, configured=0.0):
+    if configured > 0:
+        return configured
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+    return measure_matmul_flops()
+
+
+def step_batches(data, batch_size, block_size, accum, rank, world_size, generator):
+    """One optimizer step's micro-batches for this rank. Every rank draws the same accum x world_size x
+    batch_size windows; micro step m on rank r takes block m * world_size + r of them."""
+    x, y = get_batch(data, accum * world_size * batch_size, block_size, generator=generator)
+    for m in range(accum):
+        rows = slice((m * world_size + rank) * batch_size, (m * world_size + rank + 1) * batch_size)
+        yield x[rows], y[rows]
+
+
+def to_device(t, device):
+    if device.startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, eval_iters, batch_size, block_size, device="cpu", ctx=None, seed=0,
+                  rank=0, world_size=1):
+    """Mean loss per split over eval_iters batches. The windows come from a fresh generator seeded with
+    `seed`, so every eval scores the same windows and never disturbs the training streams; DDP ranks
+    share the batches out and average."""
+    ctx = ctx or nullcontext()
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split, data in splits.items():
+        gen = torch.Generator().manual_seed(seed)
+        total = torch.zeros(2, device=device)  # (sum of batch losses, number of batches)
+        for i in range(eval_iters):
+            x, y = get_batch(data, batch_size, block_size, generator=gen)
+            if i % world_size != rank:
+                continue
+            with ctx:
+                _, loss = model(to_device(x, device), to_device(y, device))
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+        if world_size > 1:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train(was_training)
+    return out
+
+
+def check_config(cfg):
+    """Refuse values that would fail later (or silently do nothing), naming the key."""
+    positive = ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "log_interval", "n_layer", "n_head", "n_embd")
+    for key in positive:
+        if cfg[key] < 1:
+            raise UserError(f"--{key} must be at least 1, got {cfg[key]}")
+    for key in ("max_iters", "warmup_iters", "patience", "learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        if cfg[key] < 0:
+            raise UserError(f"--{key} must not be negative, got {cfg[key]}")
+    if not 0.0 <= cfg["dropout"] < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
+    if cfg["decay_lr"] and cfg["lr_decay_iters"] <= cfg["warmup_iters"]:
+        raise UserError(f"--lr_decay_iters ({cfg['lr_decay_iters']}) must exceed --warmup_iters ({cfg['warmup_iters']})")
+    if cfg["pos_encoding"] not in ("learned", "sinusoidal"):
+        raise UserError(f"--pos_encoding must be 'learned' or 'sinusoidal', got {cfg['pos_encoding']!r}")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise UserError(f"--n_embd ({cfg['n_embd']}) must be divisible by --n_head ({cfg['n_head']})")
+    init = cfg["init_from"]
+    if init not in ("scratch", "resume") + GPT2_NAMES and not os.path.isdir(init):
+        raise UserError(f"--init_from={init!r}: expected scratch, resume, one of {', '.join(GPT2_NAMES)} "
+                        "or a directory written by transformers' save_pretrained")
+
+
+# ---------------------------------------------------------------------------- model set-up
+def check_vocabulary(meta, model_vocab, model_tokenizer, source):
+    """The data must be tokenized the way the model was trained, within the model's vocabulary."""
+    if model_tokenizer is not None and model_tokenizer.get("tokenizer") != meta["tokenizer"]:
+        raise UserError(f"vocabulary mismatch: {source} uses the {model_tokenizer.get('tokenizer')!r} tokenizer "
+                        f"but the data uses {meta['tokenizer']!r}")
+    if model_tokenizer is not None and model_tokenizer.get("words", meta.get("words")) != meta.get("words"):
+        raise UserError(f"vocabulary mismatch: {source} and the data have different word vocabularies")
+    if model_vocab < meta["vocab_size"]:
+        raise UserError(f"vocabulary mismatch: {source} has {model_vocab} tokens, the data needs {meta['vocab_size']}")
+
+
+def resume_state(cfg, meta):
+    """The checkpoint to continue from, after checking it fits this run's config and data."""
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    if "optimizer" not in ckpt or "sampler" not in ckpt:
+        raise UserError(f"{path} was not written by train.py (no optimizer or sampler state); cannot resume it")
+    args = ckpt["model_args"]
+    saved = ckpt.get("config", {})
+    if saved.get("init_origin", "scratch") == "scratch":  # GPT-2 weights carry their own shape
+        differ = [f"{k} {args.get(k)!r} != {cfg[k]!r}" for k in MODEL_KEYS if args.get(k) != cfg[k]]
+        if differ:
+            raise UserError(f"{path} has another architecture than this config ({'; '.join(differ)})")
+    check_vocabulary(meta, args.get("vocab_size", 0), saved.get("tokenizer"), path)
+    if args.get("vocab_size") != vocab_size_for(meta) and saved.get("init_origin", "scratch") == "scratch":
+        raise UserError(f"vocabulary mismatch: {path} has {args.get('vocab_size')} tokens, "
+                        f"the data's {meta['tokenizer']} vocabulary needs {vocab_size_for(meta)}")
+    return ckpt, path
+
+
+def pretrained_model(cfg, meta):
+    source = cfg["init_from"]
+    if meta["tokenizer"] != "gpt2":
+        raise UserError(f"vocabulary mismatch: GPT-2 weights ({source}) use the gpt2 tokenizer "
+                        f"but the data uses {meta['tokenizer']!r}")
+    try:
+        model = GPT.from_pretrained(source, override_args={"dropout": cfg["dropout"]})
+    except Exception as e:  # offline hub, missing files, a non-GPT-2 directory, ...
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"could not load GPT-2 weights from {source!r} ({type(e).__name__}: {first}); "
+                        "offline, pass a directory written by transformers' save_pretrained") from None
+    check_vocabulary(meta, model.config.vocab_size, None, source)
+    return model
+
+
+def build_model(cfg, meta):
+    """(GPT, checkpoint to resume or None, init_origin) for cfg['init_from']."""
+    if cfg["init_from"] == "resume":
+        ckpt, path = resume_state(cfg, meta)
+        model = model_from_checkpoint(ckpt, path)
+        return model, ckpt, ckpt["config"].get("init_origin", "scratch")
+    if cfg["init_from"] == "scratch":
+        args = {k: cfg[k] for k in MODEL_KEYS}
+        return GPT(GPTConfig(vocab_size=vocab_size_for(meta), **args)), None, "scratch"
+    return pretrained_model(cfg, meta), None, cfg["init_from"]
+
+
+# ---------------------------------------------------------------------------- training
+class RunLog:
+    """The readable progress lines on stdout and one JSON line per event in the log file (master only)."""
+
+    def __init__(self, path, append, enabled, echo=print):
+        self.echo = echo if enabled else (lambda *a, **k: None)
+        self.file = None
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a" if append else "w")
+
+    def event(self, line, **record):
+        self.echo(line)
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def rng_states(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+
+
+def set_rng_states(states, device):
+    torch.set_rng_state(states["cpu"])
+    if states.get("cuda") is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def train(cfg, log=print):
+    """Run the training loop for a full config dict (DEFAULTS updated). Returns a dict with the trained
+    "model" (plain GPT), "iter_num", "best_val_loss", "stopped_early" and the eval "history"."""
+    cfg = dict(cfg)
+    check_config(cfg)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    master = rank == 0
+    if cfg["gradient_accumulation_steps"] % world_size:
+        raise UserError(f"--gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple "
+                        f"of the number of DDP processes ({world_size})")
+    accum = cfg["gradient_accumulation_steps"] // world_size
+    device = resolve_device(cfg["device"])
+    if ddp and device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+    dtype = resolve_dtype(cfg["dtype"], device)
+
+    # data and model: everything that can refuse the run does so before anything is written
+    cfg["data_dir"] = cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"])
+    meta = load_meta(cfg["data_dir"])
+    splits = {s: tokens(cfg["data_dir"], s, meta) for s in ("train", "val")}
+    for split, data in splits.items():
+        if len(data) <= cfg["block_size"]:
+            raise UserError(f"block_size {cfg['block_size']} is larger than the {split} data ({len(data)} tokens)")
+    peak = peak_flops_for(device, cfg["peak_flops"])  # before seeding: measuring uses its own generator
+    torch.manual_seed(cfg["seed"] + rank)
+    model, ckpt, origin = build_model(cfg, meta)
+    if cfg["block_size"] > model.config.block_size:
+        raise UserError(f"block_size {cfg['block_size']} exceeds the model's {model.config.block_size}")
+    if origin != "scratch":  # record the real shape, not the unused defaults
+        cfg.update({k: getattr(model.config, k) for k in MODEL_KEYS if k != "block_size"})
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                           "cuda" if device.startswith("cuda") else device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
+    sampler = torch.Generator().manual_seed(cfg["seed"])  # the same on every rank (see step_batches)
+    iter_num, best_val_loss, evals_since_best = 0, float("inf"), 0
+    if ckpt is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"the optimizer state in {cfg['out_dir']}/ckpt.pt does not fit the model ({e})") from None
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        sampler.set_state(ckpt["sampler"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
+        evals_since_best = ckpt.get("evals_since_best", 0)
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == world_size:
+            set_rng_states(rngs[rank], device)
+        elif master:
+            log(f"note: checkpoint has RNG states for {len(rngs)} processes, this run has {world_size}; "
+                "dropout will not continue exactly")
+    start_iter, resumed = iter_num, ckpt is not None
+    del ckpt  # free the copy of the weights and optimizer state
+
+    if ddp:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    try:
+        if device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        raw_model = model
+        if cfg["compile"]:
+            model = torch.compile(model)
+        if ddp:
+            model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+        saved_config = {**cfg, "tokenizer": tokenizer_info(meta), "init_origin": origin}
+        log_path = cfg["log_file"] or os.path.join(cfg["out_dir"], "log.jsonl")
+        run_log = RunLog(log_path, append=resumed, enabled=master, echo=log)
+        try:
+            return _loop(cfg, model, raw_model, optimizer, scaler, sampler, splits, device, dtype, peak, accum,
+                         rank, world_size, iter_num, start_iter, resumed, best_val_loss, evals_since_best,
+                         saved_config, run_log)
+        finally:
+            run_log.close()
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _loop(cfg, model, raw_model, optimizer, scaler, sampler, splits, device, dtype, peak, accum, rank, world_size,
+          iter_num, start_iter, resumed, best_val_loss, evals_since_best, saved_config, run_log):
+    master = rank == 0
+    ctx = autocast_context(device, dtype)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
+    if master:
+        run_log.echo(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens per iteration "
+                     f"| {world_size} process(es) on {device} ({dtype}) | iter {iter_num} -> {cfg['max_iters']}")
+    history, stopped_early = [], False
+    t_last, iters_since_log, dt_ema = time.perf_counter(), 0, None
+    while True:
+        last = iter_num >= cfg["max_iters"]
+        if (iter_num % cfg["eval_interval"] == 0 or last or cfg["eval_only"]) and not (
+                resumed and iter_num == start_iter and not cfg["eval_only"]):  # the resumed point was scored
+            losses = estimate_loss(raw_model, splits, cfg["eval_iters"], cfg["batch_size"], cfg["block_size"],
+                                   device, ctx, cfg["seed"] + 1, rank, world_size)
+            improved = losses["val"] < best_val_loss
+            if improved:
+                best_val_loss, evals_since_best = losses["val"], 0
+            else:
+                evals_since_best += 1
+            stopped_early = cfg["patience"] > 0 and evals_since_best >= cfg["patience"]
+            record = {"event": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                      "train_ppl": math.exp(min(losses["train"], 50)), "val_ppl": math.exp(min(losses["val"], 50)),
+                      "best_val_loss": best_val_loss}
+            history.append(record)
+            saved = ""
+            if not cfg["eval_only"] and iter_num > start_iter and (improved or cfg["always_save_checkpoint"]):
+                rng = rng_states(device)
+                if world_size > 1:  # every rank's dropout stream, for an exact DDP resume
+                    gathered = [None] * world_size
+                    dist.all_gather_object(gathered, rng)
+                    rng = gathered
+                else:
+                    rng = [rng]
+                if master:
+                    save_checkpoint(ckpt_path, raw_model, optimizer, iter_num, saved_config,
+                                    best_val_loss=best_val_loss, evals_since_best=evals_since_best, rng=rng,
+                                    sampler=sampler.get_state(),
+                                    scaler=scaler.state_dict() if scaler.is_enabled() else None)
+                saved = f" | saved {ckpt_path}"
+            run_log.event(f"eval {iter_num}: train {losses['train']:.4f} (ppl {record['train_ppl']:.2f}) | "
+                          f"val {losses['val']:.4f} (ppl {record['val_ppl']:.2f}) | best {best_val_loss:.4f}{saved}",
+                          **record)
+            if stopped_early:
+                run_log.event(f"early stop at iter {iter_num}: no better val loss in {evals_since_best} evals",
+                              event="stop", iter=iter_num, reason="patience")
+            t_last, iters_since_log = time.perf_counter(), 0  # eval time is not training time
+        if last or cfg["eval_only"] or stopped_early:
+            break
+
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        batches = step_batches(splits["train"], cfg["batch_size"], cfg["block_size"], accum, rank, world_size, sampler)
+        for micro, (x, y) in enumerate(batches):
+            sync = nullcontext() if world_size == 1 or micro == accum - 1 else model.no_sync()
+            with sync:
+                with ctx:
+                    _, loss = model(to_device(x, device), to_device(y, device))
+                    loss = loss / accum
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        iters_since_log += 1
+
+        if iter_num % cfg["log_interval"] == 0 and master:
+            loss_value = step_loss.item()  # the one sync point per log interval
+            dt = (time.perf_counter() - t_last) / iters_since_log
+            t_last, iters_since_log = time.perf_counter(), 0
+            dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
+            mfu = raw_model.estimate_mfu(cfg["batch_size"] * accum, dt, peak) if peak else None
+            tok_s = tokens_per_iter / dt
+            eta = format_eta(dt_ema * (cfg["max_iters"] - iter_num))
+            mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+            run_log.event(f"iter {iter_num:>{len(str(cfg['max_iters']))}}/{cfg['max_iters']} | loss {loss_value:.4f} | "
+                          f"lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {mfu_text} | eta {eta}",
+                          event="train", iter=iter_num, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu,
+                          ms_per_iter=1000 * dt)
+    return {"model": raw_model, "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "stopped_early": stopped_early, "history": history}
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv or [])
+    train(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
