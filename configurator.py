@@ -43,6 +43,8 @@ def _check_type(key, value, default):
             return type(default)(value)
         if isinstance(value, str):  # --targets=attn,mlp
             return type(default)(v for v in value.split(",") if v)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # --canary_reps=16
+            return type(default)([value])
     elif isinstance(value, type(default)):
         return value
     raise UserError(f"--{key}={value!r} has type {type(value).__name__}, expected {type(default).__name__}")

@@ -391,6 +391,7 @@ class Trainer:
             log("ghost clipping refuses the tied embedding/head weight: falling back to grad_sample_mode=hooks "
                 "(set untie_weights=True to keep ghost clipping)")
             self.mode = "hooks"
+        gpt.train()  # Opacus only wraps a model in training mode (load_model returns one in eval)
         module = gpt
         if world_size > 1:
             module = DPDDP(gpt)  # broadcasts rank 0's weights; gradients are reduced by the optimizer

@@ -109,41 +109,44 @@ def sequence_logprobs(model, prefix_ids_list, target_ids_list, batch_size=32, re
 def continuation_logprobs(model, prefix_ids, continuations, batch_size=256):
     """
     Total log-prob of each continuation (a list of token lists) after one shared prefix: float64 array.
-    The prefix is prefilled once into a KV cache; each batch of continuations copies that cache (one
-    row expanded to the batch) and runs one forward over the right-padded continuation tokens.
+    The prefix is prefilled once into a KV cache, replicated once to batch_size rows; each batch of
+    right-padded continuations then overwrites only the positions after the prefix (one forward per batch).
     """
     if not continuations:
         return np.zeros(0)
     bs, dev = model.config.block_size, _device(model)
-    L = max(len(c) for c in continuations)
-    if min(len(c) for c in continuations) == 0:
+    lengths = np.array([len(c) for c in continuations])
+    L = int(lengths.max())
+    if lengths.min() == 0:
         raise ValueError("empty continuation")
-    prefix = list(prefix_ids)[-(bs + 1 - L):] if L <= bs else None
+    prefix = list(prefix_ids)[-(bs + 1 - L):] if L <= bs else []
     if not prefix:
         raise ValueError(f"continuations of {L} tokens need a prefix and must fit block_size {bs}")
     P = len(prefix)
+    toks = np.zeros((len(continuations), L), dtype=np.int64)
+    for j, c in enumerate(continuations):
+        toks[j, :len(c)] = c
+    toks = torch.from_numpy(toks).to(dev)
+    valid = torch.from_numpy(np.arange(L)[None, :] < lengths[:, None]).to(dev)
     cache = model.new_cache(1, max_len=P + L)
     logits, _ = model(torch.tensor([prefix], device=dev), cache=cache, last_only=True)
     first_logp = F.log_softmax(logits[0, -1].float(), dim=-1)
+    rows = min(batch_size, len(continuations))
+    shared = copy.copy(cache)  # its own tensors: the prefix replicated to `rows` rows, once
+    shared.expand_rows(torch.zeros(rows, dtype=torch.long, device=dev))
     totals = np.empty(len(continuations))
-    for start in range(0, len(continuations), batch_size):
-        chunk = continuations[start:start + batch_size]
-        n = len(chunk)
-        toks = torch.zeros(n, L, dtype=torch.long)
-        valid = torch.zeros(n, L, dtype=torch.bool)
-        for j, c in enumerate(chunk):
-            toks[j, :len(c)] = torch.tensor(c)
-            valid[j, :len(c)] = True
-        toks, valid = toks.to(dev), valid.to(dev)
-        lp = first_logp[toks[:, 0]].unsqueeze(1)
+    for start in range(0, len(continuations), rows):
+        t, ok = toks[start:start + rows], valid[start:start + rows]
+        n = t.size(0)
+        lp = first_logp[t[:, 0]].unsqueeze(1)
         if L > 1:
-            rows = copy.copy(cache)  # shallow copy; expand_rows gives it its own tensors
-            rows.expand_rows(torch.zeros(n, dtype=torch.long, device=dev))
-            rows.length = P
-            lg, _ = model(toks[:, :-1], cache=rows)
-            rest = F.log_softmax(lg.float(), dim=-1).gather(2, toks[:, 1:].unsqueeze(2)).squeeze(2)
+            view = copy.copy(shared)  # the first n rows (views); positions >= P are overwritten per batch
+            view.k, view.v, view.key_valid = shared.k[:, :n], shared.v[:, :n], shared.key_valid[:n]
+            view.length = P
+            lg, _ = model(t[:, :-1], cache=view)
+            rest = F.log_softmax(lg.float(), dim=-1).gather(2, t[:, 1:].unsqueeze(2)).squeeze(2)
             lp = torch.cat([lp, rest], dim=1)
-        totals[start:start + n] = (lp * valid).sum(1).double().cpu().numpy()
+        totals[start:start + n] = (lp * ok).sum(1).double().cpu().numpy()
     return totals
 
 

@@ -20,6 +20,19 @@ from test_pipeline import eval as ev
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run many small forwards: one thread avoids thread hand-off costs on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli_env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def prepare_employees(out_dir, n_people=24, fields="Department,Full or Part-Time"):
     """A tiny byte-level employees dataset through the real prepare script (short records: 2 fields)."""
     spec = importlib.util.spec_from_file_location("employees_prepare", os.path.join(REPO, "data", "employees", "prepare.py"))
@@ -213,10 +226,11 @@ def test_eval_cli_exit_codes(employees_dir, ckpts):
     _, ft = ckpts
     cmd = [sys.executable, os.path.join(REPO, "test_pipeline", "eval.py"), f"--ckpt={ft}",
            f"--data_dir={employees_dir}", "--metrics=perplexity", "--max_ppl=1.5"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=cli_env())
     assert p.returncode == 1, p.stderr  # an untrained model's perplexity is far above 1.5
     assert "FAILED" in p.stdout and "Perplexity" in p.stdout
-    p = subprocess.run(cmd[:-1] + ["--metrics=perplexity,colour"], capture_output=True, text=True, cwd=REPO)
+    p = subprocess.run(cmd[:-1] + ["--metrics=perplexity,colour"], capture_output=True, text=True, cwd=REPO,
+                       env=cli_env())
     assert p.returncode == 2 and p.stderr.startswith("error: unknown metrics") and "Traceback" not in p.stderr
 
 

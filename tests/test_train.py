@@ -54,6 +54,7 @@ def run(data_dir, out_dir, log=quiet, **overrides):
 
 def cli_error(main, argv, capsys):
     """Run a script's main as its __main__ does; return (exit code, stderr)."""
+    capsys.readouterr()  # drop what earlier steps printed
     with pytest.raises(SystemExit) as e:
         run_cli(main, argv)
     return e.value.code, capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Atomic file writes: write a temp file in the target's folder, fsync, then rename over the target.
-A reader sees the old file or the new one, never half of one."""
+A reader sees the old file or the new one, never half of one. Files are created owner-only (0600,
+mkstemp's mode): checkpoints and datasets here hold, or derive from, sensitive records."""
 import json
 import os
 import tempfile

@@ -19,6 +19,7 @@ Writes {train,val}.bin, _offsets.bin, _answer_mask.bin, {train,val}_people.jsonl
 record, in record order), canaries.json and meta.json. Same arguments -> byte-identical files.
 With --csv, names are replaced by deterministic pseudonyms unless --keep_names; an empty Annual Salary
 is hourly rate x typical hours x 52; n_people keeps a deterministic sample of rows (0 = every row).
+meta.json's source_sha256 is the sha256 of the CSV's bytes, or of the synthetic people as JSON lines.
 """
 import csv
 import io

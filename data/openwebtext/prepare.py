@@ -10,7 +10,8 @@ Local files: .json/.jsonl (one object per document, text in `text_field`), .txt 
 by blank lines) or .parquet. A document is kept when it contains at least min_keyword_hits of the
 keywords (whole words, any case; no keywords = keep all). Kept documents are tokenized in stream order
 until max_tokens (the last one is cut to fit), then split train/val by document. One document = one
-record. When the hub cannot be reached and the dataset is not cached, it says so and stops.
+record. source_sha256 is the sha256 of the kept documents' text (a stream has no file to hash).
+When the hub cannot be reached and the dataset is not cached, it says so and stops.
 """
 import glob
 import hashlib

@@ -9,8 +9,8 @@ The built-in default for base pretraining.
 
 Topics are cut at paragraph breaks into documents of at most max_doc_chars (a longer paragraph stays
 whole); documents are shuffled with the seed, optionally cut to a token budget, and split train/val by
-document. One document = one record. The text (hence source_sha256) depends on the Python version,
-which meta.json records.
+document. One document = one record. source_sha256 hashes every document before shuffling and budget;
+the text depends on the Python version, which meta.json records.
 """
 import importlib
 import inspect

@@ -1,0 +1,406 @@
+"""Encrypted parameter deltas (finetune_encrypt_memmap.py, utils/sealed_patch.py): what enters the patch,
+bit-exact round trips, every failure refused with the model untouched, tenants, and no plaintext on disk."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import finetune_dp
+import finetune_encrypt_memmap as fem
+from tests.conftest import REPO, make_record_dataset, tiny_model
+from utils import sealed_patch as sp
+from utils.checkpoint import save_checkpoint
+from utils.tokenizer import ByteTokenizer
+
+TEXTS = [f"Context: {n}. Question: salary? Answer: {s}" for n, s in
+         zip(["Ana", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo"],
+             [41250, 77310, 50480, 68020, 39990, 91230, 45670, 58800, 62340, 70110])]
+FT = dict(dp=False, save=False, batch_size=4, microbatch_size=4, eval_interval=0, log_interval=1000, seed=0)
+
+
+def bits(t):
+    return t.detach().view(-1).view(torch.int32) if t.dtype == torch.float32 else t.detach().view(-1)
+
+
+def state(model):
+    """Everything a patch could change: tensors (bitwise), tying, LoRA, requires_grad, the global RNG."""
+    return {"sd": {k: bits(v).clone() for k, v in model.state_dict().items()}, "tied": model.weights_tied,
+            "lora": copy.deepcopy(model.lora_config), "grad": [p.requires_grad for p in model.parameters()],
+            "rng": torch.get_rng_state()}
+
+
+def same_state(a, b):
+    return (a["sd"].keys() == b["sd"].keys() and all(torch.equal(a["sd"][k], b["sd"][k]) for k in a["sd"])
+            and a["tied"] == b["tied"] and a["lora"] == b["lora"] and a["grad"] == b["grad"]
+            and torch.equal(a["rng"], b["rng"]))
+
+
+def equal_params(model, trained):
+    mine = dict(model.named_parameters())
+    return all(n in mine and torch.equal(bits(mine[n]), bits(p)) for n, p in trained.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_record_dataset(tmp_path_factory.mktemp("records"), TEXTS[:8], TEXTS[8:], answer_prefix="Answer:")
+
+
+def run(data_dir, base, dp=False, delta_dtype="exact", **cfg):
+    """Fine-tune a copy of `base` through finetune_dp with a DeltaTracker; returns (tracker, trained, plain, report)."""
+    tracker = fem.DeltaTracker(base, dp=dp)
+    res = finetune_dp.finetune({**FT, "data_dir": data_dir, "dp": dp, **cfg}, model=copy.deepcopy(base).train(),
+                               on_model_ready=tracker, log=lambda *a: None)
+    plain, rep = tracker.build(res["model"], delta_dtype)
+    return tracker, res["model"], plain, rep
+
+
+def sealed_of(plain, key, base, tracker, tenant="alice", **kw):
+    try:
+        return sp.seal(plain, key, tenant=tenant, base_fingerprint=sp.base_fingerprint(base),
+                       structure=tracker.structure, **kw)
+    finally:
+        for t in plain:
+            t.close()
+
+
+@pytest.fixture(scope="module")
+def full(data_dir):
+    """Full fine-tune (non-private, AdamW), sealed with small chunks so tensors span several chunks."""
+    base = tiny_model().eval()
+    tracker, trained, plain, rep = run(data_dir, base, max_steps=4, learning_rate=3e-3)
+    key = os.urandom(32)
+    sealed = sealed_of(plain, key, base, tracker, chunk_bytes=4096)
+    return dict(base=base, trained=trained, rep=rep, key=key, raw=sealed.tobytes(), header=sealed.header,
+                blobs=sealed.blobs(), signed_len=sealed.signed_len)
+
+
+@pytest.fixture(scope="module")
+def lora(data_dir):
+    base = tiny_model().eval()
+    tracker, trained, plain, rep = run(data_dir, base, max_steps=3, lora_rank=4, learning_rate=3e-3)
+    key = os.urandom(32)
+    return dict(base=base, trained=trained, rep=rep, key=key,
+                raw=sealed_of(plain, key, base, tracker, tenant="bob").tobytes())
+
+
+# ----------------------------------------------------------------------------- what enters the patch
+def test_full_round_trip_is_bit_exact_and_revert_restores_the_base(full):
+    base, trained = full["base"], full["trained"]
+    before = state(base)
+    applied = sp.apply_sealed_patch(base, full["raw"], full["key"], tenant="alice")
+    assert not base.weights_tied  # finetune_dp untied lm_head; the patch rebuilt that
+    assert equal_params(base, trained)
+    applied.revert()
+    assert same_state(before, state(base)) and base.weights_tied
+
+
+def test_only_rows_that_saw_data_enter_the_patch(full):
+    entries = {e["name"]: e for e in full["header"]["tensors"]}
+    wte = entries["transformer.wte.weight"]
+    assert wte["kind"] == "rows" and 0 < wte["rows"] < 257
+    seen = set(b for t in TEXTS[:8] for b in ByteTokenizer().encode(t))  # inputs x (the eot is only a target)
+    opened = sp.open_patch(sp.SealedPatch.from_bytes(full["raw"]), full["key"])
+    i = list(entries).index("transformer.wte.weight")
+    rows = set(opened.segments(i)[0].tolist())
+    opened.plain.close()
+    assert rows <= seen  # an untouched row can never be in the patch
+    longest = max(len(t) for t in TEXTS[:8])
+    assert entries["transformer.wpe.weight"]["kind"] == "rows" and entries["transformer.wpe.weight"]["rows"] <= longest
+
+
+def test_payload_is_within_5_percent_of_the_changed_parameters(full):
+    payload = sum(e["plain_bytes"] for e in full["header"]["tensors"])
+    changed_bytes = full["rep"]["changed_values"] * 4
+    assert full["rep"]["drift_values"] == 0
+    assert changed_bytes <= payload <= 1.05 * changed_bytes
+
+
+def test_weight_decay_and_untouched_tensors_stay_out():
+    """Only wte rows 3 and 7 get a gradient; weight decay then moves every weight: none of that enters."""
+    base = tiny_model().eval()
+    model = copy.deepcopy(base)
+    model.transformer.h[0].requires_grad_(False)  # frozen
+    tracker = fem.DeltaTracker(base)
+    tracker(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model.transformer.wte(torch.tensor([[3, 7, 3]])).pow(2).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(1 - 1e-3)  # decay of every trainable weight, gradient or not
+    plain, rep = tracker.build(model)
+    try:
+        assert [(t.name, t.kind, t.rows) for t in plain] == [("transformer.wte.weight", "rows", 2)]
+        assert rep["frozen"] == len(list(model.transformer.h[0].parameters()))
+        assert rep["drift_values"] > 0 and "transformer.ln_f.weight" in rep["untouched"]
+    finally:
+        for t in plain:
+            t.close()
+
+
+def test_lora_patch_holds_adapters_and_rebuilds_them(lora):
+    base, trained = lora["base"], lora["trained"]
+    names = [e["name"] for e in sp.SealedPatch.from_bytes(lora["raw"]).header["tensors"]]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    before = state(base)
+    applied = sp.apply_sealed_patch(base, lora["raw"], lora["key"])
+    assert base.lora_config == trained.lora_config and equal_params(base, trained)
+    applied.revert()
+    assert same_state(before, state(base))
+
+
+def test_dp_patch_holds_every_trainable_tensor_and_round_trips(data_dir):
+    base = tiny_model().eval()
+    tracker, trained, plain, rep = run(data_dir, base, dp=True, max_steps=2, noise_multiplier=1.0,
+                                       target_epsilon=None, freeze_first_blocks=1)
+    assert sorted(t.name for t in plain) == sorted(tracker.trainable)  # noise touched all of them
+    assert all(t.kind == "delta" for t in plain)  # every embedding row moved too
+    key = os.urandom(32)
+    raw = sealed_of(plain, key, base, tracker).tobytes()
+    sp.apply_sealed_patch(base, raw, key)
+    assert equal_params(base, trained)
+
+
+def test_bfloat16_deltas_halve_the_size_with_the_reported_error(data_dir):
+    base = tiny_model().eval()
+    tracker, trained, plain, rep = run(data_dir, base, max_steps=2, delta_dtype="bfloat16")
+    assert all(t.stored_dtype == "bfloat16" for t in plain) and rep["max_error"] > 0
+    key = os.urandom(32)
+    raw = sealed_of(plain, key, base, tracker).tobytes()
+    sp.apply_sealed_patch(base, raw, key)
+    err = max(float((dict(base.named_parameters())[n] - p).abs().max()) for n, p in trained.named_parameters())
+    assert 0 < err <= rep["max_error"]
+
+
+# ----------------------------------------------------------------------------- every failure refused
+def flip(raw, pos):
+    b = bytearray(raw)
+    b[pos] ^= 0x01
+    return bytes(b)
+
+
+def swap(raw, a, b, n):
+    out = bytearray(raw)
+    out[a:a + n], out[b:b + n] = raw[b:b + n], raw[a:a + n]
+    return bytes(out)
+
+
+def failure_cases(full):
+    raw, blobs, signed = full["raw"], full["blobs"], full["signed_len"]
+    name, pos, size = blobs[1]
+    hdr = raw.index(b'"tenant":"alice"')
+    rec = 12 + 4096 + 16  # one full chunk record of the multi-chunk tensor
+    multi = next((p, s) for n, p, s in blobs if s > 2 * rec)
+    small = [(p, s) for n, p, s in blobs if s == blobs[1][2]]
+    other = tiny_model(seed=1)
+    return {
+        "wrong key": (raw, os.urandom(32), None, None, sp.WrongKeyError),
+        "passphrase for a raw key": (raw, sp.Passphrase("hunter2"), None, None, sp.KeyInputError),
+        "header byte": (flip(raw, hdr + 12), full["key"], None, None, sp.TamperedError),
+        "header MAC": (flip(raw, signed + 5), full["key"], None, None, sp.TamperedError),
+        "nonce": (flip(raw, pos + 3), full["key"], None, None, sp.TamperedError),
+        "ciphertext": (flip(raw, pos + 12 + 7), full["key"], None, None, sp.TamperedError),
+        "tag": (flip(raw, pos + size - 1), full["key"], None, None, sp.TamperedError),
+        "truncated in header": (raw[:signed - 10], full["key"], None, None, sp.TruncatedError),
+        "truncated in blobs": (raw[:len(raw) - 100], full["key"], None, None, sp.TruncatedError),
+        "last byte missing": (raw[:-1], full["key"], None, None, sp.TruncatedError),
+        "trailing bytes": (raw + b"\0", full["key"], None, None, sp.TamperedError),
+        "blobs swapped": (swap(raw, small[0][0], small[1][0], small[0][1]), full["key"], None, None, sp.SwappedBlobError),
+        "chunks reordered": (swap(raw, multi[0], multi[0] + rec, rec), full["key"], None, None, sp.SwappedBlobError),
+        "wrong tenant": (raw, full["key"], "bob", None, sp.WrongTenantError),
+        "wrong base": (raw, full["key"], None, other, sp.WrongBaseError),
+        "not a patch": (b"PK\x03\x04" + raw[4:], full["key"], None, None, sp.PatchFormatError),
+    }
+
+
+CASES = ["wrong key", "passphrase for a raw key", "header byte", "header MAC", "nonce", "ciphertext", "tag",
+         "truncated in header", "truncated in blobs", "last byte missing", "trailing bytes", "blobs swapped",
+         "chunks reordered", "wrong tenant", "wrong base", "not a patch"]
+EXIT = {sp.WrongKeyError: 3, sp.TamperedError: 3, sp.TruncatedError: 3, sp.SwappedBlobError: 3, sp.KeyInputError: 2,
+        sp.WrongTenantError: 4, sp.WrongBaseError: 4, sp.PatchFormatError: 2}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_failure_is_refused_and_leaves_the_model_bit_exact(full, case):
+    data, key, tenant, model, error = failure_cases(full)[case]
+    model = model or full["base"]
+    before = state(model)
+    with pytest.raises(error) as info:
+        sp.apply_sealed_patch(model, data, key, tenant=tenant)
+    assert type(info.value) is error and info.value.exit_code == EXIT[error]
+    assert key.hex() not in str(info.value) if isinstance(key, bytes) else True
+    assert same_state(before, state(model))
+
+
+def test_every_region_of_the_file_is_authenticated(full):
+    """Flip one byte at 48 spots spread over the whole file: each must be refused, never applied."""
+    raw, base = full["raw"], full["base"]
+    before = state(base)
+    for pos in range(len(sp.MAGIC) + 2, len(raw), max(1, len(raw) // 48)):
+        with pytest.raises(sp.PatchError) as info:
+            sp.apply_sealed_patch(base, flip(raw, pos), full["key"])
+        assert info.value.exit_code in (2, 3)
+    assert same_state(before, state(base))
+
+
+def test_passphrase_patch(full):
+    base, trained = full["base"], full["trained"]
+    opened = sp.open_patch(sp.SealedPatch.from_bytes(full["raw"]), full["key"])  # re-seal the same payloads
+    plain = []
+    for i, e in enumerate(opened.header["tensors"]):
+        buf = sp.SecureBuffer(e["plain_bytes"])
+        buf.view()[:] = opened.plain.view(opened.offsets[i], e["plain_bytes"])
+        plain.append(sp.PlainTensor(e["name"], e["kind"], e["dtype"], e["stored_dtype"], tuple(e["shape"]),
+                                    e["rows"], e["exceptions"], buf))
+    opened.plain.close()
+    raw = sp.seal(plain, sp.Passphrase("correct horse"), tenant="alice", base_fingerprint=opened.header["base_fingerprint"],
+                  structure=opened.header["structure"], scrypt_params={"n": 1 << 10}).tobytes()
+    with pytest.raises(sp.WrongKeyError):
+        sp.apply_sealed_patch(base, raw, sp.Passphrase("correct horsf"))
+    with pytest.raises(sp.KeyInputError):
+        sp.apply_sealed_patch(base, raw, full["key"])
+    sp.apply_sealed_patch(base, raw, sp.Passphrase("correct horse")).revert()
+
+
+# ----------------------------------------------------------------------------- many tenants over one base
+def test_registry_switches_tenants_and_a_failed_switch_changes_nothing(full, lora):
+    base = full["base"]
+    before = state(base)
+    reg = fem.TenantRegistry(base)
+    reg.add(full["raw"])
+    reg.add(lora["raw"])
+    with pytest.raises(sp.WrongTenantError):
+        reg.add(full["raw"], tenant="carol")
+    for tenant, run_ in [("alice", full), ("bob", lora), ("alice", full)]:
+        reg.switch(tenant, run_["key"])
+        assert reg.active == tenant and equal_params(base, run_["trained"])
+    during = state(base)
+    with pytest.raises(sp.WrongKeyError):
+        reg.switch("bob", full["key"])  # alice's key for bob's patch
+    assert reg.active == "alice" and same_state(during, state(base))
+    reg.revert()
+    assert same_state(before, state(base))
+    reg.close()
+
+
+# ----------------------------------------------------------------------------- keys
+def test_key_sources(tmp_path, monkeypatch, capsys):
+    key = os.urandom(32)
+    hex_file, raw_file, bad = tmp_path / "k.hex", tmp_path / "k.bin", tmp_path / "bad"
+    hex_file.write_text(key.hex() + "\n")
+    raw_file.write_bytes(key)
+    bad.write_text("00" * 31)
+    os.chmod(hex_file, 0o600)
+    assert sp.load_key(key_file=str(hex_file)) == key and sp.load_key(key_file=str(raw_file)) == key
+    monkeypatch.setenv("PATCH_KEY", key.hex())
+    assert sp.load_key(env_var="PATCH_KEY") == key
+    assert sp.load_key(key_hex=key.hex()) == key
+    assert "process list" in capsys.readouterr().err
+    with pytest.raises(sp.KeyInputError) as info:
+        sp.load_key(key_file=str(bad))
+    assert "00" * 8 not in str(info.value)
+    with pytest.raises(sp.KeyInputError):
+        sp.load_key(key_file=str(hex_file), env_var="PATCH_KEY")
+    assert isinstance(sp.load_key(passphrase="pw"), sp.Passphrase) and "pw" not in repr(sp.load_key(passphrase="pw"))
+
+
+# ----------------------------------------------------------------------------- across processes, on disk
+@pytest.fixture(scope="module")
+def exported(data_dir, tmp_path_factory):
+    """One real CLI run in its own process, TMPDIR pointing into the test's folder; the patch is exported."""
+    root = tmp_path_factory.mktemp("cli")
+    tmp, out = root / "tmp", root / "out"
+    tmp.mkdir()
+    save_checkpoint(root / "base.pt", tiny_model(), config={})
+    save_checkpoint(root / "other.pt", tiny_model(seed=1), config={})
+    fem.generate_key_file(root / "key.hex")
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": REPO}
+    cmd = [sys.executable, os.path.join(REPO, "finetune_encrypt_memmap.py"), "--base_ckpt", str(root / "base.pt"),
+           "--data_dir", data_dir, "--key_file", str(root / "key.hex"), "--tenant", "alice", "--export",
+           str(out / "alice.patch"), "--max_steps", "3", "--batch_size", "4", "--microbatch_size", "4",
+           "--eval_interval", "0", "--out_dir", str(out / "ft")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(root), timeout=300)
+    assert r.returncode == 0, r.stderr
+    return dict(root=root, tmp=tmp, out=out, env=env, stdout=r.stdout, patch=out / "alice.patch")
+
+
+def secret_windows(patch, key_file, base_ckpt):
+    """32-byte windows of every tensor's plaintext delta and of the fine-tuned values they give."""
+    from utils.checkpoint import load_model
+    sealed = sp.SealedPatch.from_file(patch)
+    key = sp.load_key(key_file=str(key_file))
+    opened = sp.open_patch(sealed, key)
+    windows = []
+    for i, e in enumerate(opened.header["tensors"]):
+        values = opened.segments(i)[1].float()
+        for start in range(0, values.numel() - 7):
+            if bool((values[start:start + 8] != 0).all()):  # never a run of zeros: those are everywhere
+                windows.append(opened.segments(i)[1][start:start + 8].numpy().tobytes())
+                break
+    opened.plain.close()
+    model, _ = load_model(str(base_ckpt))
+    base = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    sp.apply_sealed_patch(model, sealed, key)
+    for name, p in model.named_parameters():
+        flat, ref = p.detach().reshape(-1), base.get(name, torch.zeros_like(p)).reshape(-1)
+        moved = (bits(flat) != bits(ref)).nonzero().squeeze(1).tolist()
+        run_ = [i for i in moved if all(j in moved for j in range(i, i + 8))][:1]
+        for i in run_:  # 8 consecutive fine-tuned values, none of them a base value
+            windows.append(flat[i:i + 8].numpy().tobytes())
+    return windows
+
+
+def found_in(folder, windows):
+    hits = []
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            data = open(os.path.join(dirpath, f), "rb").read()
+            hits += [os.path.join(dirpath, f) for w in windows if w in data]
+    return hits
+
+
+def test_no_plaintext_delta_on_disk_after_fine_tune_and_export(exported):
+    assert not (exported["out"] / "ft").exists()  # finetune ran with save=False
+    assert sorted(os.listdir(exported["out"])) == ["alice.patch"]
+    windows = secret_windows(exported["patch"], exported["root"] / "key.hex", exported["root"] / "base.pt")
+    assert len(windows) > 10
+    assert found_in(exported["root"], windows) == []
+    leak = exported["tmp"] / "control.bin"  # the scan must find a delta that did reach the disk
+    leak.write_bytes(b"x" * 100 + windows[0] + b"y" * 100)
+    assert found_in(exported["root"], windows) == [str(leak)]
+    leak.unlink()
+
+
+def apply_cli(exported, *args):
+    cmd = [sys.executable, os.path.join(REPO, "finetune_encrypt_memmap.py"), "apply", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=exported["env"], timeout=120)
+
+
+def test_apply_in_another_process_exit_codes(exported, tmp_path):
+    root = exported["root"]
+    common = ["--patch", str(exported["patch"])]
+    ok = apply_cli(exported, "--base_ckpt", str(root / "base.pt"), "--key_file", str(root / "key.hex"), *common)
+    assert ok.returncode == 0 and "tenant alice" in ok.stdout, ok.stderr
+    wrong_key = tmp_path / "wrong.hex"
+    fem.generate_key_file(wrong_key)
+    tampered = tmp_path / "t.patch"
+    raw = exported["patch"].read_bytes()
+    tampered.write_bytes(flip(raw, len(raw) - 20))
+    for args, code, words in [
+            (["--base_ckpt", str(root / "base.pt"), "--key_file", str(wrong_key), *common], 3, "wrong key"),
+            (["--base_ckpt", str(root / "base.pt"), "--key_file", str(root / "key.hex"), "--patch", str(tampered)], 3,
+             "does not authenticate"),
+            (["--base_ckpt", str(root / "other.pt"), "--key_file", str(root / "key.hex"), *common], 4, "another base")]:
+        r = apply_cli(exported, *args)
+        assert r.returncode == code and words in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unit_script_passes():
+    r = subprocess.run([sys.executable, os.path.join(REPO, "test_pipeline", "decrypt_unit_test.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
