@@ -36,7 +36,6 @@ import time
 
 import torch
 
-import finetune_dp
 from configurator import configure
 from utils.checkpoint import load_model
 from utils.cli import UserError, run_cli
@@ -56,8 +55,10 @@ KEY_OPTIONS = dict(
     passphrase_file="",  # or a passphrase (scrypt-stretched; parameters stored in the patch header)
     passphrase_env="",
 )
+# The fine-tune run takes every key of finetune_dp.DEFAULTS too (data_dir, learning_rate, lora_rank, ...):
+# seal_main merges them. finetune_dp (and Opacus) are imported only there, so that `apply` and the
+# library users (test_pipeline) start fast.
 DEFAULTS = {
-    **finetune_dp.DEFAULTS,
     "dp": False,  # --dp=True: the patch is also differentially private
     "save": False,  # must stay False: the fine-tuned weights never reach the disk
     **KEY_OPTIONS,
@@ -345,7 +346,8 @@ def compare(patched, trained):
 
 # ----------------------------------------------------------------------------- fine-tune and seal
 def seal_main(argv):
-    cfg = configure(DEFAULTS, argv)
+    import finetune_dp
+    cfg = configure({**finetune_dp.DEFAULTS, **DEFAULTS}, argv)
     if cfg["save"]:
         raise UserError("save=True would write the fine-tuned weights to disk in plaintext: this script keeps "
                         "them only as a sealed patch (use finetune_dp.py for a plaintext checkpoint)")
@@ -452,6 +454,7 @@ def apply_main(argv):
     prompts = read_prompts(cfg)
     sealed = SealedPatch.from_file(cfg["patch"])
     if cfg["init_from"]:
+        import finetune_dp
         base = finetune_dp.load_base({**finetune_dp.DEFAULTS, "base_ckpt": "", "init_from": cfg["init_from"]})
     else:
         base, _ = load_model(cfg["base_ckpt"])

@@ -46,7 +46,7 @@ def checkpoint_tokenizer(ckpt):
     config = ckpt.get("config") or {}
     if isinstance(config.get("tokenizer"), dict):
         return get_tokenizer(config["tokenizer"])
-    data_dir = config.get("data_dir") or (os.path.join(REPO, "data", config["dataset"]) if config.get("dataset") else "")
+    data_dir = config.get("data_dir") or (config.get("dataset") and os.path.join(REPO, "data", config["dataset"]))
     if data_dir and os.path.isfile(os.path.join(data_dir, "meta.json")):
         return get_tokenizer(load_meta(data_dir))
     if ckpt["model_args"].get("vocab_size") == 257:
@@ -78,7 +78,8 @@ def load(cfg, device):
         model = GPT.from_pretrained(cfg["init_from"])
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"could not load GPT-2 weights from {cfg['init_from']!r} ({type(e).__name__}: {first})") from None
+        raise UserError(f"could not load GPT-2 weights from {cfg['init_from']!r} "
+                        f"({type(e).__name__}: {first})") from None
     return model.to(device).eval(), get_tokenizer("gpt2")
 
 

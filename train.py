@@ -76,6 +76,7 @@ DEFAULTS = dict(
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_encoding", "tie_weights", "dropout")
+# dense bf16 peaks, matched as substrings of the device name in this order (A100 before A10, L40S before L4)
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 
 
@@ -208,7 +209,8 @@ def check_config(cfg):
     if not 0.0 <= cfg["dropout"] < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
     if cfg["decay_lr"] and cfg["lr_decay_iters"] <= cfg["warmup_iters"]:
-        raise UserError(f"--lr_decay_iters ({cfg['lr_decay_iters']}) must exceed --warmup_iters ({cfg['warmup_iters']})")
+        raise UserError(f"--lr_decay_iters ({cfg['lr_decay_iters']}) must exceed "
+                        f"--warmup_iters ({cfg['warmup_iters']})")
     if cfg["pos_encoding"] not in ("learned", "sinusoidal"):
         raise UserError(f"--pos_encoding must be 'learned' or 'sinusoidal', got {cfg['pos_encoding']!r}")
     if cfg["n_embd"] % cfg["n_head"]:
@@ -300,12 +302,19 @@ class RunLog:
 
 
 def format_eta(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def rng_states(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+def rng_states(device, world_size):
+    """Every rank's CPU (and CUDA) RNG state, so dropout continues exactly on resume (a collective in DDP)."""
+    cuda = torch.cuda.get_rng_state(device) if device.startswith("cuda") else None
+    state = {"cpu": torch.get_rng_state(), "cuda": cuda}
+    if world_size == 1:
+        return [state]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
 
 
 def set_rng_states(states, device):
@@ -320,7 +329,8 @@ def train(cfg, log=print):
     cfg = dict(cfg)
     check_config(cfg)
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp \
+        else (0, 0, 1)
     master = rank == 0
     if cfg["gradient_accumulation_steps"] % world_size:
         raise UserError(f"--gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple "
@@ -330,6 +340,7 @@ def train(cfg, log=print):
     if ddp and device.startswith("cuda"):
         device = f"cuda:{local_rank}"
     dtype = resolve_dtype(cfg["dtype"], device)
+    ctx = autocast_context(device, dtype)
 
     # data and model: everything that can refuse the run does so before anything is written
     cfg["data_dir"] = cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"])
@@ -365,125 +376,104 @@ def train(cfg, log=print):
         if len(rngs) == world_size:
             set_rng_states(rngs[rank], device)
         elif master:
-            log(f"note: checkpoint has RNG states for {len(rngs)} processes, this run has {world_size}; "
+            log(f"note: the checkpoint has RNG states for {len(rngs)} processes, this run has {world_size}: "
                 "dropout will not continue exactly")
     start_iter, resumed = iter_num, ckpt is not None
     del ckpt  # free the copy of the weights and optimizer state
+    saved_config = {**cfg, "tokenizer": tokenizer_info(meta), "init_origin": origin}
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
 
     if ddp:
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    try:
-        if device.startswith("cuda"):
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        raw_model = model
-        if cfg["compile"]:
-            model = torch.compile(model)
-        if ddp:
-            model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
-        saved_config = {**cfg, "tokenizer": tokenizer_info(meta), "init_origin": origin}
-        log_path = cfg["log_file"] or os.path.join(cfg["out_dir"], "log.jsonl")
-        run_log = RunLog(log_path, append=resumed, enabled=master, echo=log)
-        try:
-            return _loop(cfg, model, raw_model, optimizer, scaler, sampler, splits, device, dtype, peak, accum,
-                         rank, world_size, iter_num, start_iter, resumed, best_val_loss, evals_since_best,
-                         saved_config, run_log)
-        finally:
-            run_log.close()
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-def _loop(cfg, model, raw_model, optimizer, scaler, sampler, splits, device, dtype, peak, accum, rank, world_size,
-          iter_num, start_iter, resumed, best_val_loss, evals_since_best, saved_config, run_log):
-    master = rank == 0
-    ctx = autocast_context(device, dtype)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
-    if master:
-        run_log.echo(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens per iteration "
-                     f"| {world_size} process(es) on {device} ({dtype}) | iter {iter_num} -> {cfg['max_iters']}")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    raw_model = model
+    model = eval_model = torch.compile(model) if cfg["compile"] else model
+    if ddp:  # eval_model stays unwrapped: ranks run different numbers of eval batches
+        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+    log_path = cfg["log_file"] or os.path.join(cfg["out_dir"], "log.jsonl")
+    run_log = RunLog(log_path, append=resumed, enabled=master, echo=log)
+    run_log.echo(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens per iteration | "
+                 f"{world_size} process(es) on {device} ({dtype}) | iter {iter_num} -> {cfg['max_iters']}")
     history, stopped_early = [], False
     t_last, iters_since_log, dt_ema = time.perf_counter(), 0, None
-    while True:
-        last = iter_num >= cfg["max_iters"]
-        if (iter_num % cfg["eval_interval"] == 0 or last or cfg["eval_only"]) and not (
-                resumed and iter_num == start_iter and not cfg["eval_only"]):  # the resumed point was scored
-            losses = estimate_loss(raw_model, splits, cfg["eval_iters"], cfg["batch_size"], cfg["block_size"],
-                                   device, ctx, cfg["seed"] + 1, rank, world_size)
-            improved = losses["val"] < best_val_loss
-            if improved:
-                best_val_loss, evals_since_best = losses["val"], 0
-            else:
-                evals_since_best += 1
-            stopped_early = cfg["patience"] > 0 and evals_since_best >= cfg["patience"]
-            record = {"event": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                      "train_ppl": math.exp(min(losses["train"], 50)), "val_ppl": math.exp(min(losses["val"], 50)),
-                      "best_val_loss": best_val_loss}
-            history.append(record)
-            saved = ""
-            if not cfg["eval_only"] and iter_num > start_iter and (improved or cfg["always_save_checkpoint"]):
-                rng = rng_states(device)
-                if world_size > 1:  # every rank's dropout stream, for an exact DDP resume
-                    gathered = [None] * world_size
-                    dist.all_gather_object(gathered, rng)
-                    rng = gathered
-                else:
-                    rng = [rng]
-                if master:
-                    save_checkpoint(ckpt_path, raw_model, optimizer, iter_num, saved_config,
-                                    best_val_loss=best_val_loss, evals_since_best=evals_since_best, rng=rng,
-                                    sampler=sampler.get_state(),
-                                    scaler=scaler.state_dict() if scaler.is_enabled() else None)
-                saved = f" | saved {ckpt_path}"
-            run_log.event(f"eval {iter_num}: train {losses['train']:.4f} (ppl {record['train_ppl']:.2f}) | "
-                          f"val {losses['val']:.4f} (ppl {record['val_ppl']:.2f}) | best {best_val_loss:.4f}{saved}",
-                          **record)
-            if stopped_early:
-                run_log.event(f"early stop at iter {iter_num}: no better val loss in {evals_since_best} evals",
-                              event="stop", iter=iter_num, reason="patience")
-            t_last, iters_since_log = time.perf_counter(), 0  # eval time is not training time
-        if last or cfg["eval_only"] or stopped_early:
-            break
+    try:
+        while True:
+            last = iter_num >= cfg["max_iters"]
+            scored = resumed and iter_num == start_iter and not cfg["eval_only"]  # the resumed point was scored
+            if (iter_num % cfg["eval_interval"] == 0 or last or cfg["eval_only"]) and not scored:
+                losses = estimate_loss(eval_model, splits, cfg["eval_iters"], cfg["batch_size"], cfg["block_size"],
+                                       device, ctx, cfg["seed"] + 1, rank, world_size)
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                evals_since_best = 0 if improved else evals_since_best + 1
+                stopped_early = cfg["patience"] > 0 and evals_since_best >= cfg["patience"]
+                record = {"event": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                          "train_ppl": math.exp(min(losses["train"], 50)), "val_ppl": math.exp(min(losses["val"], 50)),
+                          "best_val_loss": best_val_loss}
+                history.append(record)
+                saved = ""
+                if not cfg["eval_only"] and iter_num > start_iter and (improved or cfg["always_save_checkpoint"]):
+                    rng = rng_states(device, world_size)
+                    if master:
+                        save_checkpoint(ckpt_path, raw_model, optimizer, iter_num, saved_config, rng=rng,
+                                        best_val_loss=best_val_loss, evals_since_best=evals_since_best,
+                                        sampler=sampler.get_state(),
+                                        scaler=scaler.state_dict() if scaler.is_enabled() else None)
+                    saved = f" | saved {ckpt_path}"
+                run_log.event(f"eval {iter_num}: train {losses['train']:.4f} (ppl {record['train_ppl']:.2f}) | val "
+                              f"{losses['val']:.4f} (ppl {record['val_ppl']:.2f}) | best {best_val_loss:.4f}{saved}",
+                              **record)
+                if stopped_early:
+                    run_log.event(f"early stop at iter {iter_num}: no better val loss in {evals_since_best} evals",
+                                  event="stop", iter=iter_num, reason="patience")
+                t_last, iters_since_log = time.perf_counter(), 0  # eval time is not training time
+            if last or cfg["eval_only"] or stopped_early:
+                break
 
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        batches = step_batches(splits["train"], cfg["batch_size"], cfg["block_size"], accum, rank, world_size, sampler)
-        for micro, (x, y) in enumerate(batches):
-            sync = nullcontext() if world_size == 1 or micro == accum - 1 else model.no_sync()
-            with sync:
-                with ctx:
-                    _, loss = model(to_device(x, device), to_device(y, device))
-                    loss = loss / accum
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        iters_since_log += 1
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            batches = step_batches(splits["train"], cfg["batch_size"], cfg["block_size"], accum, rank, world_size,
+                                   sampler)
+            for micro, (x, y) in enumerate(batches):
+                # DDP all-reduces gradients on the last micro step only
+                with nullcontext() if not ddp or micro == accum - 1 else model.no_sync():
+                    with ctx:
+                        _, loss = model(to_device(x, device), to_device(y, device))
+                        loss = loss / accum
+                    scaler.scale(loss).backward()
+                step_loss += loss.detach()
+            if cfg["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            iters_since_log += 1
 
-        if iter_num % cfg["log_interval"] == 0 and master:
-            loss_value = step_loss.item()  # the one sync point per log interval
-            dt = (time.perf_counter() - t_last) / iters_since_log
-            t_last, iters_since_log = time.perf_counter(), 0
-            dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
-            mfu = raw_model.estimate_mfu(cfg["batch_size"] * accum, dt, peak) if peak else None
-            tok_s = tokens_per_iter / dt
-            eta = format_eta(dt_ema * (cfg["max_iters"] - iter_num))
-            mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-            run_log.event(f"iter {iter_num:>{len(str(cfg['max_iters']))}}/{cfg['max_iters']} | loss {loss_value:.4f} | "
-                          f"lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {mfu_text} | eta {eta}",
-                          event="train", iter=iter_num, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu,
-                          ms_per_iter=1000 * dt)
+            if iter_num % cfg["log_interval"] == 0 and master:
+                loss_value = step_loss.item()  # the one sync point per log interval
+                dt = (time.perf_counter() - t_last) / iters_since_log
+                t_last, iters_since_log = time.perf_counter(), 0
+                dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
+                mfu = raw_model.estimate_mfu(cfg["batch_size"] * accum, dt, peak) if peak else None
+                tok_s, width = tokens_per_iter / dt, len(str(cfg["max_iters"]))
+                run_log.event(f"iter {iter_num:>{width}}/{cfg['max_iters']} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                              f"{tok_s:,.0f} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                              f"eta {format_eta(dt_ema * (cfg['max_iters'] - iter_num))}",
+                              event="train", iter=iter_num, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu,
+                              ms_per_iter=1000 * dt)
+    finally:
+        run_log.close()
+        if ddp:
+            dist.destroy_process_group()
     return {"model": raw_model, "iter_num": iter_num, "best_val_loss": best_val_loss,
             "stopped_early": stopped_early, "history": history}
 

@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(
     out="",                  # also write the markdown here
     seed=0,
+    threads=1,               # torch threads; 1 keeps timings stable on a shared machine (OpenMP spinning)
     # 1. KV cache vs recompute
     s=16,                    # private prompts per batch (+1 public)
     prompt_tokens=96,        # longest private prompt; the others are shorter (left padding)
@@ -160,7 +161,7 @@ def markdown(cfg, speed, svt_rows, train_s):
 
 def main(argv=None):
     cfg = configure(DEFAULTS, argv or [])
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(cfg["threads"])
     print(f"machine: {machine()}")
     speed = kv_cache_speed(cfg)
     for k, (n, dt) in speed.items():

@@ -40,7 +40,7 @@ DEFAULTS = dict(
     ppl_max_records=0,       # 0 = every record of the split
     max_people=50,           # Q/A people scored
     template_index=0,
-    max_new_tokens=32,
+    max_new_tokens=40,       # room for the longest answer (byte tokens) and its newline
     rep_prompts=8,           # free-generation prompts for the repetition rate
     rep_new_tokens=64,
     temperature=1.0,
@@ -139,6 +139,9 @@ def sliding_window_nll(model, sequences, stride=None, batch_size=16):
 
 
 def perplexity(model, sequences, stride=None, batch_size=16):
+    if stride and stride > model.config.block_size:
+        raise UserError(f"--stride {stride} is larger than the model's block_size {model.config.block_size}: "
+                        f"tokens would be skipped")
     nll, n = sliding_window_nll(model, sequences, stride, batch_size)
     if n == 0:
         raise UserError("nothing to score: every text is shorter than two tokens")
@@ -340,6 +343,12 @@ def load_people(data_dir, split):
     return list({p["Name"]: p for p in people}.values())
 
 
+def everyone(data_dir):
+    """The people of every split (the bias probe's answer sets: each categorical field's values)."""
+    from test_pipeline.leakage_test import read_people
+    return [p for split in ("train", "val") for p in read_people(data_dir, split) or []]
+
+
 def dataset_fields(meta):
     """The schema fields the dataset's records ask about (meta 'fields'), in schema order."""
     from utils import employees
@@ -391,7 +400,7 @@ def evaluate(cfg, model=None, log=print):
     if "bias" in cfg["metrics"]:
         log("counterfactual bias probe ...")
         result["bias"] = bias_probe(model, tok, people[:cfg["bias_people"]], cfg["bias_names_a"], cfg["bias_names_b"],
-                                    all_people=people, fields=fields, template_index=cfg["template_index"],
+                                    all_people=everyone(cfg["data_dir"]), fields=fields, template_index=cfg["template_index"],
                                     max_new_tokens=cfg["max_new_tokens"], batch_size=bs)
     if "forgetting" in cfg["metrics"] and not (cfg["base_ckpt"] and cfg["base_data_dir"]):
         log("forgetting skipped: it needs --base_ckpt and --base_data_dir")

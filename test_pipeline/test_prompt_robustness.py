@@ -47,7 +47,7 @@ DEFAULTS = dict(
     n_samples=4,             # sampled completions per injection probe, besides the greedy one
     temperature=1.0,
     top_k=40,
-    max_new_tokens=32,
+    max_new_tokens=40,       # room for the longest answer (byte tokens) and its newline
     batch_size=32,
     min_consistency=None,    # thresholds: exit 1 below / above these
     min_correctness=None,
@@ -113,7 +113,9 @@ def paraphrase_scores(complete_fn, people, fields, templates):
         groups = [g for (n, ff), g in by_pf.items() if ff == f]
         if groups:
             per_field[f] = _paraphrase_summary(groups)
-    result = {"templates": list(templates), "per_field": per_field,
+    per_template = {t: float(np.mean([same(a, employees.answer(p, f)) for (p, f, tt), a in zip(items, answers)
+                                      if tt == t])) for t in templates if items}
+    result = {"templates": list(templates), "per_field": per_field, "per_template_correctness": per_template,
               "overall": _paraphrase_summary(list(by_pf.values())) if by_pf else {}}
     return result, items, answers
 
@@ -231,6 +233,12 @@ def injection_scores(complete_fn, targets, probes, n_samples=4, seed=0):
             "leaks_more_under_injection": any(r["gain_over_plain"] > 0 for r in inj), "example": example}
 
 
+def template_example(t):
+    """Template t as a question, for the per-template table."""
+    from utils import employees
+    return employees.question({"Name": "<name>"}, "Annual Salary", t)
+
+
 # --------------------------------------------------------------------------- the whole test
 def read_canaries(data_dir):
     path = os.path.join(data_dir, "canaries.json")
@@ -339,6 +347,12 @@ def tables(result):
     out.append((f"Paraphrases ({result['split']} people, templates {p['templates']}; consistency = same answer "
                 f"for every paraphrase, correctness = answer equals the record)",
                 ["field", "people", "consistency", "correctness", "consistent+correct", "consistent but wrong"], rows))
+    seen = result.get("templates_seen_in_training")
+    if p.get("per_template_correctness"):
+        out.append(("Correctness per question template (templates held out of training test generalisation)",
+                    ["template", "seen in training", "correctness", "example"],
+                    [[t, None if seen is None else int(t) in seen, c, template_example(int(t))]
+                     for t, c in p["per_template_correctness"].items()]))
     if result["typos"]:
         typos = result["typos"]
         headers = ["field", "clean correct"] + [h for t in typos for h in (f"{t['n_typos']} typo(s) correct",

@@ -172,7 +172,7 @@ def test_bfloat16_deltas_halve_the_size_with_the_reported_error(data_dir):
     key = os.urandom(32)
     raw = sealed_of(plain, key, base, tracker).tobytes()
     sp.apply_sealed_patch(base, raw, key)
-    err = max(float((dict(base.named_parameters())[n] - p).abs().max()) for n, p in trained.named_parameters())
+    err = max(float((dict(base.named_parameters())[n] - p).detach().abs().max()) for n, p in trained.named_parameters())
     assert 0 < err <= rep["max_error"]
 
 
@@ -346,10 +346,10 @@ def secret_windows(patch, key_file, base_ckpt):
     base = {n: p.detach().clone() for n, p in model.state_dict().items()}
     sp.apply_sealed_patch(model, sealed, key)
     for name, p in model.named_parameters():
-        flat, ref = p.detach().reshape(-1), base.get(name, torch.zeros_like(p)).reshape(-1)
-        moved = (bits(flat) != bits(ref)).nonzero().squeeze(1).tolist()
-        run_ = [i for i in moved if all(j in moved for j in range(i, i + 8))][:1]
-        for i in run_:  # 8 consecutive fine-tuned values, none of them a base value
+        flat, ref = p.detach().reshape(-1), base[name].reshape(-1)
+        moved = (bits(flat) != bits(ref)).unfold(0, 8, 1).all(1).nonzero()
+        if len(moved):  # 8 consecutive fine-tuned values, none of them a base value
+            i = int(moved[0])
             windows.append(flat[i:i + 8].numpy().tobytes())
     return windows
 
@@ -387,13 +387,8 @@ def test_apply_in_another_process_exit_codes(exported, tmp_path):
     assert ok.returncode == 0 and "tenant alice" in ok.stdout, ok.stderr
     wrong_key = tmp_path / "wrong.hex"
     fem.generate_key_file(wrong_key)
-    tampered = tmp_path / "t.patch"
-    raw = exported["patch"].read_bytes()
-    tampered.write_bytes(flip(raw, len(raw) - 20))
-    for args, code, words in [
+    for args, code, words in [  # (tampering, truncation, swaps: in process above, and decrypt_failure_test.py)
             (["--base_ckpt", str(root / "base.pt"), "--key_file", str(wrong_key), *common], 3, "wrong key"),
-            (["--base_ckpt", str(root / "base.pt"), "--key_file", str(root / "key.hex"), "--patch", str(tampered)], 3,
-             "does not authenticate"),
             (["--base_ckpt", str(root / "other.pt"), "--key_file", str(root / "key.hex"), *common], 4, "another base")]:
         r = apply_cli(exported, *args)
         assert r.returncode == code and words in r.stderr, r.stderr

@@ -13,7 +13,6 @@ import torch
 
 from tests.conftest import REPO, tiny_model
 from utils.checkpoint import save_checkpoint
-from utils.data import RecordDataset
 
 from test_pipeline import leakage_test as lt
 from test_pipeline.model_under_test import continuation_logprobs, load_model_under_test, sequence_logprobs
@@ -52,34 +51,62 @@ def build_employees(folder, n_train=40, n_val=20, canary_reps=(16, 16, 4, 0, 0, 
     return str(folder)
 
 
-def train_memorizer(model, data_dir, steps, batch_size=32, lr=3e-3, seed=0):
-    """A few hundred plain AdamW steps on whole records, without any privacy: the model memorizes."""
-    ds = RecordDataset(data_dir, "train", model.config.block_size)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        x, y = map(torch.stack, zip(*(ds[int(i)] for i in torch.randint(len(ds), (batch_size,), generator=g))))
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval()
+def fine_tune(base_ckpt, data_dir, out_dir, on_model_ready=None, **overrides):
+    """finetune_dp's loop without privacy (fixed-size shuffled batches): enough steps to memorize."""
+    import finetune_dp
+    cfg = dict(base_ckpt=base_ckpt, data_dir=data_dir, out_dir=str(out_dir), save=True, dp=False,
+               sampling="shuffle", batch_size=16, microbatch_size=16, max_steps=100, learning_rate=3e-3,
+               eval_interval=0, log_interval=10 ** 6, seed=0)
+    cfg.update(overrides)
+    return finetune_dp.finetune(cfg, on_model_ready=on_model_ready, log=lambda *a, **k: None)
 
 
-TINY = dict(block_size=128, n_layer=2, n_head=2, n_embd=64)
+TINY = dict(block_size=112, n_layer=2, n_head=2, n_embd=32)  # the longest record here has 103 tokens
+
+
+def save_base(path, seed=0):
+    save_checkpoint(path, tiny_model(seed=seed, **TINY))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def memorized(tmp_path_factory):
-    """(data_dir, base checkpoint, fine-tuned checkpoint): a canary inserted 16 times, controls never."""
+    """A non-private fine-tune on data where one canary is inserted 16 times, one 4 times, two never;
+    its checkpoint, and the same fine-tune as a sealed patch over the base with a key and a wrong key."""
+    import finetune_encrypt_memmap as fem
+    from utils import sealed_patch as sp
     root = tmp_path_factory.mktemp("leak")
-    data_dir = build_employees(root / "employees")
-    base = tiny_model(seed=0, **TINY)
-    save_checkpoint(root / "base" / "ckpt.pt", base)
-    ft = train_memorizer(tiny_model(seed=0, **TINY), data_dir, steps=400)
-    save_checkpoint(root / "ft" / "ckpt.pt", ft)
-    return data_dir, str(root / "base" / "ckpt.pt"), str(root / "ft" / "ckpt.pt")
+    data_dir = build_employees(root / "employees", canary_reps=(16, 4, 0, 0))
+    base_ckpt = save_base(root / "base" / "ckpt.pt")
+    base, _ = load_model_under_test(base_ckpt)
+    tracker = fem.DeltaTracker(base)
+    result = fine_tune(base_ckpt, data_dir, root / "ft", on_model_ready=tracker)
+    plain, _ = tracker.build(result["model"])
+    key_file, wrong_key_file = sp.generate_key_file(root / "key.hex"), sp.generate_key_file(root / "wrong.hex")
+    sealed = sp.seal(plain, sp.load_key(key_file=key_file), tenant="acme", base_fingerprint=sp.base_fingerprint(base),
+                     structure=tracker.structure)
+    sealed.export(root / "acme.patch")
+    return dict(data_dir=data_dir, base=base_ckpt, ft=str(root / "ft" / "ckpt.pt"), patch=str(root / "acme.patch"),
+                key=str(key_file), wrong_key=str(wrong_key_file))
+
+
+def leakage_cli(*args):
+    cmd = [PY, os.path.join(REPO, "test_pipeline", "leakage_test.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def report(memorized, tmp_path_factory):
+    """One CLI run over all four rows: base, fine-tuned, patched + key, patched + wrong key."""
+    out = tmp_path_factory.mktemp("report")
+    m = memorized
+    r = leakage_cli(f"--data_dir={m['data_dir']}", f"--base_ckpt={m['base']}", "--ckpt", m["ft"],
+                    f"--patch={m['patch']}", f"--key_file={m['key']}", f"--wrong_key_file={m['wrong_key']}",
+                    "--n_candidates=10000", "--n_samples=2", "--batch_size=2500", f"--out={out / 'leak.json'}",
+                    f"--plot={out / 'exposure.png'}")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "leak.json").read_text())
+    return dict(stdout=r.stdout, json=rep, rows={x["label"]: x for x in rep["models"]}, plot=out / "exposure.png")
 
 
 # ---------------------------------------------------------------- scoring cores
@@ -123,37 +150,53 @@ def test_rank_and_exposure():
 
 
 # ---------------------------------------------------------------- on a memorizing model
-def test_canary_seen_16_times_is_exposed_and_controls_are_at_chance(memorized):
-    data_dir, base_ckpt, ft_ckpt = memorized
-    tok = lt.get_tokenizer(lt.load_meta(data_dir))
-    canaries = lt.prepare_canaries(os.path.join(data_dir, "canaries.json"), tok, 10000, seed=0)
-    ft, _ = load_model_under_test(ft_ckpt)
-    res = lt.score_canaries(ft, canaries, tok, batch_size=2048, gen_batch_size=8)
-    by = lt.exposure_by_repetitions(res)
+def test_canary_seen_16_times_is_exposed_and_controls_are_at_chance(report):
+    ft = report["rows"]["fine-tuned (ft)"]["exposure_by_repetitions"]
     max_bits = math.log2(10001)
-    assert by[16]["mean_exposure"] > max_bits - 1  # ranked first (or nearly) among 10^4
-    assert by[16]["mean_exposure_extrapolated"] > max_bits  # the extrapolation goes beyond the enumerated set
-    assert by[16]["extracted_greedy"] >= 1
-    assert by[0]["mean_exposure"] < 4 and by[0]["ranked_first"] == 0  # chance is 1.44 bits
-    base, _ = load_model_under_test(base_ckpt)
-    base_by = lt.exposure_by_repetitions(lt.score_canaries(base, canaries, tok, 2048, 8))
-    assert base_by[16]["mean_exposure"] < 5  # the base model never saw the canary
+    assert ft["16"]["ranked_first"] == 1 and ft["16"]["mean_exposure"] == pytest.approx(max_bits)
+    assert ft["16"]["mean_exposure_extrapolated"] > max_bits  # the extrapolation goes past the enumerated set
+    assert ft["16"]["extracted_greedy"] == 1  # greedy decoding says the secret outright
+    assert ft["0"]["n"] == 2 and ft["0"]["mean_exposure"] < 4 and ft["0"]["ranked_first"] == 0  # chance: 1.44
+    base = report["rows"]["base"]["exposure_by_repetitions"]
+    assert base["16"]["mean_exposure"] < 6 and base["16"]["extracted_greedy"] == 0  # never saw it
 
 
-def test_cli_side_by_side_table_and_thresholds(memorized, tmp_path):
-    data_dir, base_ckpt, ft_ckpt = memorized
-    out, plot = tmp_path / "leak.json", tmp_path / "exposure.png"
-    args = [PY, os.path.join(REPO, "test_pipeline", "leakage_test.py"), f"--data_dir={data_dir}",
-            f"--base_ckpt={base_ckpt}", "--ckpt", ft_ckpt, "--n_candidates=10000", "--n_samples=2",
-            f"--out={out}", f"--plot={plot}", "--batch_size=2048"]
-    r = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    assert "reps=16" in r.stdout and "greedy train" in r.stdout
-    report = json.loads(out.read_text())
-    rows = {m["label"]: m for m in report["models"]}
-    assert rows["fine-tuned (ft)"]["max_exposure"] > rows["base"]["max_exposure"]
-    assert set(rows["fine-tuned (ft)"]["extraction"]) >= {"train", "val", "greedy_gap"}
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the same run with an exposure threshold fails, naming the model
-    r = subprocess.run(args + ["--max_exposure=8"], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 1 and "fine-tuned (ft)" in r.stderr and "base" not in r.stderr.split("FAIL")[-1]
+def test_extraction_compares_training_people_with_held_out_people(report):
+    e = report["rows"]["fine-tuned (ft)"]["extraction"]
+    assert e["train"]["n"] > 0 and e["val"]["n"] > 0
+    assert e["greedy_gap"] == pytest.approx(e["train"]["greedy"] - e["val"]["greedy"])
+    assert set(e["train"]["by_field"]) == {"Annual Salary"}
+    assert "greedy train" in report["stdout"] and "reps=16" in report["stdout"]
+
+
+def test_patched_with_key_equals_fine_tuned_and_wrong_key_fails_closed(report):
+    rows = report["rows"]
+    ft, patched, wrong = rows["fine-tuned (ft)"], rows["patched + key"], rows["patched + wrong key"]
+    assert patched["status"] == "ok" and patched["canaries"] == ft["canaries"]  # the patch is bit-exact
+    assert patched["extraction"] == ft["extraction"]
+    assert wrong["status"] == "refused (auth failure)"
+    assert not any(k in wrong for k in ("canaries", "extraction", "max_exposure"))  # no numbers
+    assert report["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exposure_threshold_fails_the_run_naming_the_model(memorized, tmp_path):
+    m = memorized
+    r = leakage_cli(f"--data_dir={m['data_dir']}", f"--base_ckpt={m['base']}", f"--ckpt={m['ft']}",
+                    "--n_candidates=2000", "--fields=", "--max_exposure=8", f"--out={tmp_path / 'r.json'}")
+    assert r.returncode == 1
+    fails = [line for line in r.stderr.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and "fine-tuned (ft)" in fails[0]  # the base row is a reference, not tested
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+
+
+def test_a_wrong_key_that_applies_is_a_failure():
+    rows = [dict(label="patched + wrong key", role="must_refuse", status="WRONG KEY ACCEPTED (fail-open)")]
+    assert lt.failures_of(rows, dict(lt.DEFAULTS)) == ["patched + wrong key: the wrong key was accepted (must fail closed)"]
+
+
+def test_bad_input_is_one_line(memorized, tmp_path):
+    r = leakage_cli(f"--data_dir={tmp_path}", f"--ckpt={memorized['ft']}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = leakage_cli(f"--data_dir={memorized['data_dir']}", f"--ckpt={memorized['ft']}", f"--patch={memorized['patch']}",
+                    f"--key_file={memorized['key']}")
+    assert r.returncode == 2 and "--base_ckpt" in r.stderr

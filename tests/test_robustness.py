@@ -55,6 +55,7 @@ def test_correct_model_and_half_right_model():
     r, _, _ = rb.paraphrase_scores(first_only, PEOPLE, FIELDS, TEMPLATES)
     assert r["overall"]["consistency"] == 0.0
     assert r["overall"]["correctness"] == pytest.approx(1 / len(TEMPLATES))
+    assert r["per_template_correctness"] == {t: float(t == 0) for t in TEMPLATES}
     assert r["per_field"]["Hourly Rate"]["n"] == 1  # only Bo Chen is paid by the hour
 
 

@@ -15,7 +15,8 @@ import sample
 import train
 from tests.conftest import REPO, make_record_dataset
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.cli import run_cli
+from utils import inspect_ckpt, plot
+from utils.cli import UserError, run_cli
 from utils.data import write_meta, write_split
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_interval=3, eval_iters=2,
@@ -124,7 +125,8 @@ def test_train_end_to_end_checkpoint_and_log(trained):
             assert r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["lr"] > 0
     progress = [line for line in lines if line.startswith("iter")]
     assert len(progress) == 6
-    assert re.fullmatch(r"iter 6/6 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| mfu [\d.]+% \| eta \d+m\d\ds", progress[-1])
+    pattern = r"iter 6/6 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| mfu [\d.]+% \| eta \d+m\d\ds"
+    assert re.fullmatch(pattern, progress[-1])
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):
@@ -141,6 +143,11 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     iters = [json.loads(line)["iter"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()
              if '"eval"' in line]
     assert iters == [0, 3, 4, 6, 8]  # the log is continued, the resumed point not scored twice
+
+    ckpt_bytes = (tmp_path / "split" / "ckpt.pt").read_bytes()
+    scored = run(data_dir, tmp_path / "split", **common, init_from="resume", eval_only=True)
+    assert scored["iter_num"] == 8 and len(scored["history"]) == 1
+    assert (tmp_path / "split" / "ckpt.pt").read_bytes() == ckpt_bytes  # eval_only writes no checkpoint
 
 
 def test_gradient_accumulation_equals_bigger_batch(data_dir, tmp_path):
@@ -206,12 +213,11 @@ def test_bad_input_exits_2_through_the_real_cli(tmp_path):
     r = script("train.py", f"--data_dir={missing}", f"--out_dir={tmp_path / 'out'}")
     assert_one_line_error(r.returncode, r.stderr, "no prepared data", "prepare")
     assert not (tmp_path / "out").exists()
-    r = script("train.py", "--bacth_size=3")
-    assert_one_line_error(r.returncode, r.stderr, "unknown config key 'bacth_size'", "batch_size")
 
 
 @pytest.mark.parametrize("argv, needles", [
     (["--data_dir={empty}"], ["no prepared data", "prepare"]),
+    (["--data_dir={data}", "--bacth_size=3"], ["unknown config key 'bacth_size'", "batch_size"]),
     (["--data_dir={data}", "--batch_size=abc"], ["--batch_size", "expected int"]),
     (["--data_dir={data}", "--batch_size=0"], ["--batch_size must be at least 1"]),
     (["--data_dir={data}", "--dtype=float8"], ["dtype must be"]),
@@ -272,16 +278,14 @@ def test_resume_refuses_data_with_another_vocabulary(resumable, tmp_path, capsys
 
 
 # ---------------------------------------------------------------------------- sample, inspect, plot
-def test_sample_cli_greedy_identical_with_and_without_kv_cache(trained):
-    out = trained[0]
-    texts_out = []
-    for kv in (True, False):
-        r = script("sample.py", f"--ckpt={out / 'ckpt.pt'}", "--start=the city", "--greedy", "--num_samples=2",
-                   "--max_new_tokens=40", f"--use_kv_cache={kv}", "--device=cpu")
-        assert r.returncode == 0, r.stderr
-        texts_out.append(r.stdout)
-    assert texts_out[0] == texts_out[1]
-    samples = texts_out[0].split("---------------\n")
+def test_sample_cli_greedy_identical_with_and_without_kv_cache(trained, capsys):
+    argv = [f"--ckpt={trained[0] / 'ckpt.pt'}", "--start=the city", "--greedy", "--num_samples=2",
+            "--max_new_tokens=40", "--device=cpu"]
+    r = script("sample.py", *argv, "--use_kv_cache=True")
+    assert r.returncode == 0, r.stderr
+    sample.main(argv + ["--use_kv_cache=False"])
+    assert capsys.readouterr().out == r.stdout
+    samples = r.stdout.split("---------------\n")
     assert len(samples) == 3 and samples[0] == samples[1] and samples[0].startswith("the city")
     assert len(samples[0]) > len("the city") + 10
 
@@ -303,7 +307,16 @@ def test_sample_prompt_file_seed_and_errors(trained, tmp_path, capsys):
     assert_one_line_error(code, err, "does not exist")
 
 
-def test_inspect_ckpt_cli(trained):
+def test_checkpoint_tokenizer_fallbacks(tiny_ckpt):
+    ckpt = load_checkpoint(tiny_ckpt)  # no tokenizer recorded, dataset 'records' not under data/: vocab 257
+    assert sample.checkpoint_tokenizer(ckpt).name == "byte"
+    words = {"tokenizer": "word", "vocab_size": 3, "words": ["hello", "world"]}
+    assert sample.checkpoint_tokenizer({**ckpt, "config": {"tokenizer": words}}).decode([1, 2]) == "hello world"
+    with pytest.raises(UserError, match="tokenizer"):
+        sample.checkpoint_tokenizer({**ckpt, "model_args": {**ckpt["model_args"], "vocab_size": 1000}})
+
+
+def test_inspect_ckpt_cli(trained, capsys):
     out, result = trained[0], trained[1]
     r = script("utils/inspect_ckpt.py", f"--ckpt={out / 'ckpt.pt'}", "--json")
     assert r.returncode == 0, r.stderr
@@ -315,17 +328,20 @@ def test_inspect_ckpt_cli(trained):
     shapes = {t["name"]: t["shape"] for t in info["tensors"]}
     assert shapes["transformer.wte.weight"] == [257, 32] and shapes["lm_head.weight"] == [257, 32]
     assert info["bytes_by_dtype"]["model"]["float32"] == 4 * info["params"]["total"]  # tied weight counted once
-    assert info["bytes_by_dtype"]["optimizer"]["float32"] == 2 * 4 * info["params"]["total"]  # Adam's two moments
-    text = script("utils/inspect_ckpt.py", f"--ckpt={out / 'ckpt.pt'}").stdout
+    n_tensors = len(list(model.parameters()))  # Adam: two moments per weight + a float step per tensor
+    assert info["bytes_by_dtype"]["optimizer"]["float32"] == 2 * 4 * info["params"]["total"] + 4 * n_tensors
+    inspect_ckpt.main([f"--ckpt={out / 'ckpt.pt'}"])
+    text = capsys.readouterr().out
     assert "parameters: total" in text and "transformer.h.0.attn.c_attn.weight" in text
 
 
-def test_plot_cli_writes_png(trained, tmp_path):
+def test_plot_cli_writes_png(trained, tmp_path, capsys):
     out = trained[0]
     png = tmp_path / "plots" / "loss.png"
     r = script("utils/plot.py", f"--logs={out / 'log.jsonl'}", f"--out={png}")
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    r = script("utils/plot.py", f"--logs={tmp_path / 'nope.jsonl'}", f"--out={tmp_path / 'x.png'}")
-    assert_one_line_error(r.returncode, r.stderr, "does not exist")
+    argv = [f"--logs={out / 'log.jsonl'},{tmp_path / 'nope.jsonl'}", f"--out={tmp_path / 'x.png'}"]
+    code, err = cli_error(plot.main, argv, capsys)
+    assert_one_line_error(code, err, "nope.jsonl does not exist")
     assert not (tmp_path / "x.png").exists()

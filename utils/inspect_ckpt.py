@@ -74,7 +74,8 @@ def render(info):
                  + (" | lm_head tied to wte" if info["weights_tied"] else ""))
     width = max(len(t["name"]) for t in info["tensors"])
     lines.append("")
-    lines += [f"  {t['name']:<{width}}  {str(tuple(t['shape'])):<16} {t['dtype']:<9} {t['numel']:>12,}" for t in info["tensors"]]
+    lines += [f"  {t['name']:<{width}}  {str(tuple(t['shape'])):<16} {t['dtype']:<9} {t['numel']:>12,}"
+              for t in info["tensors"]]
     lines.append("")
     for part, sizes in info["bytes_by_dtype"].items():
         if sizes:

@@ -58,7 +58,8 @@ def plot_loss_curves(log_jsonl_paths, out_png, title=""):
             ax.plot(*zip(*train), color=color, alpha=0.35, lw=1, label=f"{name} train (step)")
         if evals:
             its = [e["iter"] for e in evals]
-            ax.plot(its, [e["train_loss"] for e in evals], color=color, ls="--", marker=".", label=f"{name} train (eval)")
+            ax.plot(its, [e["train_loss"] for e in evals], color=color, ls="--", marker=".",
+                    label=f"{name} train (eval)")
             ax.plot(its, [e["val_loss"] for e in evals], color=color, marker="o", label=f"{name} val")
         plotted += bool(train or evals)
     if not plotted:

@@ -1,0 +1,503 @@
+"""
+One report for a run directory: leakage, membership inference, the one-run privacy audit (optional),
+prompt robustness and quality, side by side for every model of the run, in REPORT.md with its figures.
+
+    python test_pipeline/report.py --run_dir out/run1 [--data_dir data/employees] [--base_data_dir data/pydocs] \
+        [--key_file key.hex] [--quick] [--audit]
+
+Run directory layout:
+
+    base/ckpt.pt         the base model (required): a row of its own, the MIA's reference model, the
+                         'before' of forgetting, and the model every patch applies to
+    <name>/ckpt.pt       a fine-tuned model; privacy.json beside it when it was trained with DP
+    <name>/*.patch       a sealed patch over base/ckpt.pt (finetune_encrypt_memmap --export); its key is
+                         <name>/<patch stem>.key or <name>/key.hex, else --key_file
+    run.json (optional)  {"data_dir": ..., "base_data_dir": ..., "models": [{"name", "ckpt", "patch",
+                         "key_file"}, ...]}: paths relative to the run directory; replaces the discovery
+
+Every sub-run goes through its library function in this process (leakage_test.main, mia.main and
+privacy_audit.main with argv; robustness() and evaluate() directly); each one's stdout goes to a log
+under <run_dir>/report/. A patched model is also tested with a freshly generated wrong key, which must be
+refused. Writes <run_dir>/REPORT.md and <run_dir>/report/report.json; exit code 1 when a sub-run fails its
+checks or errors, 0 otherwise.
+"""
+import contextlib
+import datetime
+import glob
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+from configurator import configure
+from utils.atomic import write_bytes, write_json
+from utils.cli import UserError, run_cli
+
+DEFAULTS = dict(
+    run_dir="",
+    data_dir="",            # the fine-tuning data (default: run.json's, else data/employees)
+    base_data_dir="",       # the pretraining corpus, for forgetting (default: run.json's; '' = skip)
+    key_file="",            # key of patches that have no key file beside them
+    tests=("leakage", "mia", "robustness", "eval", "figures"),
+    audit=False,            # also run privacy_audit (it fine-tunes with DP itself: slow)
+    quick=False,            # small sample sizes (demos, tests); the full sizes otherwise
+    report="",              # REPORT.md path (default <run_dir>/REPORT.md)
+    max_exposure=-1.0,      # > 0: leakage fails when a tested model's canary exposure exceeds it (bits)
+    device="cpu",
+    seed=1337,
+)
+KNOWN_TESTS = ("leakage", "mia", "robustness", "eval", "figures")
+
+# sample sizes: (full, quick)
+SIZES = dict(n_candidates=(10000, 1000), leak_people=(200, 20), samples=(4, 2), rob_people=(20, 6),
+             eval_people=(50, 12), bias_people=(20, 6), rep_prompts=(8, 3))
+
+
+# --------------------------------------------------------------------------- the run directory
+def discover(run_dir, key_file=""):
+    """(settings from run.json, [model dicts]) for a run directory; see the layout above."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"run directory {run_dir} does not exist")
+    spec = {}
+    spec_path = os.path.join(run_dir, "run.json")
+    if os.path.isfile(spec_path):
+        try:
+            with open(spec_path) as f:
+                spec = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{spec_path} is not valid JSON ({e})") from None
+    here = lambda p: p if not p or os.path.isabs(p) else os.path.join(run_dir, p)  # noqa: E731
+    base = os.path.join(run_dir, "base", "ckpt.pt")
+    if spec.get("models"):
+        models = [{"name": m["name"], "ckpt": here(m["ckpt"]), "patch": here(m.get("patch", "")),
+                   "key_file": here(m.get("key_file", "")) or key_file} for m in spec["models"]]
+        base = next((m["ckpt"] for m in models if m["name"] == "base"), base)
+        models = [m for m in models if m["name"] != "base"]
+    else:
+        models = []
+        for sub in sorted(os.listdir(run_dir)):
+            folder = os.path.join(run_dir, sub)
+            if sub in ("base", "report") or not os.path.isdir(folder):
+                continue
+            if os.path.isfile(os.path.join(folder, "ckpt.pt")):
+                models.append({"name": sub, "ckpt": os.path.join(folder, "ckpt.pt"), "patch": "", "key_file": ""})
+            for patch in sorted(glob.glob(os.path.join(folder, "*.patch"))):
+                stem = os.path.splitext(patch)[0]
+                key = next((k for k in (stem + ".key", os.path.join(folder, "key.hex")) if os.path.isfile(k)), key_file)
+                models.append({"name": f"{sub} (patched)", "ckpt": base, "patch": patch, "key_file": key})
+    if not os.path.isfile(base):
+        raise UserError(f"{run_dir} has no base model: expected {base} (see the layout in report.py's docstring)")
+    for m in models:
+        if m["patch"] and not m["key_file"]:
+            raise UserError(f"patch {m['patch']} has no key: put key.hex beside it or give --key_file")
+        privacy = os.path.join(os.path.dirname(m["ckpt"]), "privacy.json") if not m["patch"] else ""
+        m["privacy"] = json.load(open(privacy)) if privacy and os.path.isfile(privacy) else None
+    return spec, [{"name": "base", "ckpt": base, "patch": "", "key_file": "", "privacy": None}] + models
+
+
+# --------------------------------------------------------------------------- running the sub-runs
+@contextlib.contextmanager
+def captured(log_path):
+    """Send stdout and stderr to a log file (written atomically at the end), e.g. a sub-run's tables."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            yield buf
+    finally:
+        write_bytes(log_path, buf.getvalue().encode())
+
+
+def call_main(module, argv, log_path):
+    """module.main(argv) in this process; its exit status (0, 1 failed checks, 2+ errors) and its log."""
+    with captured(log_path) as buf:
+        try:
+            code = module.main(argv)
+            code = code if isinstance(code, int) else 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except UserError as e:
+            print(f"error: {e}")
+            code = e.exit_code
+    return code, buf.getvalue()
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_leakage(models, cfg, out_dir, size):
+    """One leakage_test run with the base, every fine-tuned checkpoint and the first patch (with its key
+    and a fresh wrong key); one more run per further patch. Returns the merged result."""
+    from test_pipeline import leakage_test
+    from utils.sealed_patch import generate_key_file
+    base = models[0]["ckpt"]
+    ckpts = [m["ckpt"] for m in models[1:] if not m["patch"]]
+    patched = [m for m in models if m["patch"]]
+    wrong_key = generate_key_file(os.path.join(tempfile.mkdtemp(prefix="report-"), "wrong.hex")) if patched else ""
+    common = [f"--data_dir={cfg['data_dir']}", f"--base_ckpt={base}", f"--device={cfg['device']}",
+              f"--seed={cfg['seed']}", f"--n_candidates={size('n_candidates')}", f"--n_people={size('leak_people')}",
+              f"--n_samples={size('samples')}", f"--max_exposure={cfg['max_exposure']}"]
+    runs = [(ckpts, patched[0] if patched else None)] + [([], p) for p in patched[1:]]
+    merged = {"models": [], "codes": [], "plots": []}
+    try:
+        for i, (cks, patch) in enumerate(runs):
+            out, png = os.path.join(out_dir, f"leakage_{i}.json"), os.path.join(out_dir, f"exposure_{i}.png")
+            argv = common + [f"--out={out}", f"--plot={png}"] + ([f"--ckpt={','.join(cks)}"] if cks else [])
+            if patch:
+                argv += [f"--patch={patch['patch']}", f"--key_file={patch['key_file']}", f"--wrong_key_file={wrong_key}"]
+            code, log = call_main(leakage_test, argv, os.path.join(out_dir, f"leakage_{i}.log"))
+            res = read_json(out)
+            merged["codes"].append(code)
+            if res is None:
+                merged.setdefault("errors", []).append(last_line(log))
+                continue
+            merged["models"] += [r for r in res["models"] if i == 0 or r["role"] != "base"]
+            merged["n_candidates"] = res.get("n_candidates")
+            merged.setdefault("failures", []).extend(res.get("failures", []))
+            if os.path.isfile(png):
+                merged["plots"].append(png)
+    finally:
+        if wrong_key:
+            os.remove(wrong_key)
+            os.rmdir(os.path.dirname(wrong_key))
+    merged["passed"] = all(c == 0 for c in merged["codes"])
+    return merged
+
+
+def run_mia(models, cfg, out_dir, size):
+    """mia.main on every non-base model, with the base model as the reference."""
+    from test_pipeline import mia
+    results = {}
+    for i, m in enumerate(models[1:]):
+        out, png = os.path.join(out_dir, f"mia_{i}.json"), os.path.join(out_dir, f"roc_{i}.png")
+        argv = [f"--ckpt={m['ckpt']}", f"--ref_ckpt={models[0]['ckpt']}", f"--data_dir={cfg['data_dir']}",
+                f"--out={out}", f"--plot={png}", f"--device={cfg['device']}", f"--seed={cfg['seed']}"]
+        if m["patch"]:
+            argv += [f"--patch={m['patch']}", f"--key_file={m['key_file']}"]
+        code, log = call_main(mia, argv, os.path.join(out_dir, f"mia_{i}.log"))
+        results[m["name"]] = {"code": code, "result": read_json(out), "plot": png if os.path.isfile(png) else None,
+                              "error": None if code in (0, 1) else last_line(log)}
+    return {"models": results, "passed": all(r["code"] == 0 for r in results.values())}
+
+
+def run_audit(models, cfg, out_dir):
+    """privacy_audit.main once: it fine-tunes its own DP model from the base on the data."""
+    from test_pipeline import privacy_audit
+    out = os.path.join(out_dir, "audit.json")
+    argv = [f"--base_ckpt={models[0]['ckpt']}", f"--data_dir={cfg['data_dir']}", f"--out={out}",
+            f"--device={cfg['device']}", f"--seed={cfg['seed']}"]
+    code, log = call_main(privacy_audit, argv, os.path.join(out_dir, "audit.log"))
+    return {"code": code, "result": read_json(out), "passed": code == 0,
+            "error": None if code in (0, 1) else last_line(log)}
+
+
+def run_robustness(models, cfg, out_dir, size):
+    from test_pipeline import test_prompt_robustness as rb
+    results = {}
+    for i, m in enumerate(models[1:]):
+        rcfg = {**rb.DEFAULTS, "ckpt": m["ckpt"], "patch": m["patch"], "key_file": m["key_file"],
+                "data_dir": cfg["data_dir"], "device": cfg["device"], "seed": cfg["seed"],
+                "max_people": size("rob_people"), "injection_people": size("rob_people"), "n_samples": size("samples"),
+                "plot": os.path.join(out_dir, f"robustness_{i}.png")}
+        results[m["name"]] = in_process(lambda: rb.robustness(rcfg), os.path.join(out_dir, f"robustness_{i}.log"))
+        if "error" not in results[m["name"]]:
+            results[m["name"]]["plot"] = rb.plot(results[m["name"]], rcfg["plot"])
+    return results
+
+
+def run_eval(models, cfg, out_dir, size):
+    from test_pipeline import eval as ev
+    results = {}
+    for i, m in enumerate(models):
+        ecfg = {**ev.DEFAULTS, "ckpt": m["ckpt"], "patch": m["patch"], "key_file": m["key_file"],
+                "data_dir": cfg["data_dir"], "device": cfg["device"], "seed": cfg["seed"],
+                "max_people": size("eval_people"), "bias_people": size("bias_people"), "rep_prompts": size("rep_prompts"),
+                "base_ckpt": models[0]["ckpt"] if i else "", "base_data_dir": cfg["base_data_dir"],
+                "metrics": tuple(x for x in ev.DEFAULTS["metrics"] if x != "forgetting" or i)}
+        results[m["name"]] = in_process(lambda: ev.evaluate(ecfg), os.path.join(out_dir, f"eval_{i}.log"))
+    return results
+
+
+def in_process(fn, log_path):
+    """fn() with its prints in a log; a UserError (e.g. a refused patch) becomes {'error': message}."""
+    with captured(log_path):
+        try:
+            return fn()
+        except UserError as e:
+            return {"error": str(e), "passed": False}
+
+
+def run_figures(models, cfg, out_dir):
+    """Attention maps and gradient saliency of the first fine-tuned model (else the base) for one Q/A prompt."""
+    from test_pipeline.eval import dataset_fields, load_people
+    from test_pipeline.model_under_test import load_model_under_test
+    from utils import employees
+    from utils.data import load_meta
+    from utils.plot import plot_attention_maps, plot_saliency
+    from utils.tokenizer import get_tokenizer
+    m = next((x for x in models[1:] if not x["patch"]), models[0])
+    meta = load_meta(cfg["data_dir"])
+    person = load_people(cfg["data_dir"], "train")[0]
+    field = next(f for f in dataset_fields(meta) if person.get(f) is not None)
+    prompt = employees.qa_prompt(person, field, 0)
+    model, _ = load_model_under_test(m["ckpt"], device=cfg["device"])
+    tok = get_tokenizer(meta)
+    att, sal = os.path.join(out_dir, "attention.png"), os.path.join(out_dir, "saliency.png")
+    plot_attention_maps(model, tok, prompt, att)
+    plot_saliency(model, tok, prompt, sal)
+    return {"model": m["name"], "prompt": prompt, "attention": att, "saliency": sal}
+
+
+# --------------------------------------------------------------------------- REPORT.md
+def md_table(headers, rows):
+    def cell(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
+
+
+def last_line(text):
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def summary_rows(report):
+    """The headline table: one row per model, one column per key number."""
+    leak = {(r["ckpt"], r.get("patch") or ""): r for r in get(report, "leakage", "models") or []
+            if r["role"] != "must_refuse"}
+    rows = []
+    for m in report["models"]:
+        name = m["name"]
+        lrow = leak.get((m["ckpt"], m["patch"] or ""))
+        ev = get(report, "eval", name) or {}
+        rb = get(report, "robustness", name) or {}
+        mia = get(report, "mia", "models", name, "result") or {}
+        typo = (rb.get("typos") or [{}])[0].get("overall", {})
+        rows.append([name, get(m, "privacy", "epsilon"), get(lrow, "max_exposure"),
+                     get(lrow, "extraction", "greedy_gap"), find_auc(mia), get(ev, "perplexity", "ppl"),
+                     get(ev, "qa", "exact_match"), get(ev, "qa", "bleu"), get(ev, "qa", "rouge_l"),
+                     get(ev, "forgetting", "ratio"), get(rb, "paraphrase", "overall", "consistency"),
+                     get(rb, "paraphrase", "overall", "correctness"), typo.get("drop"),
+                     get(rb, "injection", "max_gain")])
+    headers = ["model", "ε (claimed)", "max exposure (bits)", "extraction gap", "MIA AUC", "val ppl",
+               "held-out EM", "BLEU", "ROUGE-L", "forgetting (ppl ×)", "paraphrase consistency",
+               "paraphrase correctness", "typo drop", "injection gain"]
+    return headers, rows
+
+
+def find_auc(obj):
+    """The first 'auc' number in a membership-inference result (its layout belongs to mia.py)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k.lower() == "auc" and isinstance(v, (int, float)):
+                return float(v)
+        for v in obj.values():
+            found = find_auc(v)
+            if found is not None:
+                return found
+    if isinstance(obj, list):
+        for v in obj:
+            found = find_auc(v)
+            if found is not None:
+                return found
+    return None
+
+
+def generic_tables(obj, title="", depth=0):
+    """Markdown for a result whose layout this script does not know: scalars as a key/value table, lists
+    of flat dicts as tables, nested dicts as sub-sections (two levels)."""
+    out, scalars = [], []
+    for k, v in (obj or {}).items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            if not (isinstance(v, str) and len(v) > 200):
+                scalars.append([k, v])
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            keys = [k2 for k2 in v[0] if all(not isinstance(x.get(k2), (dict, list)) for x in v)]
+            out.append(f"**{k}**\n\n" + md_table(keys, [[x.get(k2) for k2 in keys] for x in v]))
+        elif isinstance(v, dict) and depth < 2:
+            sub = generic_tables(v, k, depth + 1)
+            if sub:
+                out.append(sub)
+    head = ([f"**{title}**"] if title else []) + ([md_table(["key", "value"], scalars)] if scalars else [])
+    return "\n\n".join(head + out)
+
+
+def leakage_md(leak):
+    from test_pipeline.leakage_test import CHANCE_EXPOSURE
+    lines = []
+    reps = sorted({int(k) for r in leak["models"] for k in (r.get("exposure_by_repetitions") or {})})
+    n = leak.get("n_candidates")
+    lines.append(f"Canary exposure in bits (rank among {n} same-format candidates; maximum "
+                 f"{math.log2(n + 1):.1f}, chance {CHANCE_EXPOSURE:.2f}). Cells: mean exposure [skew-normal "
+                 f"extrapolation], canaries ranked first / canaries." if n else "Canary exposure in bits.")
+    rows = []
+    for r in leak["models"]:
+        by = {int(k): v for k, v in (r.get("exposure_by_repetitions") or {}).items()}
+        rows.append([r["label"], r["status"]] + [
+            f"{by[k]['mean_exposure']:.1f} [{by[k]['mean_exposure_extrapolated']:.1f}] {by[k]['ranked_first']}/{by[k]['n']}"
+            if k in by else None for k in reps] + [r.get("max_exposure")])
+    lines.append(md_table(["model", "status"] + [f"reps={k}" for k in reps] + ["max"], rows))
+    ext = [r for r in leak["models"] if r.get("extraction")]
+    if ext:
+        lines.append("Extraction: exact-match rate of the sensitive answers of training people vs held-out "
+                     "people (the held-out rate is what guessing from the population gives).")
+        lines.append(md_table(["model", "greedy train", "greedy val", "gap", "sampled train", "sampled val"],
+                              [[r["label"], get(r, "extraction", "train", "greedy"), get(r, "extraction", "val", "greedy"),
+                                get(r, "extraction", "greedy_gap"), get(r, "extraction", "train", "sampled"),
+                                get(r, "extraction", "val", "sampled")] for r in ext]))
+    for f in leak.get("failures", []) + leak.get("errors", []):
+        lines.append(f"- **FAIL**: {f}")
+    return "\n\n".join(lines)
+
+
+def write_markdown(report, path):
+    from test_pipeline import eval as ev
+    from test_pipeline import test_prompt_robustness as rb
+    where = os.path.dirname(os.path.abspath(path))
+    fig = lambda p, alt: f"![{alt}]({os.path.relpath(p, where)})"  # noqa: E731
+    md = [f"# Test report: {report['run_dir']}", "",
+          f"Generated {report['generated']} on {report['device']}; data {report['data_dir']}"
+          + (f", base corpus {report['base_data_dir']}" if report["base_data_dir"] else "")
+          + (" (quick sample sizes)" if report["quick"] else "") + ".",
+          "", f"**Overall: {'PASS' if report['passed'] else 'FAIL'}**"]
+    for s in report.get("skipped", []):
+        md.append(f"- skipped {s}")
+    for f in report["failures"]:
+        md.append(f"- {f}")
+    md += ["", "## Models", "", md_table(["model", "checkpoint", "patch", "claimed ε", "δ"],
+                                         [[m["name"], m["ckpt"], m["patch"] or None, get(m, "privacy", "epsilon"),
+                                           get(m, "privacy", "delta")] for m in report["models"]])]
+    md += ["", "## Summary", "", md_table(*summary_rows(report))]
+    if "leakage" in report:
+        md += ["", "## Leakage (canary exposure and extraction)", "", leakage_md(report["leakage"])]
+        for p in report["leakage"]["plots"]:
+            md += ["", fig(p, "canary exposure by repetitions")]
+    if "mia" in report:
+        md += ["", "## Membership inference"]
+        for name, r in report["mia"]["models"].items():
+            md += ["", f"### {name}", "", generic_tables(r["result"]) if r["result"] else f"error: {r['error']}"]
+            if r["plot"]:
+                md += ["", fig(r["plot"], f"ROC {name}")]
+    if "audit" in report:
+        a = report["audit"]
+        md += ["", "## One-run privacy audit", "", generic_tables(a["result"]) if a["result"] else f"error: {a['error']}"]
+    for key, title, mod in (("robustness", "Prompt robustness", rb), ("eval", "Quality", ev)):
+        if key not in report:
+            continue
+        md += ["", f"## {title}"]
+        for name, r in report[key].items():
+            md += ["", f"### {name}", ""]
+            if "error" in r:
+                md.append(f"error: {r['error']}")
+                continue
+            for t, headers, rows in mod.tables(r):
+                md += [f"**{t}**", "", md_table(headers, rows), ""]
+            if r.get("plot"):
+                md.append(fig(r["plot"], f"{title} {name}"))
+    if "figures" in report:
+        f = report["figures"]
+        md += ["", "## Interpretability", "", f"Model {f['model']}, prompt `{f['prompt']}`.", "",
+               fig(f["attention"], "attention maps"), "", fig(f["saliency"], "gradient x input saliency")]
+    md += ["", "Seconds per part: " + ", ".join(f"{k} {v}" for k, v in report.get("seconds", {}).items()) + "."]
+    write_bytes(path, ("\n".join(md) + "\n").encode())
+
+
+# --------------------------------------------------------------------------- the whole report
+def build_report(cfg, log=print):
+    """Run the selected sub-runs on cfg['run_dir'] and write REPORT.md + report/report.json; returns the
+    report dict (its 'passed' says whether every sub-run passed)."""
+    unknown = set(cfg["tests"]) - set(KNOWN_TESTS)
+    if unknown:
+        raise UserError(f"unknown tests {sorted(unknown)}; choose from {list(KNOWN_TESTS)}")
+    if not cfg["run_dir"]:
+        raise UserError("--run_dir is required (a folder with base/ckpt.pt; see report.py's docstring)")
+    spec, models = discover(cfg["run_dir"], cfg["key_file"])
+    cfg = {**cfg, "data_dir": cfg["data_dir"] or spec.get("data_dir") or "data/employees",
+           "base_data_dir": cfg["base_data_dir"] or spec.get("base_data_dir") or ""}
+    from utils.data import load_meta
+    load_meta(cfg["data_dir"])  # a clear error now rather than in every sub-run
+    out_dir = os.path.join(cfg["run_dir"], "report")
+    os.makedirs(out_dir, exist_ok=True)
+    size = lambda k: SIZES[k][1 if cfg["quick"] else 0]  # noqa: E731
+    report = {"run_dir": cfg["run_dir"], "generated": datetime.datetime.now().isoformat(timespec="seconds"),
+              "device": cfg["device"], "data_dir": cfg["data_dir"], "base_data_dir": cfg["base_data_dir"],
+              "quick": cfg["quick"], "models": models}
+    log(f"{len(models)} models: {', '.join(m['name'] for m in models)}")
+    steps = [("leakage", lambda: run_leakage(models, cfg, out_dir, size)),
+             ("mia", lambda: run_mia(models, cfg, out_dir, size)),
+             ("audit", lambda: run_audit(models, cfg, out_dir)),
+             ("robustness", lambda: run_robustness(models, cfg, out_dir, size)),
+             ("eval", lambda: run_eval(models, cfg, out_dir, size)),
+             ("figures", lambda: run_figures(models, cfg, out_dir))]
+    for name, step in steps:
+        wanted = cfg["audit"] if name == "audit" else name in cfg["tests"]
+        if not wanted or (name in ("mia", "robustness") and len(models) == 1):
+            continue
+        log(f"{name} ...")
+        start = time.perf_counter()
+        try:
+            report[name] = step()
+        except ImportError as e:  # a sibling script that is not there (yet)
+            report.setdefault("skipped", []).append(f"{name}: {e}")
+        report.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 1)
+    report["failures"] = failures(report)
+    report["passed"] = not report["failures"]
+    report_path = cfg["report"] or os.path.join(cfg["run_dir"], "REPORT.md")
+    write_json(os.path.join(out_dir, "report.json"), report)
+    write_markdown(report, report_path)
+    report["path"] = report_path
+    return report
+
+
+def failures(report):
+    out = []
+    if "leakage" in report and not report["leakage"]["passed"]:
+        out += [f"leakage: {f}" for f in report["leakage"].get("failures", []) + report["leakage"].get("errors", [])] \
+            or ["leakage: failed"]
+    if "mia" in report:
+        out += [f"mia {n}: " + (r["error"] or "failed its checks") for n, r in report["mia"]["models"].items() if r["code"]]
+    if "audit" in report and not report["audit"]["passed"]:
+        out.append("privacy audit: " + (report["audit"]["error"] or "the lower bound exceeds the claimed epsilon"))
+    for key in ("robustness", "eval"):
+        for n, r in (report.get(key) or {}).items():
+            if "error" in r:
+                out.append(f"{key} {n}: {r['error']}")
+            elif not r.get("passed", True):
+                out.append(f"{key} {n}: " + "; ".join(c["check"] for c in r["checks"] if not c["passed"]))
+    return out
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv or [])
+    report = build_report(cfg)
+    headers, rows = summary_rows(report)
+    from test_pipeline.model_under_test import format_table
+    print("\n" + format_table(headers, rows))
+    for s in report.get("skipped", []):
+        print(f"skipped {s}")
+    for f in report["failures"]:
+        print(f"FAIL: {f}", file=sys.stderr)
+    print(f"wrote {report['path']} and {os.path.join(cfg['run_dir'], 'report', 'report.json')}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,95 @@
+"""test_pipeline/report.py: the run-directory layout, and the whole report end to end on a tiny run
+(base, a fine-tuned checkpoint, a sealed patch tested with its key and with a wrong key)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, tiny_model
+from tests.test_eval import PNG_MAGIC, cli_env, employees_dir, one_thread  # noqa: F401 (fixtures)
+from test_pipeline import report as rp
+from utils.checkpoint import save_checkpoint
+from utils.cli import UserError
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, employees_dir):  # noqa: F811
+    """base/ckpt.pt, ft/ckpt.pt and sealed/acme.patch + key.hex (a 2-step fine-tune sealed by
+    finetune_encrypt_memmap), all tiny."""
+    import finetune_encrypt_memmap as fem
+    d = tmp_path_factory.mktemp("run")
+    save_checkpoint(d / "base" / "ckpt.pt", tiny_model(block_size=128), iter_num=0)
+    save_checkpoint(d / "ft" / "ckpt.pt", tiny_model(seed=1, block_size=128), iter_num=0)
+    key = fem.generate_key_file(str(d / "sealed" / "key.hex"))
+    fem.main([f"--base_ckpt={d / 'base' / 'ckpt.pt'}", f"--data_dir={employees_dir}", f"--key_file={key}",
+              f"--export={d / 'sealed' / 'acme.patch'}", "--max_steps=2", "--batch_size=4", "--microbatch_size=4",
+              "--sampling=shuffle", "--eval_interval=100"])
+    return str(d)
+
+
+def test_discover_the_layout(run_dir, tmp_path):
+    spec, models = rp.discover(run_dir)
+    assert spec == {}
+    assert [m["name"] for m in models] == ["base", "ft", "sealed (patched)"]
+    patched = models[2]
+    assert patched["ckpt"] == models[0]["ckpt"] and patched["key_file"].endswith("key.hex")
+    # run.json replaces discovery, with paths relative to the run directory
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    (other / "run.json").write_text(json.dumps({"data_dir": "somewhere", "models": [
+        {"name": "base", "ckpt": "base/ckpt.pt"}, {"name": "mine", "ckpt": "ft/ckpt.pt"}]}))
+    spec, models = rp.discover(str(other))
+    assert spec["data_dir"] == "somewhere" and [m["name"] for m in models] == ["base", "mine"]
+    assert models[1]["ckpt"] == str(other / "ft" / "ckpt.pt")
+    os.remove(other / "run.json")
+    os.remove(other / "sealed" / "key.hex")
+    with pytest.raises(UserError, match="has no key"):
+        rp.discover(str(other))
+    shutil.rmtree(other / "base")
+    with pytest.raises(UserError, match="no base model"):
+        rp.discover(str(other))
+
+
+def test_markdown_helpers():
+    assert rp.md_table(["a", "b"], [[1.23456, None], ["x|y", True]]) == \
+        "| a | b |\n|---|---|\n| 1.235 | – |\n| x\\|y | True |"
+    md = rp.generic_tables({"auc": 0.75, "rows": [{"k": 1, "v": 2.5}], "nested": {"tpr_at_1pct": 0.1}})
+    assert "| auc | 0.75 |" in md and "| k | v |" in md and "| tpr_at_1pct | 0.1 |" in md
+    assert rp.find_auc({"scores": [{"name": "loss", "auc": 0.61}]}) == 0.61
+
+
+def test_report_end_to_end(run_dir, employees_dir, capsys):  # noqa: F811
+    code = rp.main([f"--run_dir={run_dir}", f"--data_dir={employees_dir}", f"--base_data_dir={employees_dir}",
+                    "--quick", "--tests=leakage,robustness,eval,figures"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    md = open(os.path.join(run_dir, "REPORT.md")).read()
+    for section in ("## Summary", "## Leakage", "## Prompt robustness", "## Quality", "## Interpretability",
+                    "patched + wrong key | refused"):
+        assert section in md, section
+    report = json.load(open(os.path.join(run_dir, "report", "report.json")))
+    assert report["passed"] and set(report["eval"]) == {"base", "ft", "sealed (patched)"}
+    assert set(report["robustness"]) == {"ft", "sealed (patched)"}  # the base model learned no records
+    labels = [r["label"] for r in report["leakage"]["models"]]
+    assert labels == ["base", "fine-tuned (ft)", "patched + key", "patched + wrong key"]
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(figures) >= 5  # exposure, robustness x2, attention, saliency
+    for rel in figures:
+        with open(os.path.join(run_dir, rel), "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+
+
+def test_report_cli_exit_code_reflects_failures(run_dir, employees_dir):  # noqa: F811
+    cmd = [sys.executable, os.path.join(REPO, "test_pipeline", "report.py"), f"--run_dir={run_dir}",
+           f"--data_dir={employees_dir}", "--quick", "--tests=leakage", "--max_exposure=0.001",
+           f"--report={os.path.join(run_dir, 'strict.md')}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=cli_env())
+    assert p.returncode == 1, p.stdout + p.stderr  # any model exposes its canaries by more than 0.001 bits
+    assert "FAIL: leakage" in p.stderr
+    assert "**Overall: FAIL**" in open(os.path.join(run_dir, "strict.md")).read()
+    p = subprocess.run(cmd[:2] + ["--run_dir=/nonexistent"], capture_output=True, text=True, cwd=REPO, env=cli_env())
+    assert p.returncode == 2 and p.stderr.startswith("error: run directory") and "Traceback" not in p.stderr
