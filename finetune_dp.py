@@ -446,7 +446,6 @@ class Trainer:
                         if p.grad is not None:
                             quantize_int8_(p.grad, rounding_gen)
             base.register_step_pre_hook(quantize_grads)
-        self.model.train()
 
     def train_microbatch(self, x, y):
         """Forward and backward one physical batch, then optimizer.step() (which only accumulates until
@@ -665,10 +664,10 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
                 if log_now:
                     dt = (time.time() - t_last) * 1000
                     eps = tr.epsilon(delta)
-                    log(f"step {step}/{steps_to_run}: loss {train_loss:.4f}"
-                        + (f", epsilon {eps:.3f}" + (f" of {plan['target_epsilon']}" if plan.get('target_epsilon') else "")
-                           if cfg["dp"] else "")
-                        + f", {dt:.0f} ms, {step_records} records")
+                    spent = ""
+                    if cfg["dp"]:
+                        spent = f", epsilon {eps:.3f}" + (f" of {plan['target_epsilon']}" if plan["target_epsilon"] else "")
+                    log(f"step {step}/{steps_to_run}: loss {train_loss:.4f}{spent}, {dt:.0f} ms, {step_records} records")
                     log_lines.append({"event": "step", "step": step, "train_loss": train_loss, "records": step_records,
                                       "epsilon": eps, "ms": dt})
                 if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == steps_to_run:
@@ -715,9 +714,9 @@ def main(argv=None):
     cfg = configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
     result = finetune(cfg)
     p = result["privacy"]
-    if p:
-        print(f"done: {p['steps']} steps, epsilon {p['epsilon']:.3f} at delta {p['delta']:.3g}"
-              f"{' (stopped at the budget)' if p['stopped_at_budget'] else ''}, {result['train_time_s']:.1f} s")
+    spent = (f", epsilon {p['epsilon']:.3f} at delta {p['delta']:.3g}"
+             f"{' (stopped at the budget)' if p['stopped_at_budget'] else ''}") if p else " (non-private)"
+    print(f"done{spent}, training {result['train_time_s']:.1f} s")
     return result
 
 

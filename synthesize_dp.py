@@ -152,6 +152,8 @@ def privacy_budget(cfg):
                         f"got epsilon={cfg['epsilon']}, r={cfg['r']}")
     if cfg["epsilon"] > 0:
         r = int(max_rho_for_epsilon(cfg["epsilon"], delta) / per_token)
+        while r > 0 and zcdp_to_epsilon(r * per_token, delta) > cfg["epsilon"]:  # float rounding
+            r -= 1
         if r < 1:
             raise UserError(f"epsilon={cfg['epsilon']} does not pay for one private token "
                             f"(rho {per_token:.3g} each): raise epsilon, s or tau, or lower c"
@@ -424,18 +426,23 @@ def synthesize(cfg, model=None, log=print):
     batches, n_dropped = assign_batches(texts, cfg["label"], cfg["batch_salt"], cfg["n_batches"],
                                         cfg["max_batch_size"])
     sizes = [len(b) for b in batches]
+    if cfg["delta"] >= 1 / len(texts):
+        log(f"warning: delta={cfg['delta']:.3g} is not below 1/N = {1 / len(texts):.3g}: the guarantee allows "
+            "releasing a whole record; use a smaller delta")
+    if cfg["seed"] >= 0:
+        log(f"warning: seed={cfg['seed']} fixes the noise; whoever knows it can replay the sampling "
+            "(keep the default -1 for a release)")
     log(f"{len(texts)} records in {cfg['n_batches']} batches (sizes {min(sizes)}..{max(sizes)}, mean "
         f"{np.mean(sizes):.1f}, s={cfg['s']}); {n_cut} records cut to {record_budget} tokens; "
         f"{n_dropped} dropped by max_batch_size")
     mech, gen = Mechanism.from_config(cfg), make_generator(cfg["seed"])
-    examples, spent_total, t0 = [], 0, time.time()
+    examples, t0 = [], time.time()
     for b, members in enumerate(batches):  # empty batches run too: skipping them would reveal they are empty
         prompts = [encode_template(cfg["prompt_template"], tok, recs[i][:record_budget]) for i in members]
         decoder = BatchDecoder(model, prompts + [public_ids], cfg["max_new_tokens"], cfg["use_kv_cache"])
         found, spent = synthesize_batch(decoder, len(prompts), mech, privacy["r"], gen, tok.eot,
                                         cfg["max_new_tokens"], cfg["max_examples_per_batch"], vocab)
         assert spent <= privacy["r"]
-        spent_total += spent
         for ex in found:
             examples.append({"text": tok.decode(ex["tokens"]), "batch": b, **{k: v for k, v in ex.items()
                                                                               if k != "tokens"}})

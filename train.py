@@ -133,16 +133,16 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
 
 
-def measure_matmul_flops(n=512, seconds=0.3):
+def measure_matmul_flops(n=512, seconds=0.3, clock=time.perf_counter):
     """Achieved fp32 matmul FLOP/s on this CPU: the 'peak' MFU is measured against where none is published."""
     g = torch.Generator().manual_seed(0)  # never touch the global RNG: dropout streams must resume exactly
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b  # warm up
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    reps, t0 = 0, clock()
+    while clock() - t0 < seconds:
         a @ b
         reps += 1
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2 * n ** 3 * reps / (clock() - t0)
 
 
 def peak_flops_for(device, configured=0.0):
@@ -234,22 +234,23 @@ def check_vocabulary(meta, model_vocab, model_tokenizer, source):
 
 
 def resume_state(cfg, meta):
-    """The checkpoint to continue from, after checking it fits this run's config and data."""
+    """(checkpoint, path, init_origin) to continue from, after checking it fits this run's config and data.
+    A run started from scratch must match the config's model shape; GPT-2 weights carry their own."""
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt or "sampler" not in ckpt:
         raise UserError(f"{path} was not written by train.py (no optimizer or sampler state); cannot resume it")
-    args = ckpt["model_args"]
-    saved = ckpt.get("config", {})
-    if saved.get("init_origin", "scratch") == "scratch":  # GPT-2 weights carry their own shape
+    args, saved = ckpt["model_args"], ckpt.get("config", {})
+    origin = saved.get("init_origin", "scratch")
+    check_vocabulary(meta, args.get("vocab_size", 0), saved.get("tokenizer"), path)
+    if origin == "scratch":
         differ = [f"{k} {args.get(k)!r} != {cfg[k]!r}" for k in MODEL_KEYS if args.get(k) != cfg[k]]
         if differ:
             raise UserError(f"{path} has another architecture than this config ({'; '.join(differ)})")
-    check_vocabulary(meta, args.get("vocab_size", 0), saved.get("tokenizer"), path)
-    if args.get("vocab_size") != vocab_size_for(meta) and saved.get("init_origin", "scratch") == "scratch":
-        raise UserError(f"vocabulary mismatch: {path} has {args.get('vocab_size')} tokens, "
-                        f"the data's {meta['tokenizer']} vocabulary needs {vocab_size_for(meta)}")
-    return ckpt, path
+        if args.get("vocab_size") != vocab_size_for(meta):
+            raise UserError(f"vocabulary mismatch: {path} has {args.get('vocab_size')} tokens, "
+                            f"the data's {meta['tokenizer']} vocabulary needs {vocab_size_for(meta)}")
+    return ckpt, path, origin
 
 
 def pretrained_model(cfg, meta):
@@ -270,9 +271,8 @@ def pretrained_model(cfg, meta):
 def build_model(cfg, meta):
     """(GPT, checkpoint to resume or None, init_origin) for cfg['init_from']."""
     if cfg["init_from"] == "resume":
-        ckpt, path = resume_state(cfg, meta)
-        model = model_from_checkpoint(ckpt, path)
-        return model, ckpt, ckpt["config"].get("init_origin", "scratch")
+        ckpt, path, origin = resume_state(cfg, meta)
+        return model_from_checkpoint(ckpt, path), ckpt, origin
     if cfg["init_from"] == "scratch":
         args = {k: cfg[k] for k in MODEL_KEYS}
         return GPT(GPTConfig(vocab_size=vocab_size_for(meta), **args)), None, "scratch"

@@ -39,20 +39,22 @@ DEFAULTS = dict(
     fields=("Department", "Annual Salary"),
     public_people=600,       # the drafter's pretraining population
     private_people=220,      # the sensitive population (a different seed: nobody is in both)
-    train_iters=400,
+    train_iters=250,
     synth_s=50,              # expected batch size of the private run
     synth_batches=4,
     epsilon=8.0,
     delta=1e-6,
     max_examples_per_batch=6,
+    utility=False,           # also run synthesize_dp's utility check on the last mechanism's records
+    utility_steps=60,
 )
 
 # (name, mechanism overrides): every run is held to the same (epsilon, delta)
 MECHANISMS = [
     ("no SVT", dict(svt=False)),
     ("SVT sigma=0.5 theta=0.8", dict(svt=True, sigma=0.5, theta=0.8)),
-    ("SVT sigma=0.5 theta=1.2", dict(svt=True, sigma=0.5, theta=1.2)),
     ("SVT sigma=1.0 theta=1.2", dict(svt=True, sigma=1.0, theta=1.2)),
+    ("SVT sigma=1.0 theta=1.2, public top-16 mask", dict(svt=True, sigma=1.0, theta=1.2, public_top_k=16)),
 ]
 
 
@@ -106,7 +108,7 @@ def svt_share(cfg, tmp):
             "eval_iters": 2, "device": "cpu", "dtype": "float32", "seed": cfg["seed"]}
     trained = train.train(tcfg, log=lambda *a, **k: None)
     model, train_s = trained["model"].eval(), time.perf_counter() - t0
-    rows = []
+    rows, utility = [], None
     for name, overrides in MECHANISMS:
         scfg = {**S.DEFAULTS, "data_dir": priv, "epsilon": cfg["epsilon"], "delta": cfg["delta"], "r": 0,
                 "s": cfg["synth_s"], "n_batches": cfg["synth_batches"], "batch_salt": "bench", "seed": cfg["seed"],
@@ -120,10 +122,13 @@ def svt_share(cfg, tmp):
                          private=d["private_tokens"], public=d["public_tokens"], share=d["private_share"],
                          examples=d["examples"], finished=d["examples_kept"], seconds=dt,
                          sample=res["examples"][0]["text"] if res["examples"] else ""))
-    return rows, train_s
+    if cfg["utility"]:
+        ucfg = {**scfg, "ckpt": os.path.join(tmp, "base", "ckpt.pt"), "utility_steps": cfg["utility_steps"]}
+        utility = S.utility_check(ucfg, [e["text"] for e in res["examples"]], log=print)
+    return rows, train_s, utility
 
 
-def markdown(cfg, speed, svt_rows, train_s):
+def markdown(cfg, speed, svt_rows, train_s, utility=None):
     (n_c, t_c), (n_r, t_r) = speed["KV cache"], speed["recompute"]
     lines = [
         "## DP synthesis by private prediction (synthesize_dp.py)",
@@ -156,6 +161,16 @@ def markdown(cfg, speed, svt_rows, train_s):
                      f"{row['share']:.0%} | {total / max(1, row['private']):.2f} | {row['examples']} ({row['finished']}) |")
     best = max(svt_rows, key=lambda r: r["private"] + r["public"])
     lines += ["", f"Sample ({best['name']}): `{best['sample'][:160]!r}`", ""]
+    if utility:
+        lines += [f"Utility check (`--utility_check`, last mechanism): the base fine-tuned non-privately for "
+                  f"{utility['steps']} steps on the synthetic records vs on as many real ones, scored on "
+                  f"{utility['val_records']} real val records and {utility['qa_people']} val people's Q/A:", "",
+                  "| model | train records | val perplexity | field accuracy |", "|---|---|---|---|"]
+        for name in ("base", "synthetic", "real"):
+            u = utility[name]
+            lines.append(f"| {name} | {u.get('train_records', 0)} | {u['val_ppl']:.3f} | "
+                         f"{u.get('field_accuracy', float('nan')):.3f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -167,8 +182,8 @@ def main(argv=None):
     for k, (n, dt) in speed.items():
         print(f"{k:10s}: {n} tokens in {dt:.2f}s = {n / dt:.1f} tokens/s")
     with tempfile.TemporaryDirectory(prefix="bench_synth_") as tmp:
-        rows, train_s = svt_share(cfg, tmp)
-    text = markdown(cfg, speed, rows, train_s)
+        rows, train_s, utility = svt_share(cfg, tmp)
+    text = markdown(cfg, speed, rows, train_s, utility)
     print(text)
     if cfg["out"]:
         write_bytes(cfg["out"], (text + "\n").encode())

@@ -102,7 +102,7 @@ def report(memorized, tmp_path_factory):
     m = memorized
     r = leakage_cli(f"--data_dir={m['data_dir']}", f"--base_ckpt={m['base']}", "--ckpt", m["ft"],
                     f"--patch={m['patch']}", f"--key_file={m['key']}", f"--wrong_key_file={m['wrong_key']}",
-                    "--n_candidates=10000", "--n_samples=2", "--batch_size=2500", f"--out={out / 'leak.json'}",
+                    "--n_candidates=10000", "--n_samples=2", "--batch_size=2500", "--fields=Annual Salary", f"--out={out / 'leak.json'}",
                     f"--plot={out / 'exposure.png'}")
     assert r.returncode == 0, r.stderr
     rep = json.loads((out / "leak.json").read_text())
@@ -200,3 +200,19 @@ def test_bad_input_is_one_line(memorized, tmp_path):
     r = leakage_cli(f"--data_dir={memorized['data_dir']}", f"--ckpt={memorized['ft']}", f"--patch={memorized['patch']}",
                     f"--key_file={memorized['key']}")
     assert r.returncode == 2 and "--base_ckpt" in r.stderr
+
+
+def test_extraction_rates_count_exact_first_lines(monkeypatch):
+    """The bookkeeping on a stub decoder: training people's answers come back exactly, held-out ones don't."""
+    from utils.tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    items = [("train", "Annual Salary", tok.encode("Context: A. Question: pay? Answer:"), "100.00"),
+             ("train", "Hourly Rate", tok.encode("Context: B. Question: rate? Answer:"), "12.50"),
+             ("val", "Annual Salary", tok.encode("Context: C. Question: pay? Answer:"), "300.00")]
+    replies = {tuple(items[0][2]): " 100.00\nContext: more", tuple(items[1][2]): " 12.5\n",
+               tuple(items[2][2]): " 999.00\n"}
+    monkeypatch.setattr(lt, "complete", lambda model, prompts, *a, **k: [tok.encode(replies[tuple(p)]) for p in prompts])
+    cfg = {**lt.DEFAULTS, "n_samples": 3}
+    e = lt.extraction_rates(tiny_model(), tok, items, cfg)
+    assert e["train"]["greedy"] == 0.5 and e["val"]["greedy"] == 0.0 and e["greedy_gap"] == 0.5
+    assert e["train"]["by_field"]["Annual Salary"]["sampled"] == 1.0 and e["train"]["by_field"]["Hourly Rate"]["sampled_any"] == 0.0

@@ -242,14 +242,14 @@ def synth_setup(tmp_path):
 
 def synth_args(data, ckpt, tmp_path, *extra):
     return [f"--ckpt={ckpt}", f"--data_dir={data}", f"--out={tmp_path}/out/syn.jsonl", "--r=6", "--s=6",
-            "--n_batches=6", "--max_new_tokens=24", "--max_examples_per_batch=3", "--keep_unfinished=True",
+            "--n_batches=6", "--max_new_tokens=16", "--max_examples_per_batch=2", "--keep_unfinished=True",
             "--batch_salt=test", "--seed=0", *extra]
 
 
 def test_cached_and_uncached_synthesis_give_the_same_text(synth_setup):
     data, ckpt, tmp = synth_setup
-    a = S.main(synth_args(data, ckpt, tmp, "--use_kv_cache=True"))["examples"]
-    b = S.main(synth_args(data, ckpt, tmp, "--use_kv_cache=False"))["examples"]
+    a = S.main(synth_args(data, ckpt, tmp, "--n_batches=3", "--use_kv_cache=True"))["examples"]
+    b = S.main(synth_args(data, ckpt, tmp, "--n_batches=3", "--use_kv_cache=False"))["examples"]
     assert [e["text"] for e in a] == [e["text"] for e in b] and len(a) > 0
 
 

@@ -609,7 +609,7 @@ class SealedPatch:
 
     @property
     def tenant(self):
-        return self.header["tenant"]
+        return self.header.get("tenant")  # unauthenticated until open_patch
 
     @property
     def blob_start(self):

@@ -1,0 +1,91 @@
+"""Membership inference: ROC by hand, members vs non-members from one generator split by person, and the
+attacks on a memorizing model (AUC well above 0.5) and on the untrained base (AUC near 0.5)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.stats import mannwhitneyu
+
+from tests.conftest import REPO
+from tests.test_leakage import build_employees, fine_tune, save_base
+from test_pipeline import mia
+
+PY = sys.executable
+
+
+def mia_cli(*args):
+    cmd = [PY, os.path.join(REPO, "test_pipeline", "mia.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+# ---------------------------------------------------------------- ROC
+def test_auc_equals_the_mann_whitney_statistic_with_ties():
+    rng = np.random.default_rng(0)
+    labels = rng.random(400) < 0.3
+    scores = np.round(rng.normal(size=400) + 0.7 * labels, 1)  # rounding makes many ties
+    fpr, tpr = mia.roc_curve(scores, labels)
+    u = mannwhitneyu(scores[labels], scores[~labels]).statistic
+    assert mia.auc(fpr, tpr) == pytest.approx(u / (labels.sum() * (~labels).sum()), abs=1e-12)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1 and np.all(np.diff(fpr) >= 0)
+
+
+def test_tpr_at_low_fpr():
+    m, _ = mia.attack_metrics([5, 4, 3, 2, 1, 0], [1, 1, 0, 1, 0, 0])
+    assert m["auc"] == pytest.approx(8 / 9)
+    assert m["tpr_at_0.01_fpr"] == pytest.approx(2 / 3)  # above the first non-member: no false positive
+    m, _ = mia.attack_metrics([1.0] * 6, [1, 1, 1, 0, 0, 0])  # a constant score: no information
+    assert m["auc"] == 0.5 and m["tpr_at_0.01_fpr"] == 0.0
+    with pytest.raises(ValueError):
+        mia.roc_curve([1, 2], [1, 1])
+
+
+# ---------------------------------------------------------------- on real models
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mia")
+    data_dir = build_employees(root / "employees", n_train=50, n_val=50, canary_reps=(4, 0), seed=1)
+    base = save_base(root / "base" / "ckpt.pt", seed=1)
+    fine_tune(base, data_dir, root / "ft", max_steps=100)
+    return dict(data_dir=data_dir, base=base, ft=str(root / "ft" / "ckpt.pt"), root=root)
+
+
+def test_members_are_distinct_training_people_without_canaries(models):
+    meta = mia.load_meta(models["data_dir"])
+    members = mia.read_records(models["data_dir"], "train", 112, meta, "all")
+    nonmembers = mia.read_records(models["data_dir"], "val", 112, meta, "all")
+    assert len(members) == 50 and len(nonmembers) == 50  # 4 canary copies in train are left out
+    answers = mia.read_records(models["data_dir"], "train", 112, meta, "answer")
+    assert all(0 < s.sum() < len(s) for _, s in answers)
+
+
+def test_memorizing_model_is_attackable_and_the_base_is_not(models, tmp_path):
+    m = models
+    r = mia_cli(f"--ckpt={m['ft']}", f"--ref_ckpt={m['base']}", f"--data_dir={m['data_dir']}",
+                f"--out={tmp_path / 'ft.json'}", f"--plot={tmp_path / 'roc.png'}")
+    assert r.returncode == 0, r.stderr
+    assert "TPR@1%FPR" in r.stdout and "min_k_pp" in r.stdout
+    ft = json.loads((tmp_path / "ft.json").read_text())["metrics"]
+    assert set(ft) == {"loss", "zlib", "min_k", "min_k_pp", "reference"}
+    assert ft["loss"]["auc"] > 0.8 and ft["reference"]["auc"] > 0.8 and ft["min_k_pp"]["auc"] > 0.7
+    assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+    r = mia_cli(f"--ckpt={m['base']}", f"--ref_ckpt={m['base']}", f"--data_dir={m['data_dir']}",
+                f"--out={tmp_path / 'base.json'}")
+    assert r.returncode == 0, r.stderr
+    base = json.loads((tmp_path / "base.json").read_text())["metrics"]
+    for attack in ("loss", "zlib", "min_k", "min_k_pp"):
+        assert abs(base[attack]["auc"] - 0.5) < 0.2, (attack, base[attack]["auc"])
+    assert base["reference"]["auc"] == 0.5  # the model is its own reference: every score is 0
+
+
+def test_auc_threshold_and_bad_input(models, tmp_path):
+    m = models
+    r = mia_cli(f"--ckpt={m['ft']}", f"--data_dir={m['data_dir']}", "--max_auc=0.6", "--score_tokens=answer")
+    assert r.returncode == 1 and "FAIL: loss: AUC" in r.stderr
+    r = mia_cli(f"--ckpt={m['ft']}", f"--data_dir={tmp_path}")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1
+    r = mia_cli(f"--data_dir={m['data_dir']}")
+    assert r.returncode == 2 and "--ckpt" in r.stderr
