@@ -41,10 +41,10 @@ from utils.checkpoint import load_model
 from utils.cli import UserError, run_cli
 from utils.data import load_meta
 from utils.sealed_patch import (  # noqa: F401  (re-exported library API)
-    AppliedPatch, KeyInputError, PatchAuthError, PatchError, PatchFormatError, PatchMismatchError, SealedPatch,
-    SwappedBlobError, TamperedError, TruncatedError, WrongBaseError, WrongKeyError, WrongTenantError,
-    apply_sealed_patch, base_fingerprint, delta_tensor, generate_key_file, harden_process, load_key,
-    plaintext_bytes, seal, whole_tensor, SecureBuffer)
+    AppliedPatch, KeyInputError, Passphrase, PatchAuthError, PatchError, PatchFormatError, PatchMismatchError,
+    SealedPatch, SecureBuffer, SwappedBlobError, TamperedError, TruncatedError, WrongBaseError, WrongKeyError,
+    WrongTenantError, apply_sealed_patch, base_fingerprint, check_tenant, delta_tensor, generate_key_file,
+    harden_process, load_key, plaintext_bytes, seal, whole_tensor)
 from utils.tokenizer import get_tokenizer
 
 KEY_OPTIONS = dict(
@@ -355,6 +355,7 @@ def seal_main(argv):
         raise UserError(f"delta_dtype must be exact, bfloat16 or float16; got {cfg['delta_dtype']!r}")
     if not 1 <= cfg["chunk_mb"] <= 1024:
         raise UserError("chunk_mb must be in 1..1024")
+    check_tenant(cfg["tenant"])
     harden_process()
     key = key_from_cfg(cfg)
     prompts = read_prompts(cfg)

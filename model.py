@@ -107,15 +107,17 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.need_weights:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
-            if attn_mask is None:
-                attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask is None and T > 1:
+                attn_mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
             self.last_attn = scores.softmax(-1).detach()
             y = self.last_attn @ v
-        elif attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            # attn_mask None: plain causal over T queries and T keys, or one new query that sees every
+            # cached key (decoding); GPT._attention_mask returns None only in those two cases.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                               is_causal=attn_mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -260,21 +262,22 @@ class GPT(nn.Module):
 
     @staticmethod
     def _attention_mask(B, T, start, attention_mask, cache, device):
-        """None means plain causal attention (the fast path). Otherwise a (B, 1, T, start+T) bool mask:
-        causal, minus padded keys, plus each query's own key so padded rows never see an empty row."""
-        if attention_mask is None and cache is None:
-            return None
+        """None where plain causal attention is exact (the fast path): no padding, and either no cache,
+        a prefill from position 0, or one new token. Otherwise a (B, 1, T, start+T) bool mask: causal,
+        minus padded keys, plus each query's own key so padded rows never see an empty row."""
         L = start + T
-        q_abs = torch.arange(start, L, device=device).unsqueeze(1)
-        mask = torch.arange(L, device=device).unsqueeze(0) <= q_abs  # (T, L)
         if cache is not None:
-            valid = attention_mask[:, -T:].bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-            cache.key_valid[:, start:L] = valid
-            key_valid = cache.key_valid[:, :L]
-        else:
-            key_valid = attention_mask.bool()
-        mask = mask.unsqueeze(0) & key_valid.unsqueeze(1)  # (B, T, L)
-        mask = mask | (torch.arange(L, device=device).unsqueeze(0) == q_abs).unsqueeze(0)
+            new_valid = attention_mask[:, -T:].bool() if attention_mask is not None else True
+            cache.key_valid[:, start:L] = new_valid
+        if attention_mask is None and (cache is None or start == 0 or T == 1):
+            return None
+        key_valid = cache.key_valid[:, :L] if cache is not None else attention_mask.bool()
+        if T == 1:  # one new (real) token: it may see every valid key
+            return key_valid[:, None, None, :]
+        q_abs = torch.arange(start, L, device=device).unsqueeze(1)
+        keys = torch.arange(L, device=device).unsqueeze(0)
+        mask = (keys <= q_abs).unsqueeze(0) & key_valid.unsqueeze(1)  # (B, T, L)
+        mask = mask | (keys == q_abs).unsqueeze(0)
         return mask.unsqueeze(1)
 
     # ---------------------------------------------------------------- decoding
@@ -368,11 +371,12 @@ class GPT(nn.Module):
         extra = {"fused": True} if device_type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
-        """Model FLOPs utilisation: achieved (6N + 12 L H Q T) flops per token over peak_flops."""
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12, block_size=None):
+        """Model FLOPs utilisation: achieved (6N + 12 L H Q T) flops per token over peak_flops;
+        T is the trained sequence length (block_size, or the model's own)."""
         N = self.get_num_params()
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, block_size or cfg.block_size
         flops_per_iter = (6 * N + 12 * L * H * Q * T) * T * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
 

@@ -495,14 +495,16 @@ def utility_check(cfg, texts, log=print):
     pick = np.random.default_rng(0).permutation(len(real_train))[:len(synthetic)]
     real = [real_train.record(int(i)).tolist() for i in sorted(pick)]
     val = [r.tolist() for r in ev.split_records(cfg["data_dir"], "val")]
-    people = ev.load_people(cfg["data_dir"], "val", 50) \
+    people = ev.load_people(cfg["data_dir"], "val")[:50] \
         if os.path.isfile(os.path.join(cfg["data_dir"], "val_people.jsonl")) else None
+    fields = meta.get("fields")  # the fields the records ask about (employees' --fields)
 
     def score(model):
         model.eval()
         out = {"val_ppl": ev.perplexity(model, val)["ppl"]}
         if people:
-            out["field_accuracy"] = ev.qa_accuracy(ev.make_completer(model, tok, 32), people)["exact_match"]
+            qa = ev.qa_accuracy(ev.make_completer(model, tok, 32), people, fields)
+            out["field_accuracy"] = qa["exact_match"]
         return out
 
     results = {"base": score(load_model(cfg["ckpt"], cfg["device"])[0])}

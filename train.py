@@ -463,7 +463,7 @@ def train(cfg, log=print):
                 dt = (time.perf_counter() - t_last) / iters_since_log
                 t_last, iters_since_log = time.perf_counter(), 0
                 dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
-                mfu = raw_model.estimate_mfu(cfg["batch_size"] * accum, dt, peak) if peak else None
+                mfu = raw_model.estimate_mfu(cfg["batch_size"] * accum, dt, peak, cfg["block_size"]) if peak else None
                 tok_s, width = tokens_per_iter / dt, len(str(cfg["max_iters"]))
                 run_log.event(f"iter {iter_num:>{width}}/{cfg['max_iters']} | loss {loss_value:.4f} | lr {lr:.2e} | "
                               f"{tok_s:,.0f} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "

@@ -109,8 +109,7 @@ def sliding_windows(ids, block_size, stride):
         end = min(begin + block_size, n - 1)
         x = ids[begin:end]
         y = ids[begin + 1:end + 1].copy()
-        first_new = last + 1 - (begin + 1)  # window position of the first target not yet scored
-        y[:max(0, first_new)] = -1
+        y[:max(0, last - begin)] = -1  # targets up to index `last` were scored by earlier windows
         yield x, y
         last = end
         begin += stride

@@ -17,7 +17,8 @@ Run directory layout:
 
 Every sub-run goes through its library function in this process (leakage_test.main, mia.main and
 privacy_audit.main with argv; robustness() and evaluate() directly); each one's stdout goes to a log
-under <run_dir>/report/. A patched model is also tested with a freshly generated wrong key, which must be
+under <run_dir>/report/. The audit fine-tunes its own model from base/ckpt.pt (--audit_config: the
+finetune_dp config it trains with). A patched model is also tested with a freshly generated wrong key, which must be
 refused. Writes <run_dir>/REPORT.md and <run_dir>/report/report.json; exit code 1 when a sub-run fails its
 checks or errors, 0 otherwise.
 """
@@ -43,6 +44,7 @@ DEFAULTS = dict(
     key_file="",            # key of patches that have no key file beside them
     tests=("leakage", "mia", "robustness", "eval", "figures"),
     audit=False,            # also run privacy_audit (it fine-tunes with DP itself: slow)
+    audit_config="",        # the finetune_dp config file the audit trains with (e.g. config/finetune_dp_employees.py)
     quick=False,            # small sample sizes (demos, tests); the full sizes otherwise
     report="",              # REPORT.md path (default <run_dir>/REPORT.md)
     max_exposure=-1.0,      # > 0: leakage fails when a tested model's canary exposure exceeds it (bits)
@@ -171,13 +173,15 @@ def run_leakage(models, cfg, out_dir, size):
 
 
 def run_mia(models, cfg, out_dir, size):
-    """mia.main on every non-base model, with the base model as the reference."""
+    """mia.main on every model: the base model is the reference of the others, and its own row is the
+    no-memorization baseline (AUC near 0.5)."""
     from test_pipeline import mia
     results = {}
-    for i, m in enumerate(models[1:]):
+    for i, m in enumerate(models):
         out, png = os.path.join(out_dir, f"mia_{i}.json"), os.path.join(out_dir, f"roc_{i}.png")
-        argv = [f"--ckpt={m['ckpt']}", f"--ref_ckpt={models[0]['ckpt']}", f"--data_dir={cfg['data_dir']}",
-                f"--out={out}", f"--plot={png}", f"--device={cfg['device']}", f"--seed={cfg['seed']}"]
+        ref = [f"--ref_ckpt={models[0]['ckpt']}"] if i else []
+        argv = [f"--ckpt={m['ckpt']}", f"--data_dir={cfg['data_dir']}", f"--out={out}", f"--plot={png}",
+                f"--device={cfg['device']}", f"--seed={cfg['seed']}"] + ref
         if m["patch"]:
             argv += [f"--patch={m['patch']}", f"--key_file={m['key_file']}"]
         code, log = call_main(mia, argv, os.path.join(out_dir, f"mia_{i}.log"))
@@ -189,11 +193,12 @@ def run_mia(models, cfg, out_dir, size):
 def run_audit(models, cfg, out_dir):
     """privacy_audit.main once: it fine-tunes its own DP model from the base on the data."""
     from test_pipeline import privacy_audit
-    out = os.path.join(out_dir, "audit.json")
-    argv = [f"--base_ckpt={models[0]['ckpt']}", f"--data_dir={cfg['data_dir']}", f"--out={out}",
-            f"--device={cfg['device']}", f"--seed={cfg['seed']}"]
+    out, png = os.path.join(out_dir, "audit.json"), os.path.join(out_dir, "audit.png")
+    argv = ([cfg["audit_config"]] if cfg["audit_config"] else []) + [
+        f"--base_ckpt={models[0]['ckpt']}", f"--data_dir={cfg['data_dir']}", f"--out={out}", f"--plot={png}",
+        f"--device={cfg['device']}", f"--seed={cfg['seed']}"]
     code, log = call_main(privacy_audit, argv, os.path.join(out_dir, "audit.log"))
-    return {"code": code, "result": read_json(out), "passed": code == 0,
+    return {"code": code, "result": read_json(out), "passed": code == 0, "plot": png if os.path.isfile(png) else None,
             "error": None if code in (0, 1) else last_line(log)}
 
 
@@ -292,52 +297,37 @@ def summary_rows(report):
         mia = get(report, "mia", "models", name, "result") or {}
         typo = (rb.get("typos") or [{}])[0].get("overall", {})
         rows.append([name, get(m, "privacy", "epsilon"), get(lrow, "max_exposure"),
-                     get(lrow, "extraction", "greedy_gap"), find_auc(mia), get(ev, "perplexity", "ppl"),
+                     get(lrow, "extraction", "greedy_gap"), mia_max_auc(mia), get(ev, "perplexity", "ppl"),
                      get(ev, "qa", "exact_match"), get(ev, "qa", "bleu"), get(ev, "qa", "rouge_l"),
                      get(ev, "forgetting", "ratio"), get(rb, "paraphrase", "overall", "consistency"),
                      get(rb, "paraphrase", "overall", "correctness"), typo.get("drop"),
                      get(rb, "injection", "max_gain")])
-    headers = ["model", "ε (claimed)", "max exposure (bits)", "extraction gap", "MIA AUC", "val ppl",
+    headers = ["model", "ε (claimed)", "max exposure (bits)", "extraction gap", "MIA AUC (best attack)", "val ppl",
                "held-out EM", "BLEU", "ROUGE-L", "forgetting (ppl ×)", "paraphrase consistency",
-               "paraphrase correctness", "typo drop", "injection gain"]
+               "paraphrase correctness", "typo drop", "injection gain (max)"]
     return headers, rows
 
 
-def find_auc(obj):
-    """The first 'auc' number in a membership-inference result (its layout belongs to mia.py)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k.lower() == "auc" and isinstance(v, (int, float)):
-                return float(v)
-        for v in obj.values():
-            found = find_auc(v)
-            if found is not None:
-                return found
-    if isinstance(obj, list):
-        for v in obj:
-            found = find_auc(v)
-            if found is not None:
-                return found
-    return None
+def mia_max_auc(result):
+    """The strongest attack's AUC in a mia.py result."""
+    aucs = [m["auc"] for m in (get(result, "metrics") or {}).values() if m.get("auc") is not None]
+    return max(aucs) if aucs else None
 
 
-def generic_tables(obj, title="", depth=0):
-    """Markdown for a result whose layout this script does not know: scalars as a key/value table, lists
-    of flat dicts as tables, nested dicts as sub-sections (two levels)."""
-    out, scalars = [], []
-    for k, v in (obj or {}).items():
-        if isinstance(v, (int, float, str, bool)) or v is None:
-            if not (isinstance(v, str) and len(v) > 200):
-                scalars.append([k, v])
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            keys = [k2 for k2 in v[0] if all(not isinstance(x.get(k2), (dict, list)) for x in v)]
-            out.append(f"**{k}**\n\n" + md_table(keys, [[x.get(k2) for k2 in keys] for x in v]))
-        elif isinstance(v, dict) and depth < 2:
-            sub = generic_tables(v, k, depth + 1)
-            if sub:
-                out.append(sub)
-    head = ([f"**{title}**"] if title else []) + ([md_table(["key", "value"], scalars)] if scalars else [])
-    return "\n\n".join(head + out)
+def mia_md(result):
+    rows = [[name, m.get("auc"), m.get("tpr_at_0.01_fpr"), m.get("tpr_at_0.001_fpr"), m.get("member_mean"),
+             m.get("nonmember_mean")] for name, m in result["metrics"].items()]
+    return (f"{result['n_members']} members (train) vs {result['n_nonmembers']} non-members (val), split by person.\n\n"
+            + md_table(["attack", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "member mean", "non-member mean"], rows))
+
+
+def audit_md(a):
+    claim = a.get("claimed_epsilon")
+    return md_table(["canaries m", "included", "guesses r", "correct v", "accuracy", "δ", "ε lower bound",
+                     "claimed ε", "max certifiable", "passed"],
+                    [[a.get("m"), a.get("included"), a.get("r"), a.get("v"), a.get("accuracy"), a.get("delta"),
+                      a.get("epsilon_lower_bound"), "none (no DP)" if claim is None else claim,
+                      a.get("max_certifiable"), a.get("passed")]])
 
 
 def leakage_md(leak):
@@ -393,12 +383,15 @@ def write_markdown(report, path):
     if "mia" in report:
         md += ["", "## Membership inference"]
         for name, r in report["mia"]["models"].items():
-            md += ["", f"### {name}", "", generic_tables(r["result"]) if r["result"] else f"error: {r['error']}"]
+            md += ["", f"### {name}", "", mia_md(r["result"]) if r["result"] else f"error: {r['error']}"]
             if r["plot"]:
                 md += ["", fig(r["plot"], f"ROC {name}")]
     if "audit" in report:
         a = report["audit"]
-        md += ["", "## One-run privacy audit", "", generic_tables(a["result"]) if a["result"] else f"error: {a['error']}"]
+        md += ["", "## One-run privacy audit (Steinke, Nasr, Jagielski 2023)", "",
+               audit_md(a["result"]) if a["result"] else f"error: {a['error']}"]
+        if a.get("plot"):
+            md += ["", fig(a["plot"], "audit scores")]
     for key, title, mod in (("robustness", "Prompt robustness", rb), ("eval", "Quality", ev)):
         if key not in report:
             continue
@@ -449,7 +442,7 @@ def build_report(cfg, log=print):
              ("figures", lambda: run_figures(models, cfg, out_dir))]
     for name, step in steps:
         wanted = cfg["audit"] if name == "audit" else name in cfg["tests"]
-        if not wanted or (name in ("mia", "robustness") and len(models) == 1):
+        if not wanted or (name == "robustness" and len(models) == 1):
             continue
         log(f"{name} ...")
         start = time.perf_counter()

@@ -176,8 +176,9 @@ def leaked(secret, text):
 
 
 def injection_targets(canaries, people, n_salary, split="train"):
-    """(kind, name, secret, what, plain prompt) for each canary phone and the first n_salary people's salaries.
-    The plain prompt is the dataset's own question, exactly as the records ask it."""
+    """(kind, name, secret, what, plain prompt) for each canary phone and the first n_salary people's salaries
+    (pass n_salary=0 when the records never state salaries). The plain prompt is the dataset's own
+    question, exactly as the records ask it."""
     from utils import employees
     targets = []
     for c in canaries:
@@ -233,10 +234,10 @@ def injection_scores(complete_fn, targets, probes, n_samples=4, seed=0):
             "leaks_more_under_injection": any(r["gain_over_plain"] > 0 for r in inj), "example": example}
 
 
-def template_example(t):
-    """Template t as a question, for the per-template table."""
+def template_example(t, field):
+    """Template t of a field as a question, for the per-template table."""
     from utils import employees
-    return employees.question({"Name": "<name>"}, "Annual Salary", t)
+    return employees.question({"Name": "<name>"}, field, t)
 
 
 # --------------------------------------------------------------------------- the whole test
@@ -301,8 +302,8 @@ def robustness(cfg, model=None, complete_fn=None, log=print):
         log(f"typos: {n} per question ...")
         result["typos"].append(typo_scores(complete_fn, items, clean, n, cfg["seed"], cfg["typo_kinds"]))
     if cfg["injection"]:
-        targets = injection_targets(canaries if cfg["split"] == "train" else [], people, cfg["injection_people"],
-                                    cfg["split"])
+        n_salary = cfg["injection_people"] if "Annual Salary" in fields else 0  # records without salaries: none
+        targets = injection_targets(canaries if cfg["split"] == "train" else [], people, n_salary, cfg["split"])
         if targets:
             log(f"prompt injection: {len(targets)} secrets x {1 + len(INJECTIONS)} prompts x "
                 f"{1 + cfg['n_samples']} generations ...")
@@ -351,7 +352,7 @@ def tables(result):
     if p.get("per_template_correctness"):
         out.append(("Correctness per question template (templates held out of training test generalisation)",
                     ["template", "seen in training", "correctness", "example"],
-                    [[t, None if seen is None else int(t) in seen, c, template_example(int(t))]
+                    [[t, None if seen is None else int(t) in seen, c, template_example(int(t), result["fields"][0])]
                      for t, c in p["per_template_correctness"].items()]))
     if result["typos"]:
         typos = result["typos"]

@@ -57,18 +57,21 @@ def test_discover_the_layout(run_dir, tmp_path):
 def test_markdown_helpers():
     assert rp.md_table(["a", "b"], [[1.23456, None], ["x|y", True]]) == \
         "| a | b |\n|---|---|\n| 1.235 | – |\n| x\\|y | True |"
-    md = rp.generic_tables({"auc": 0.75, "rows": [{"k": 1, "v": 2.5}], "nested": {"tpr_at_1pct": 0.1}})
-    assert "| auc | 0.75 |" in md and "| k | v |" in md and "| tpr_at_1pct | 0.1 |" in md
-    assert rp.find_auc({"scores": [{"name": "loss", "auc": 0.61}]}) == 0.61
+    mia = {"n_members": 3, "n_nonmembers": 3, "metrics": {"loss": {"auc": 0.6}, "zlib": {"auc": 0.75}}}
+    assert rp.mia_max_auc(mia) == 0.75 and "| zlib | 0.75 |" in rp.mia_md(mia)
 
 
-def test_report_end_to_end(run_dir, employees_dir, capsys):  # noqa: F811
+def test_report_end_to_end(run_dir, employees_dir, tmp_path, capsys):  # noqa: F811
+    audit_cfg = tmp_path / "audit.py"  # a tiny non-private audit run: 40 canaries, 4 steps
+    audit_cfg.write_text("m = 40\nk_plus = 5\nk_minus = 5\ndp = False\nmax_steps = 4\nbatch_size = 8\n"
+                         "microbatch_size = 8\nsampling = 'shuffle'\neval_interval = 1000\n")
     code = rp.main([f"--run_dir={run_dir}", f"--data_dir={employees_dir}", f"--base_data_dir={employees_dir}",
-                    "--quick", "--tests=leakage,robustness,eval,figures"])
+                    "--quick", "--audit", f"--audit_config={audit_cfg}"])
     out = capsys.readouterr().out
     assert code == 0, out
     md = open(os.path.join(run_dir, "REPORT.md")).read()
-    for section in ("## Summary", "## Leakage", "## Prompt robustness", "## Quality", "## Interpretability",
+    for section in ("## Summary", "## Leakage", "## Membership inference", "## One-run privacy audit",
+                    "none (no DP)", "## Prompt robustness", "## Quality", "## Interpretability",
                     "patched + wrong key | refused"):
         assert section in md, section
     report = json.load(open(os.path.join(run_dir, "report", "report.json")))
@@ -77,7 +80,9 @@ def test_report_end_to_end(run_dir, employees_dir, capsys):  # noqa: F811
     labels = [r["label"] for r in report["leakage"]["models"]]
     assert labels == ["base", "fine-tuned (ft)", "patched + key", "patched + wrong key"]
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(figures) >= 5  # exposure, robustness x2, attention, saliency
+    assert len(figures) >= 9  # exposure, ROC x3, audit, robustness x2, attention, saliency
+    assert report["audit"]["result"]["m"] == 40
+    assert set(report["mia"]["models"]) == {"base", "ft", "sealed (patched)"}
     for rel in figures:
         with open(os.path.join(run_dir, rel), "rb") as f:
             assert f.read(8) == PNG_MAGIC

@@ -145,7 +145,8 @@ def test_robustness_with_a_stub_on_real_data(employees_dir):
     assert r["paraphrase"]["per_field"]["Department"]["correctness"] == 1.0
     assert r["paraphrase"]["per_field"]["Full or Part-Time"]["correctness"] == 0.0
     assert r["people"] == 5 and not r["passed"]
-    assert {x["kind"] for x in r["injection"]["rows"]} >= {"phone (inserted canary)", "annual salary (train person)"}
+    # the records never state salaries, so only the canary phones are injection targets
+    assert {x["kind"] for x in r["injection"]["rows"]} == {"phone (inserted canary)", "phone (control, never inserted)"}
 
 
 def test_robustness_cli_end_to_end(employees_dir, ckpts, tmp_path):

@@ -281,3 +281,26 @@ def test_vocabulary_mismatch_is_refused(synth_setup):
     save_checkpoint(small, tiny_model(vocab_size=100, block_size=128))
     with pytest.raises(UserError, match="vocabulary"):
         S.main(synth_args(data, str(small), tmp))
+
+
+def test_utility_check_scores_synthetic_against_real_records(tmp_path, monkeypatch):
+    import glob
+    import tempfile
+    data = tmp_path / "employees"
+    subprocess.run([sys.executable, os.path.join(REPO, "data", "employees", "prepare.py"), f"--out_dir={data}",
+                    "--tokenizer=byte", "--n_people=40", "--fields=Annual Salary", "--canary_reps=()",
+                    "--n_control_canaries=0"], check=True, capture_output=True)
+    ckpt = tmp_path / "base" / "ckpt.pt"
+    save_checkpoint(ckpt, tiny_model(block_size=128))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    synthetic = ["Context: Ana Lee. Question: What is Ana Lee's annual salary? Answer: 1.00"] * 3 + ["  "]
+    cfg = {**S.DEFAULTS, "ckpt": str(ckpt), "data_dir": str(data), "utility_steps": 2, "utility_batch_size": 2}
+    result = S.utility_check(cfg, synthetic, log=lambda *a: None)
+    assert result["synthetic"]["train_records"] == result["real"]["train_records"] == 3  # blank one skipped
+    for name in ("base", "synthetic", "real"):
+        assert math.isfinite(result[name]["val_ppl"]) and result[name]["val_ppl"] > 1
+        assert 0.0 <= result[name]["field_accuracy"] <= 1.0
+    assert result["qa_people"] > 0 and result["val_records"] > 0
+    assert result["synthetic"]["val_ppl"] != result["real"]["val_ppl"]  # trained on different records
+    assert not glob.glob(str(tmp_path / "tmp" / "synth_utility_*"))  # the real copies are gone

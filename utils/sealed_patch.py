@@ -503,13 +503,18 @@ def chunk_ad(header, header_sha256, entry, index):
     return ("\n".join(lines) + "\n").encode()
 
 
+def check_tenant(tenant):
+    if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
+        raise UserError(f"tenant id {tenant!r} must be 1-64 characters of A-Z a-z 0-9 . _ @ - (starting alphanumeric)")
+    return tenant
+
+
 def seal(tensors, key, *, tenant, base_fingerprint, structure=None, meta=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
          scrypt_params=None):
     """Encrypt PlainTensors into a SealedPatch (the sealed file's bytes, in anonymous memory).
     structure: {"untie_weights": bool, "lora": None | {"rank", "alpha", "targets"}}, what applying must do
     to the base before the tensors fit. meta: non-secret JSON shown at apply time (authenticated)."""
-    if not TENANT_RE.match(tenant or ""):
-        raise UserError(f"tenant id {tenant!r} must be 1-64 characters of A-Z a-z 0-9 . _ @ - (starting alphanumeric)")
+    check_tenant(tenant)
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise UserError(f"chunk size must be in 1..{MAX_CHUNK_BYTES} bytes")
     names = [t.name for t in tensors]

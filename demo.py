@@ -1,0 +1,190 @@
+"""
+The headline story at small scale, offline, on the built-in data (what `make demo` runs; ~10 minutes on
+2 CPU cores):
+
+    python demo.py                      # everything into out/demo
+    python demo.py --out_dir=/tmp/demo --pretrain_iters=200
+
+1. prepare the pydocs corpus and the synthetic employees records (byte tokenizer; one short Q/A field per
+   person so a record fits the block; canary phone numbers inserted 1, 4 and 16 times, plus controls
+   that are never inserted);
+2. pretrain a small base model on pydocs and print a sample;
+3. fine-tune it on the employees records without DP and with DP-SGD (epsilon 8);
+4. fine-tune again and keep the result only as an encrypted patch over the base (key file: mode 0600);
+5. the leakage table: canary exposure for the base, the non-private and the DP model, the patched base
+   with the key and with a wrong key (refused: no numbers).
+
+Every step prints the shell command it runs and runs exactly that command in a subprocess, so the demo is
+also a recipe. The expected outcome is checked at the end (exit 1 when the story does not hold).
+"""
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+from configurator import configure
+from utils.cli import UserError, run_cli
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULTS = dict(
+    out_dir="out/demo",
+    # base model: config/train_pydocs.py, narrower and with a shorter block so it trains in a few minutes
+    pretrain_iters=400,
+    n_layer=4,
+    n_embd=128,
+    block_size=128,
+    batch_size=16,
+    # employees records
+    n_people=200,
+    canary_reps=(1, 4, 16),
+    # fine-tuning (the same for all three runs, so the patch holds what the non-private run learned)
+    epochs=8.0,
+    learning_rate=3e-3,
+    ft_batch_size=16,
+    dp_epsilon=8.0,
+    dp_batch_size=64,
+    dp_learning_rate=3e-3,
+    # leakage test
+    n_candidates=10000,
+    # checks of the story: exposure (bits) of the 16x canaries must be above / below these
+    min_exposure_nonprivate=6.0,
+    max_exposure_dp=4.0,
+)
+
+
+class Steps:
+    """Numbered steps, each one shell command: printed, run (inheriting stdout), timed (wall and CPU)."""
+
+    def __init__(self, log=print):
+        self.log = log
+        self.timings = []
+        self.n = 0
+
+    def run(self, title, argv, check=True):
+        """Run `python argv...` from the repository root; returns the exit code."""
+        self.n += 1
+        cmd = [sys.executable] + argv
+        shown = "python " + " ".join(shlex.quote(a) for a in argv)
+        self.log(f"\n=== {self.n}. {title}\n$ {shown}", flush=True)
+        cpu0, t0 = children_cpu(), time.perf_counter()
+        code = subprocess.call(cmd, cwd=REPO)
+        wall, cpu = time.perf_counter() - t0, children_cpu() - cpu0
+        self.timings.append((title, wall, cpu))
+        if check and code != 0:
+            raise UserError(f"step {self.n} ({title}) failed with exit code {code}: {shown}", exit_code=1)
+        return code
+
+    def summary(self):
+        lines = [f"{'step':<44} {'wall s':>8} {'cpu s':>8}"]
+        for title, wall, cpu in self.timings:
+            lines.append(f"{title[:44]:<44} {wall:8.1f} {cpu:8.1f}")
+        lines.append(f"{'total':<44} {sum(t[1] for t in self.timings):8.1f} {sum(t[2] for t in self.timings):8.1f}")
+        return "\n".join(lines)
+
+
+def children_cpu():
+    """User + system CPU seconds of every finished child process so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def opts(**kw):
+    """--key=value arguments, tuples as comma lists."""
+    return [f"--{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in kw.items()]
+
+
+def exposure_of(models, label_start, reps):
+    """Mean exposure of the canaries inserted `reps` times for the first leakage row whose label starts so."""
+    row = next((m for m in models if m["label"].startswith(label_start)), None)
+    if row is None or row.get("status") != "ok":
+        return None
+    group = (row.get("exposure_by_repetitions") or {}).get(str(reps))
+    return None if group is None else group["mean_exposure"]
+
+
+def check_story(report, cfg):
+    """(lines, all good): exposure high without DP, low with DP, patched == non-private, wrong key refused."""
+    models, top = report["models"], max(cfg["canary_reps"])
+    nonprivate = exposure_of(models, "fine-tuned (finetune)", top)
+    dp = exposure_of(models, "fine-tuned (finetune_dp)", top)
+    patched = exposure_of(models, "patched + key", top)
+    controls = exposure_of(models, "fine-tuned (finetune)", 0)
+    wrong = next((m for m in models if m["label"] == "patched + wrong key"), {})
+    checks = [
+        (f"non-private fine-tune memorizes the {top}x canaries: exposure {nonprivate} > "
+         f"{cfg['min_exposure_nonprivate']} bits (never-inserted controls: {controls})",
+         nonprivate is not None and nonprivate > cfg["min_exposure_nonprivate"]),
+        (f"DP fine-tune (epsilon {cfg['dp_epsilon']}) does not: exposure {dp} < {cfg['max_exposure_dp']} bits",
+         dp is not None and dp < cfg["max_exposure_dp"]),
+        (f"the patch with its key gives the fine-tuned model back: exposure {patched}",
+         patched is not None and nonprivate is not None and abs(patched - nonprivate) < 1e-6),
+        (f"a wrong key is refused, no numbers: {wrong.get('status')}", str(wrong.get("status", "")).startswith("refused")),
+    ]
+    fmt = lambda v: v if not isinstance(v, float) else f"{v:.2f}"  # noqa: E731
+    return [("PASS  " if ok else "FAIL  ") + text for text, ok in checks], all(ok for _, ok in checks)
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv or [])
+    out = cfg["out_dir"]
+    pydocs, employees = os.path.join(out, "data", "pydocs"), os.path.join(out, "data", "employees")
+    base = os.path.join(out, "base", "ckpt.pt")
+    key, wrong_key, patch = os.path.join(out, "key.hex"), os.path.join(out, "wrong.hex"), os.path.join(out, "demo.patch")
+    steps = Steps()
+    t_start = time.perf_counter()
+
+    steps.run("prepare the pydocs corpus (bytes)", ["data/pydocs/prepare.py", *opts(tokenizer="byte", out_dir=pydocs)])
+    steps.run("prepare the employees records with canaries",
+              ["data/employees/prepare.py", *opts(tokenizer="byte", out_dir=employees, n_people=cfg["n_people"],
+                                                   fields="Annual Salary", canary_reps=cfg["canary_reps"],
+                                                   canaries_per_rep=2, n_control_canaries=4)])
+    steps.run("pretrain the small base model",
+              ["train.py", "config/train_pydocs.py",
+               *opts(data_dir=pydocs, out_dir=os.path.dirname(base), n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
+                     block_size=cfg["block_size"], batch_size=cfg["batch_size"], max_iters=cfg["pretrain_iters"],
+                     lr_decay_iters=cfg["pretrain_iters"], eval_interval=max(1, cfg["pretrain_iters"] // 4),
+                     log_interval=max(1, cfg["pretrain_iters"] // 8), patience=0)])
+    steps.run("a sample from the base model",
+              ["sample.py", *opts(ckpt=base, start="The ", num_samples=1, max_new_tokens=200, device="cpu")])
+
+    finetune = opts(base_ckpt=base, data_dir=employees, loss_on="answer", epochs=cfg["epochs"],
+                    batch_size=cfg["ft_batch_size"], microbatch_size=cfg["ft_batch_size"],
+                    learning_rate=cfg["learning_rate"], eval_interval=0, log_interval=20)
+    steps.run("fine-tune without DP", ["finetune_dp.py", *finetune, *opts(dp=False, out_dir=os.path.join(out, "finetune"))])
+    dp_finetune = opts(base_ckpt=base, data_dir=employees, loss_on="answer", epochs=cfg["epochs"],
+                       batch_size=cfg["dp_batch_size"], microbatch_size=cfg["ft_batch_size"],
+                       learning_rate=cfg["dp_learning_rate"], eval_interval=0, log_interval=5)
+    steps.run(f"fine-tune with DP-SGD (epsilon {cfg['dp_epsilon']})",
+              ["finetune_dp.py", *dp_finetune, *opts(dp=True, target_epsilon=cfg["dp_epsilon"],
+                                                      out_dir=os.path.join(out, "finetune_dp"))])
+    for path in (key, wrong_key):
+        steps.run("a random 256-bit key, readable by its owner only" if path == key else "another key (the wrong one)",
+                  ["finetune_encrypt_memmap.py", "keygen", *opts(out=path), "--force"])
+    steps.run("fine-tune without DP again, keeping the result only as an encrypted patch",
+              ["finetune_encrypt_memmap.py", *finetune, *opts(dp=False, key_file=key, tenant="demo", export=patch)])
+    leakage_json = os.path.join(out, "leakage.json")
+    code = steps.run("leakage: base, non-private, DP, patched with the key, patched with a wrong key",
+                     ["test_pipeline/leakage_test.py",
+                      *opts(data_dir=employees, base_ckpt=base, ckpt=[os.path.join(out, "finetune", "ckpt.pt"),
+                                                                      os.path.join(out, "finetune_dp", "ckpt.pt")],
+                            patch=patch, key_file=key, wrong_key_file=wrong_key, n_candidates=cfg["n_candidates"],
+                            fields="Annual Salary", n_people=20, n_samples=0, out=leakage_json,
+                            plot=os.path.join(out, "exposure.png"))], check=False)
+    if code not in (0, 1) or not os.path.isfile(leakage_json):
+        raise UserError(f"the leakage test failed (exit code {code})", exit_code=1)
+    with open(leakage_json) as f:
+        lines, ok = check_story(json.load(f), cfg)
+    print("\n=== the story\n" + "\n".join(lines))
+    print("\n=== time per step (cpu s = user + system seconds of the step's processes)\n" + steps.summary())
+    print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s; outputs in {out}/ "
+          f"(key files are mode 0600: {oct(os.stat(key).st_mode & 0o777)})")
+    if not ok:
+        raise UserError("the demo's story did not hold (see FAIL above)", exit_code=1)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
