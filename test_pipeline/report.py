@@ -71,9 +71,15 @@ def discover(run_dir, key_file=""):
                 spec = json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{spec_path} is not valid JSON ({e})") from None
-    here = lambda p: p if not p or os.path.isabs(p) else os.path.join(run_dir, p)  # noqa: E731
+
+    def here(p):  # run.json paths are relative to the run directory
+        return p if not p or os.path.isabs(p) else os.path.join(run_dir, p)
     base = os.path.join(run_dir, "base", "ckpt.pt")
     if spec.get("models"):
+        bad = [m for m in spec["models"] if not isinstance(m, dict) or not m.get("name") or not m.get("ckpt")]
+        names = [m.get("name") for m in spec["models"] if isinstance(m, dict)]
+        if bad or len(set(names)) != len(names):
+            raise UserError(f"{spec_path}: every model needs a unique 'name' and a 'ckpt'")
         models = [{"name": m["name"], "ckpt": here(m["ckpt"]), "patch": here(m.get("patch", "")),
                    "key_file": here(m.get("key_file", "")) or key_file} for m in spec["models"]]
         base = next((m["ckpt"] for m in models if m["name"] == "base"), base)
@@ -96,7 +102,7 @@ def discover(run_dir, key_file=""):
         if m["patch"] and not m["key_file"]:
             raise UserError(f"patch {m['patch']} has no key: put key.hex beside it or give --key_file")
         privacy = os.path.join(os.path.dirname(m["ckpt"]), "privacy.json") if not m["patch"] else ""
-        m["privacy"] = json.load(open(privacy)) if privacy and os.path.isfile(privacy) else None
+        m["privacy"] = read_json(privacy) if privacy else None
     return spec, [{"name": "base", "ckpt": base, "patch": "", "key_file": "", "privacy": None}] + models
 
 

@@ -114,6 +114,7 @@ def bad_inputs(records_dir, tiny_ckpt, tmp_path):
         "vocab": ([f"--base_ckpt={other_vocab}"], "vocabulary"),
         "delta": (["--target_delta=0.5"], "1/N"),
         "gdp": (["--accountant=gdp"], "underestimate"),
+        "no_base": (["--base_ckpt=", "--init_from=/no/such/gpt2"], "GPT-2"),
     }
 
 

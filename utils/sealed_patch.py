@@ -374,6 +374,13 @@ def unpack_bits(packed, n):
     return ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).view(-1)[:n].bool()
 
 
+def set_bits(packed):
+    """Indices of the set bits of a packed bitmap (cheap when few bytes are nonzero)."""
+    nz = packed.nonzero().squeeze(1)
+    hit = (packed[nz].unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    return (nz.unsqueeze(1) * 8 + torch.arange(8, device=packed.device))[hit.bool()]
+
+
 @dataclass
 class PlainTensor:
     """One tensor's plaintext payload, held in its own SecureBuffer."""
@@ -836,8 +843,10 @@ def _check_payloads(opened):
         if e["kind"] == "rows" and rows.numel() and (rows[0] < 0 or rows[-1] >= e["shape"][0]
                                                      or (rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()))):
             raise PatchFormatError(f"tensor {e['name']}: row indices out of range or not increasing")
-        if e["exceptions"] and int(unpack_bits(bitmap, values.numel()).sum()) != e["exceptions"]:
-            raise PatchFormatError(f"tensor {e['name']}: exception bitmap does not match its count")
+        if e["exceptions"]:
+            idx = set_bits(bitmap)
+            if idx.numel() != e["exceptions"] or int(idx[-1]) >= values.numel():
+                raise PatchFormatError(f"tensor {e['name']}: exception bitmap does not match its count")
 
 
 # ----------------------------------------------------------------------------- applying
@@ -920,7 +929,7 @@ def _patched_tensor(param, e, segs, workspace):
         if workspace is not None:
             workspace[key] = out
     vals = values.to(device=dev).to(dt)  # no copy when the dtype and device already match
-    exc = unpack_bits(bitmap.to(dev), vals.numel()) if e["exceptions"] else None
+    exc = set_bits(bitmap).to(dev) if e["exceptions"] else None  # indices of values that replace
     if e["kind"] == "whole":
         out.copy_(vals.view(base.shape))
     elif e["kind"] == "delta":
