@@ -17,8 +17,9 @@ What is private, and how:
   would take epsilon past target_epsilon, and says so. target_delta defaults to min(1e-5, 1/(10 N));
   delta >= 1/N is refused.
 - grad_sample_mode='ghost' (default; Opacus's ghost clipping, two backward passes) refuses a weight
-  shared by the embedding and the head, so untie_weights=True (default) gives lm_head its own copy
-  before anything is frozen: the head then trains even with freeze_embeddings. With 'hooks',
+  shared by the embedding and the head, so untie_weights=True (default, private or not, so both train
+  the same parameters) gives lm_head its own copy before anything is frozen: the head then trains even
+  with freeze_embeddings. With 'hooks',
   --untie_weights=False keeps the tie (Opacus sums both uses into one per-sample gradient); ghost with a
   trainable tie falls back to hooks and says so. LoRA and train_last_blocks freeze both ends, so they
   leave the tie alone.

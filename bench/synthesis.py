@@ -133,7 +133,7 @@ def markdown(cfg, speed, svt_rows, train_s, utility=None):
     lines = [
         "## DP synthesis by private prediction (synthesize_dp.py)",
         "",
-        f"Machine: {machine()}. Command: `python bench/synthesis.py`.",
+        f"Machine: {machine()}. Command: `python bench/synthesis.py{' --utility=True' if utility else ''}`.",
         "",
         f"Synthetic tokens/s for one batch of {cfg['s']} private prompts (up to {cfg['prompt_tokens']} tokens, left-padded) "
         f"+ 1 public prompt, {cfg['new_tokens']} new tokens, default CPU base shape (4 layers x 256, vocab 50304), "

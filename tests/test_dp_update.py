@@ -195,13 +195,15 @@ def test_int8_noise_quantization_reaches_the_update(records_dir):
         assert torch.allclose(levels, levels.round(), atol=1e-6), n
 
 
-def test_nonprivate_run_leaves_untouched_rows_and_frozen_blocks_bit_identical(records_dir):
-    """The encrypted-delta patch relies on this: no weight decay or noise moves what got no gradient."""
+def test_nonprivate_run_leaves_untouched_rows_and_frozen_blocks_bit_identical(records_dir, tmp_path):
+    """The encrypted-delta patch relies on this: no weight decay or noise moves what got no gradient,
+    and with save=False nothing reaches the disk."""
     model = tiny_model(**TINY)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = dict(data_dir=records_dir, dp=False, freeze_first_blocks=1, batch_size=4, microbatch_size=2,
-               max_steps=3, weight_decay=0.1, save=False, eval_interval=0)
+               max_steps=3, weight_decay=0.1, save=False, eval_interval=0, out_dir=str(tmp_path / "out"))
     gpt = finetune(cfg, model=model, log=lambda *a: None)["model"]
+    assert [p.name for p in tmp_path.iterdir()] == ["records"]  # the data only: no out_dir, no files
     after = dict(gpt.named_parameters())
     assert not torch.equal(after["transformer.h.1.mlp.c_fc.weight"], before["transformer.h.1.mlp.c_fc.weight"])
     for n in before:
