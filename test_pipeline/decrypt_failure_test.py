@@ -144,7 +144,8 @@ def main(argv=None):
         r = run(["--base_ckpt", base, "--data_dir", data, "--key_file", key, "--tenant", "alice", "--export", patch,
                  "--max_steps", str(cfg["max_steps"]), "--batch_size", "4", "--microbatch_size", "4",
                  "--eval_interval", "0"], env)
-        report("process 1: fine-tune and export", r.returncode == 0 and os.path.isfile(patch), r.stderr.strip()[-300:])
+        ok = r.returncode == 0 and os.path.isfile(patch)
+        report("process 1: fine-tune and export", ok, "" if ok else r.stderr.strip()[-300:])
         if r.returncode:
             sys.exit(1)
         raw = open(patch, "rb").read()
@@ -152,9 +153,9 @@ def main(argv=None):
 
         r = run([*apply_args, "--patch", patch], env)
         lines = {ln.split("(")[0].strip(): ln.split(":", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("  ")}
-        report("right key in another process: exit 0, patched generation differs from the base",
-               r.returncode == 0 and "tenant alice" in r.stdout and lines.get("base") != lines.get("patched"),
-               f"exit {r.returncode}: {r.stderr.strip()[-200:]}")
+        ok = r.returncode == 0 and "tenant alice" in r.stdout and lines.get("base") != lines.get("patched")
+        report("right key in another process: exit 0, patched generation differs from the base", ok,
+               "" if ok else f"exit {r.returncode}: {r.stderr.strip()[-200:]}")
         r = run(["apply", "--base_ckpt", base, "--key_file", wrong, "--patch", patch], env)
         report("wrong key: exit 3", r.returncode == 3 and "wrong key" in r.stderr and one_line_error(r),
                f"exit {r.returncode}: {r.stderr.strip()}")

@@ -18,15 +18,6 @@ from utils.cli import UserError, run_cli
 QUIET = dict(log=lambda *a: None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on two shared, busy cores are several times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def google_rdp_epsilon(sigma, q, steps, delta):
     acc = rdp_privacy_accountant.RdpAccountant()
     acc.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps))

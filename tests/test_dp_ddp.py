@@ -24,14 +24,6 @@ dist.destroy_process_group()
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_two_processes_equal_one(records_dir, tiny_ckpt, tmp_path):
     # batch_size = N: Poisson sampling at rate 1 takes every record, so both runs see the same batches
     common = dict(data_dir=records_dir, base_ckpt=tiny_ckpt, batch_size=10, microbatch_size=2, max_steps=2,

@@ -11,15 +11,6 @@ from finetune_dp import build_run, finetune, quantize_int8_
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on two shared, busy cores are several times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = dict(n_layer=2, n_embd=32, block_size=48)
 CASES = {  # what is trained -> finetune_dp keys
     "full": dict(),

@@ -20,15 +20,6 @@ from test_pipeline import eval as ev
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many small forwards: one thread avoids thread hand-off costs on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cli_env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 

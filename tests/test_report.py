@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, tiny_model
-from tests.test_eval import PNG_MAGIC, cli_env, employees_dir, one_thread  # noqa: F401 (fixtures)
+from tests.test_eval import PNG_MAGIC, cli_env, employees_dir  # noqa: F401 (fixtures)
 from test_pipeline import report as rp
 from utils.checkpoint import save_checkpoint
 from utils.cli import UserError

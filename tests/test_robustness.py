@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.test_eval import PEOPLE, PNG_MAGIC, ckpts, cli_env, employees_dir, one_thread  # noqa: F401 (fixtures)
+from tests.test_eval import PEOPLE, PNG_MAGIC, ckpts, cli_env, employees_dir  # noqa: F401 (fixtures)
 from test_pipeline import test_prompt_robustness as rb
 from utils import employees
 

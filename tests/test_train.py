@@ -29,14 +29,6 @@ def quiet(*args, **kwargs):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def texts(n, seed):
     rng = random.Random(seed)
     words = "the a salary of city clerk worker paid hourly annual department police fire water".split()
@@ -81,10 +73,7 @@ def trained(data_dir, tmp_path_factory):
     """One finished run shared by the sample / inspect / plot tests: (out_dir, result, progress lines)."""
     out = tmp_path_factory.mktemp("run") / "out"
     lines = []
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     result = run(data_dir, out, log=lines.append, patience=3)
-    torch.set_num_threads(n)
     return out, result, lines
 
 

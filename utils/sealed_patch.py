@@ -138,8 +138,8 @@ class SecureBuffer:
         self._size = max(1, self.nbytes)
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
         self.mm = mmap.mmap(-1, self._size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.dontdump = self._madvise("MADV_DONTDUMP")
-        self._madvise("MADV_WIPEONFORK")  # a forked child (e.g. a DataLoader worker) sees zeros
+        self.dontdump = self._madvise(getattr(mmap, "MADV_DONTDUMP", None))
+        self.wipeonfork = self._madvise(getattr(mmap, "MADV_WIPEONFORK", 18))  # Linux >= 4.14: a forked child sees zeros
         probe = (ctypes.c_char * self._size).from_buffer(self.mm)
         self.address = ctypes.addressof(probe)
         del probe  # a live export would keep the mmap from closing
@@ -152,11 +152,11 @@ class SecureBuffer:
                 self.lock_error = (f"mlock refused ({errno.errorcode.get(err, err)}; RLIMIT_MEMLOCK "
                                    f"{'unlimited' if limit is None else f'{limit:,} bytes'} for {self._size:,})")
 
-    def _madvise(self, name):
+    def _madvise(self, option):
         try:
-            self.mm.madvise(getattr(mmap, name))
+            self.mm.madvise(option)
             return True
-        except (AttributeError, OSError, ValueError):
+        except (AttributeError, OSError, ValueError, TypeError):
             return False
 
     def view(self, offset=0, nbytes=None):
@@ -187,8 +187,8 @@ class SecureBuffer:
             pass
 
     def status(self):
-        return {"bytes": self.nbytes, "anonymous": True, "dontdump": self.dontdump, "mlocked": self.locked,
-                "mlock_error": self.lock_error}
+        return {"bytes": self.nbytes, "anonymous": True, "dontdump": self.dontdump, "wipeonfork": self.wipeonfork,
+                "mlocked": self.locked, "mlock_error": self.lock_error}
 
     def __enter__(self):
         return self
