@@ -41,17 +41,18 @@ DEFAULTS = dict(
     n_people=200,
     canary_reps=(1, 4, 16),
     # fine-tuning (the same for all three runs, so the patch holds what the non-private run learned)
-    epochs=8.0,
-    learning_rate=3e-3,
+    epochs=12.0,
+    learning_rate=5e-3,
     ft_batch_size=16,
     dp_epsilon=8.0,
+    dp_epochs=8.0,
     dp_batch_size=64,
-    dp_learning_rate=3e-3,
-    # leakage test
-    n_candidates=10000,
-    # checks of the story: exposure (bits) of the 16x canaries must be above / below these
-    min_exposure_nonprivate=6.0,
-    max_exposure_dp=4.0,
+    dp_learning_rate=5e-3,
+    # leakage test: each canary ranked among this many random phone numbers (exposure up to log2 of it)
+    n_candidates=2000,
+    # checks of the story: exposure (bits) of the most repeated canaries must be above / below these
+    min_exposure_nonprivate=8.0,
+    max_exposure_dp=5.0,
 )
 
 
@@ -154,7 +155,7 @@ def main(argv=None):
                     batch_size=cfg["ft_batch_size"], microbatch_size=cfg["ft_batch_size"],
                     learning_rate=cfg["learning_rate"], eval_interval=0, log_interval=20)
     steps.run("fine-tune without DP", ["finetune_dp.py", *finetune, *opts(dp=False, out_dir=os.path.join(out, "finetune"))])
-    dp_finetune = opts(base_ckpt=base, data_dir=employees, loss_on="answer", epochs=cfg["epochs"],
+    dp_finetune = opts(base_ckpt=base, data_dir=employees, loss_on="answer", epochs=cfg["dp_epochs"],
                        batch_size=cfg["dp_batch_size"], microbatch_size=cfg["ft_batch_size"],
                        learning_rate=cfg["dp_learning_rate"], eval_interval=0, log_interval=5)
     steps.run(f"fine-tune with DP-SGD (epsilon {cfg['dp_epsilon']})",

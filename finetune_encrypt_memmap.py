@@ -356,7 +356,6 @@ def seal_main(argv):
     if not 1 <= cfg["chunk_mb"] <= 1024:
         raise UserError("chunk_mb must be in 1..1024")
     check_tenant(cfg["tenant"])
-    harden_process()
     key = key_from_cfg(cfg)
     prompts = read_prompts(cfg)
     tok = get_tokenizer(load_meta(cfg["data_dir"]))
@@ -450,7 +449,6 @@ def apply_main(argv):
         raise UserError("--patch is required (a file written by --export)")
     if not (cfg["base_ckpt"] or cfg["init_from"]):
         raise UserError("--base_ckpt is required (the base model the patch was made for)")
-    harden_process()
     key = key_from_cfg(cfg)
     prompts = read_prompts(cfg)
     sealed = SealedPatch.from_file(cfg["patch"])
@@ -506,4 +504,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    harden_process()  # this process will hold keys and plaintext: no core dumps, no ptrace by other processes
     run_cli(main)

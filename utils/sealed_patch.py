@@ -164,10 +164,11 @@ class SecureBuffer:
         return memoryview(self.mm)[offset:offset + nbytes]
 
     def tensor(self, dtype, offset, count):
-        """A torch view of `count` elements at byte `offset` (no copy)."""
+        """A torch view of `count` elements at byte `offset` (no copy). It holds a buffer export (through
+        the memoryview), so the mapping cannot be unmapped under it: close() then only zeroes it."""
         if count == 0:
             return torch.empty(0, dtype=dtype)
-        return torch.frombuffer(self.mm, dtype=dtype, count=count, offset=offset)
+        return torch.frombuffer(memoryview(self.mm), dtype=dtype, count=count, offset=offset)
 
     def zero(self, offset=0, nbytes=None):
         if self.mm is not None and not self.mm.closed:
