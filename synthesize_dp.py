@@ -68,8 +68,8 @@ DEFAULTS = dict(
     c=10.0,                         # clipping range of the recentred logits
     tau=2.0,                        # temperature of the private exponential mechanism
     svt=True,                       # public drafter + sparse vector technique
-    sigma=0.2,                      # SVT Laplace scale: Lap(sigma) on the threshold, Lap(2 sigma) on d
-    theta=0.5,                      # SVT threshold on d in [0, 2]
+    sigma=0.5,                      # SVT Laplace scale: Lap(sigma) on the threshold, Lap(2 sigma) on d
+    theta=0.8,                      # SVT threshold on d in [0, 2]
     tau_pub=1.0,                    # temperature of the free public tokens
     public_top_k=0,                 # >0: private sampling restricted to the public logits' top k
     # prompts and decoding

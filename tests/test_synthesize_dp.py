@@ -16,7 +16,6 @@ import synthesize_dp as S
 from tests.conftest import REPO, make_record_dataset, tiny_model
 from utils.checkpoint import save_checkpoint
 from utils.cli import UserError
-from utils.tokenizer import ByteTokenizer
 
 
 def peaked_rows(n, V, favourite, gap=50.0, seed=0):
@@ -261,7 +260,7 @@ def test_cli_end_to_end(synth_setup):
     rows = [json.loads(line) for line in open(tmp / "out" / "syn.jsonl")]
     report = json.load(open(tmp / "out" / "syn.privacy.json"))
     assert report["r"] == 6 and report["s"] == 6 and report["batching"]["n_batches"] == 10
-    assert math.isclose(report["rho"], 6 * S.rho_per_private_token(6, 10.0, 2.0, 0.2, svt=True))
+    assert math.isclose(report["rho"], 6 * S.rho_per_private_token(6, 10.0, 2.0, S.DEFAULTS["sigma"], svt=True))
     assert report["epsilon"] == S.zcdp_to_epsilon(report["rho"], report["delta"])
     assert {row["batch"] for row in rows} == set(range(10))  # empty batches run too (24 records, 10 batches)
     for b in range(10):
