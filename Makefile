@@ -24,7 +24,7 @@ reproduce: setup
 	$(PY) reproduce.py config/reproduce.py
 
 bench: setup
-	$(PY) bench.py
+	for b in train_generate dp_overhead patches synthesis; do $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf out results .pytest_cache
