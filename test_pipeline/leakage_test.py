@@ -8,7 +8,9 @@ patched model with its key and the patched model with a wrong key (which must be
    prefix, so it runs once into a KV cache and the candidates are scored in batches. A skew-normal fitted
    to the candidates' log-perplexities extrapolates beyond the enumerated set: exposure = -log2 CDF(secret),
    capped at log2 of the whole secret space. Reported by repetition count; repetitions = 0 are controls
-   that were never inserted, whose exposure is chance (mean 1/ln 2 = 1.44 bits).
+   that were never inserted, whose exposure is chance (mean 1/ln 2 = 1.44 bits). With a BPE tokenizer,
+   digit strings split into different numbers of tokens and the shorter ones are likelier under any
+   model, so compare inserted canaries with the controls and with the base model, not only with 1.44.
 2. Extraction: each person's Q/A prompt for a sensitive field (utils.employees.qa_prompt) is completed
    greedily and by sampling; the exact-match rate of the answer for training people is compared with the
    same rate for held-out (val) people, which is what a model gets from the population alone.
@@ -135,8 +137,7 @@ def prepare_canaries(canary_file, tok, n_candidates, seed):
             id=c.get("id", k), name=c.get("name"), repetitions=int(c.get("repetitions", 0)),
             secret=c["secret"], prefix=c["prefix"], prefix_ids=seqs[0][:shared],
             continuations=[s[shared:] for s in seqs], n_candidates=len(cands),
-            space_bits=n_slots * math.log2(10), prompt_ids=tok.encode(c["prefix"]),
-            secret_tokens=len(tok.encode(c["secret"]))))
+            space_bits=n_slots * math.log2(10)))
     return prepared
 
 
@@ -166,11 +167,12 @@ def score_canaries(model, canaries, tok, batch_size, gen_batch_size):
             exposure_extrapolated=skewnorm_exposure(-secret_lp, -cand_lp, c["space_bits"]),
             secret_nll_bits=float(-secret_lp / math.log(2)),
             candidate_nll_bits_median=float(np.median(-cand_lp) / math.log(2))))
-    # greedy completion of each prefix: does the model say the secret outright?
-    new = complete(model, [c["prompt_ids"] for c in canaries], max(c["secret_tokens"] for c in canaries) + 2,
-                   batch_size=gen_batch_size, greedy=True, eot=getattr(tok, "eot", None))
+    # greedy completion of each prefix (as tokenized in training): does the model say the secret outright?
+    longest = max(len(s) for c in canaries for s in c["continuations"])
+    new = complete(model, [c["prefix_ids"] for c in canaries], longest + 2, batch_size=gen_batch_size,
+                   greedy=True, eot=getattr(tok, "eot", None))
     for r, c, ids in zip(results, canaries, new):
-        r["extracted_greedy"] = tok.decode(ids).lstrip().startswith(c["secret"])
+        r["extracted_greedy"] = tok.decode(c["prefix_ids"] + ids).startswith(c["prefix"] + c["secret"])
     return results
 
 
@@ -358,10 +360,10 @@ def plot_exposure(results, reps_all, n_candidates, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = {k: i for i, k in enumerate(reps_all)}
     for j, r in enumerate(x for x in results if x.get("canaries")):
-        pts = [(xs[c["repetitions"]] + 0.06 * (j - 1), c["exposure"]) for c in r["canaries"]]
-        ax.scatter(*zip(*pts), s=12, alpha=0.5)
         by = r["exposure_by_repetitions"]
-        ax.plot([xs[k] for k in by], [g["mean_exposure"] for g in by.values()], marker="o", label=r["label"])
+        line, = ax.plot([xs[k] for k in by], [g["mean_exposure"] for g in by.values()], marker="o", label=r["label"])
+        pts = [(xs[c["repetitions"]] + 0.06 * (j - 1), c["exposure"]) for c in r["canaries"]]
+        ax.scatter(*zip(*pts), s=12, alpha=0.5, color=line.get_color())  # each canary
     ax.axhline(math.log2(n_candidates + 1), ls="--", c="gray", lw=0.8, label="rank 1 (max measurable)")
     ax.axhline(CHANCE_EXPOSURE, ls=":", c="gray", lw=0.8, label="chance")
     ax.set_xticks(range(len(reps_all)), [str(k) for k in reps_all])

@@ -20,7 +20,7 @@ from utils.checkpoint import load_model
 from utils.cli import UserError
 
 # what a refused patch means, by the patch error's exit code (finetune_encrypt_memmap's contract)
-PATCH_REFUSALS = {3: "auth failure", 4: "wrong base model or tenant"}
+PATCH_REFUSALS = {2: "bad patch or key input", 3: "auth failure", 4: "wrong base model or tenant"}
 
 
 def load_model_under_test(ckpt, patch=None, key_file=None, device="cpu", tenant=None):
@@ -178,20 +178,22 @@ def complete(model, prompt_ids_list, max_new_tokens, batch_size=64, greedy=True,
 
 # ---------------------------------------------------------------- reporting helpers shared by the scripts
 def format_table(headers, rows):
-    """A plain-text table: columns padded to their widest cell, numbers right-aligned."""
+    """A plain-text table: columns padded to their widest cell; columns of numbers right-aligned."""
     def cell(v):
         if v is None:
             return "-"
         if isinstance(v, float):
             return f"{v:.3f}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.3g}"
         return str(v)
+
     cells = [[cell(v) for v in r] for r in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) and rows for i in range(len(headers))]
+    widths = [max([len(str(h))] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [bool(rows) and all(r[i] is None or isinstance(r[i], (int, float)) for r in rows)
+               for i in range(len(headers))]
+
     def line(vals):
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(vals, widths, numeric)).rstrip()
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line([str(h) for h in headers]), sep] + [line(r) for r in cells])
+    return "\n".join([line([str(h) for h in headers]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells])
 
 
 def save_figure(fig, path):

@@ -13,6 +13,7 @@ import torch
 
 from tests.conftest import REPO, tiny_model
 from utils.checkpoint import save_checkpoint
+from utils.cli import run_cli
 
 from test_pipeline import leakage_test as lt
 from test_pipeline.model_under_test import continuation_logprobs, load_model_under_test, sequence_logprobs
@@ -182,7 +183,7 @@ def test_patched_with_key_equals_fine_tuned_and_wrong_key_fails_closed(report):
 def test_exposure_threshold_fails_the_run_naming_the_model(memorized, tmp_path):
     m = memorized
     r = leakage_cli(f"--data_dir={m['data_dir']}", f"--base_ckpt={m['base']}", f"--ckpt={m['ft']}",
-                    "--n_candidates=2000", "--fields=", "--max_exposure=8", f"--out={tmp_path / 'r.json'}")
+                    "--n_candidates=1000", "--fields=", "--max_exposure=8", f"--out={tmp_path / 'r.json'}")
     assert r.returncode == 1
     fails = [line for line in r.stderr.splitlines() if line.startswith("FAIL")]
     assert len(fails) == 1 and "fine-tuned (ft)" in fails[0]  # the base row is a reference, not tested
@@ -194,12 +195,14 @@ def test_a_wrong_key_that_applies_is_a_failure():
     assert lt.failures_of(rows, dict(lt.DEFAULTS)) == ["patched + wrong key: the wrong key was accepted (must fail closed)"]
 
 
-def test_bad_input_is_one_line(memorized, tmp_path):
-    r = leakage_cli(f"--data_dir={tmp_path}", f"--ckpt={memorized['ft']}")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    r = leakage_cli(f"--data_dir={memorized['data_dir']}", f"--ckpt={memorized['ft']}", f"--patch={memorized['patch']}",
-                    f"--key_file={memorized['key']}")
-    assert r.returncode == 2 and "--base_ckpt" in r.stderr
+def test_bad_input_is_one_line(memorized, tmp_path, capsys):
+    for argv, words in (([f"--data_dir={tmp_path}", f"--ckpt={memorized['ft']}"], "no prepared data"),
+                        ([f"--data_dir={memorized['data_dir']}", f"--ckpt={memorized['ft']}",
+                          f"--patch={memorized['patch']}", f"--key_file={memorized['key']}"], "--base_ckpt")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(lt.main, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error:") and words in err and err.count("\n") == 1
 
 
 def test_extraction_rates_count_exact_first_lines(monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import mannwhitneyu
 
 from tests.conftest import REPO
+from utils.cli import run_cli
 from tests.test_leakage import build_employees, fine_tune, save_base
 from test_pipeline import mia
 
@@ -81,11 +82,14 @@ def test_memorizing_model_is_attackable_and_the_base_is_not(models, tmp_path):
     assert base["reference"]["auc"] == 0.5  # the model is its own reference: every score is 0
 
 
-def test_auc_threshold_and_bad_input(models, tmp_path):
+def test_auc_threshold_and_bad_input(models, tmp_path, capsys):
     m = models
     r = mia_cli(f"--ckpt={m['ft']}", f"--data_dir={m['data_dir']}", "--max_auc=0.6", "--score_tokens=answer")
     assert r.returncode == 1 and "FAIL: loss: AUC" in r.stderr
-    r = mia_cli(f"--ckpt={m['ft']}", f"--data_dir={tmp_path}")
-    assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1
-    r = mia_cli(f"--data_dir={m['data_dir']}")
-    assert r.returncode == 2 and "--ckpt" in r.stderr
+    for argv, words in (([f"--ckpt={m['ft']}", f"--data_dir={tmp_path}"], "no prepared data"),
+                        ([f"--data_dir={m['data_dir']}"], "--ckpt"),
+                        ([f"--ckpt={m['ft']}", f"--data_dir={m['data_dir']}", "--score_tokens=some"], "score_tokens")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(mia.main, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error:") and words in err and err.count("\n") == 1
