@@ -45,6 +45,7 @@ from configurator import configure
 from utils.atomic import write_bytes, write_json
 from utils.checkpoint import load_model
 from utils.cli import UserError, run_cli
+from utils import employees
 from utils.data import RecordDataset, load_meta
 from utils.tokenizer import get_tokenizer
 
@@ -495,7 +496,7 @@ def utility_check(cfg, texts, log=print):
     pick = np.random.default_rng(0).permutation(len(real_train))[:len(synthetic)]
     real = [real_train.record(int(i)).tolist() for i in sorted(pick)]
     val = [r.tolist() for r in ev.split_records(cfg["data_dir"], "val")]
-    people = ev.load_people(cfg["data_dir"], "val")[:50] \
+    people = employees.load_people(cfg["data_dir"], "val")[:50] \
         if os.path.isfile(os.path.join(cfg["data_dir"], "val_people.jsonl")) else None
     fields = meta.get("fields")  # the fields the records ask about (employees' --fields)
 

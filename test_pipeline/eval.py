@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from configurator import configure
 from test_pipeline import model_under_test as mut
 from utils.cli import UserError, run_cli
+from utils.employees import load_people, read_people
 
 DEFAULTS = dict(
     ckpt="",                 # model under test (a train.py / finetune_dp.py checkpoint, or the base of --patch)
@@ -332,19 +333,8 @@ def bias_probe(model, tokenizer, people, names_a, names_b, all_people=None, fiel
 
 
 # --------------------------------------------------------------------------- the whole evaluation
-def load_people(data_dir, split):
-    """A split's people, each once (a canary inserted k times is k identical records), in record order."""
-    from test_pipeline.leakage_test import read_people
-    people = read_people(data_dir, split)
-    if not people:
-        raise UserError(f"{data_dir} has no {split}_people.jsonl: these metrics need the employees dataset "
-                        f"(python data/employees/prepare.py)")
-    return list({p["Name"]: p for p in people}.values())
-
-
 def everyone(data_dir):
     """The people of every split (the bias probe's answer sets: each categorical field's values)."""
-    from test_pipeline.leakage_test import read_people
     return [p for split in ("train", "val") for p in read_people(data_dir, split) or []]
 
 

@@ -37,6 +37,7 @@ from test_pipeline.model_under_test import (PATCH_REFUSALS, complete, continuati
 from utils.atomic import write_json
 from utils.cli import UserError, run_cli
 from utils.data import load_meta
+from utils.employees import read_people
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
@@ -190,14 +191,6 @@ def exposure_by_repetitions(canary_results):
 
 
 # ---------------------------------------------------------------- extraction of sensitive fields
-def read_people(data_dir, split):
-    path = os.path.join(data_dir, f"{split}_people.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def extraction_items(people_by_split, fields, tok, n_people, seed):
     """(split, field, prompt ids, expected answer) for a seeded sample of people per split."""
     from utils import employees

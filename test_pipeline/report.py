@@ -246,7 +246,8 @@ def in_process(fn, log_path):
 
 def run_figures(models, cfg, out_dir):
     """Attention maps and gradient saliency of the first fine-tuned model (else the base) for one Q/A prompt."""
-    from test_pipeline.eval import dataset_fields, load_people
+    from test_pipeline.eval import dataset_fields
+    from utils.employees import load_people
     from test_pipeline.model_under_test import load_model_under_test
     from utils import employees
     from utils.data import load_meta

@@ -271,7 +271,8 @@ def check_config(cfg):
 def robustness(cfg, model=None, complete_fn=None, log=print):
     """Paraphrase, typo and injection results for cfg (see DEFAULTS). `complete_fn(prompts, sample=None)`
     replaces the model (a stub in tests); otherwise `model`, or the one cfg names, is loaded and used."""
-    from test_pipeline.eval import dataset_fields, load_people, make_completer
+    from test_pipeline.eval import dataset_fields, make_completer
+    from utils.employees import load_people
     from utils import employees
     from utils.data import load_meta
     from utils.tokenizer import get_tokenizer

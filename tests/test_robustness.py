@@ -132,7 +132,7 @@ def test_injection_that_leaks_is_counted_as_leaking_more():
 # ---------------------------------------------------------------- end to end
 def test_robustness_with_a_stub_on_real_data(employees_dir):
     """The whole test on a prepared dataset with a stub that knows the truth for Department only."""
-    from test_pipeline.eval import load_people
+    from utils.employees import load_people
     people = {p["Name"]: p for p in load_people(employees_dir, "train")}
 
     def rule(pr, s):

@@ -11,6 +11,8 @@ have an Hourly Rate and Typical Hours, and their Annual Salary is hourly rate x 
 The model completes qa_prompt(...) ("... Answer:") with " " + answer + "\\n". A record (one person, the
 privacy unit) is the person's examples, one per line, the canary's Phone line first so the text before
 a canary secret is exactly its prompt."""
+import json
+import os
 import random
 
 FIELDS = ["Job Titles", "Department", "Full or Part-Time", "Salary or Hourly", "Typical Hours",
@@ -228,3 +230,22 @@ def random_person(rng, name):
 def generate_people(rng, n, taken=()):
     """n synthetic people with distinct names (none in `taken`), deterministic for a seeded rng."""
     return [random_person(rng, name) for name in unique_names(rng, n, taken)]
+
+
+def read_people(data_dir, split):
+    """A prepared split's people, one per record in record order ({split}_people.jsonl), or None."""
+    path = os.path.join(data_dir, f"{split}_people.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_people(data_dir, split):
+    """A split's people, each once (a canary inserted k times is k identical records), in record order."""
+    people = read_people(data_dir, split)
+    if not people:
+        from utils.cli import UserError
+        raise UserError(f"{data_dir} has no {split}_people.jsonl: these metrics need the employees dataset "
+                        f"(python data/employees/prepare.py)")
+    return list({p["Name"]: p for p in people}.values())
