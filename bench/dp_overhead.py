@@ -20,7 +20,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from finetune_dp import build_run, evaluate, finetune
 from model import GPT, GPTConfig
 from utils.cli import UserError, run_cli
 from utils.data import RecordDataset, write_meta, write_split
+from utils.machine import describe_machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,15 +57,7 @@ MODES = ("nonprivate", "ghost", "hooks")
 
 
 def machine():
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, load average {load:.1f} at start; torch {torch.__version__}, "
-            f"opacus {__import__('opacus').__version__}")
+    return describe_machine(f"opacus {__import__('opacus').__version__}")
 
 
 def rss_mb():

@@ -18,7 +18,6 @@ import ctypes
 import gc
 import mmap
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from utils import sealed_patch as sp
 from utils.atomic import write_bytes
 from utils.cli import run_cli
 from utils.data import write_meta, write_split
+from utils.machine import describe_machine
 
 DEFAULTS = dict(
     throughput_mib=256,  # buffer encrypted / decrypted in section 1
@@ -102,16 +102,9 @@ def _hmac(key, data):
 
 # ----------------------------------------------------------------------------- helpers
 def machine():
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     from cryptography.hazmat.backends.openssl.backend import backend
-    return (f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, cryptography {cryptography.__version__} "
-            f"({backend.openssl_version_text()}), Python {platform.python_version()}; "
-            f"RLIMIT_MEMLOCK {sp.memlock_limit() or 'unlimited'} bytes")
+    return describe_machine(f"cryptography {cryptography.__version__} ({backend.openssl_version_text()})",
+                            f"RLIMIT_MEMLOCK {sp.memlock_limit() or 'unlimited'} bytes")
 
 
 def rss():

@@ -10,7 +10,6 @@ Benchmark of DP synthesis by private prediction (synthesize_dp.py), measured sid
     python bench/synthesis.py [--out bench/results_synthesis.md] [--key=value ...]
 """
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from configurator import configure
 from model import GPT, GPTConfig
 from utils.atomic import write_bytes
 from utils.cli import run_cli
+from utils.machine import describe_machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,13 +59,7 @@ MECHANISMS = [
 
 
 def machine():
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}"
+    return describe_machine()
 
 
 def kv_cache_speed(cfg):

@@ -13,7 +13,6 @@ throughput does not depend on what they say.
 """
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from model import GPT, GPTConfig
 from utils.atomic import write_bytes
 from utils.cli import run_cli
 from utils.data import REPO, write_meta, write_split
+from utils.machine import describe_machine
 
 TOKENIZER_VOCAB = {"byte": 257, "gpt2": 50257}
 
@@ -43,14 +43,7 @@ DEFAULTS = dict(
 
 
 def machine():
-    cpu = platform.processor() or "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return (f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}{gpu}{load}")
+    return describe_machine()
 
 
 def random_stream(folder, tokenizer, n_tokens=200_000, seed=0):
