@@ -50,9 +50,11 @@ DEFAULTS = dict(
     dp_learning_rate=5e-3,
     # leakage test: each canary ranked among this many random phone numbers (exposure up to log2 of it)
     n_candidates=2000,
-    # checks of the story: exposure (bits) of the most repeated canaries must be above / below these
+    # checks of the story: exposure in bits of the most repeated canaries without DP must be above
+    # min_exposure_nonprivate; with DP, that of the canaries inserted at most dp_group times below max_exposure_dp
     min_exposure_nonprivate=8.0,
-    max_exposure_dp=5.0,
+    max_exposure_dp=4.0,
+    dp_group=4,
 )
 
 
@@ -63,12 +65,13 @@ class Steps:
         self.log = log
         self.timings = []
         self.n = 0
+        self.last_command = ""
 
     def run(self, title, argv, check=True):
         """Run `python argv...` from the repository root; returns the exit code."""
         self.n += 1
         cmd = [sys.executable] + argv
-        shown = "python " + " ".join(shlex.quote(a) for a in argv)
+        shown = self.last_command = "python " + " ".join(shlex.quote(a) for a in argv)
         self.log(f"\n=== {self.n}. {title}\n$ {shown}", flush=True)
         cpu0, t0 = children_cpu(), time.perf_counter()
         code = subprocess.call(cmd, cwd=REPO)
@@ -98,34 +101,42 @@ def opts(**kw):
 
 
 def exposure_of(models, label_start, reps):
-    """Mean exposure of the canaries inserted `reps` times for the first leakage row whose label starts so."""
+    """Mean exposure of the canaries inserted `reps` times (a list: all of them together) for the leakage
+    row whose label starts with label_start; None when the row has no numbers."""
     row = next((m for m in models if m["label"].startswith(label_start)), None)
     if row is None or row.get("status") != "ok":
         return None
-    group = (row.get("exposure_by_repetitions") or {}).get(str(reps))
-    return None if group is None else group["mean_exposure"]
+    values = [c["exposure"] for c in row["canaries"] if c["repetitions"] in (reps if isinstance(reps, list) else [reps])]
+    return sum(values) / len(values) if values else None
 
 
 def check_story(report, cfg):
-    """(lines, all good): exposure high without DP, low with DP, patched == non-private, wrong key refused."""
-    models, top = report["models"], max(cfg["canary_reps"])
-    nonprivate = exposure_of(models, "fine-tuned (finetune)", top)
-    dp = exposure_of(models, "fine-tuned (finetune_dp)", top)
-    patched = exposure_of(models, "patched + key", top)
-    controls = exposure_of(models, "fine-tuned (finetune)", 0)
+    """(lines, all good): the non-private model memorizes the repeated canaries, the DP model does not
+    (up to group privacy), the patch with its key is the non-private model, a wrong key is refused."""
+    models, reps = report["models"], sorted(k for k in cfg["canary_reps"] if k > 0)
+    top, few = reps[-1], [k for k in reps if k <= cfg["dp_group"]]
+    nonprivate, dp = "fine-tuned (finetune)", "fine-tuned (finetune_dp)"
+    ex = {(who, tuple(r) if isinstance(r, list) else r): exposure_of(models, who, r)
+          for who in (nonprivate, dp, "patched + key") for r in (top, few, 0)}
     wrong = next((m for m in models if m["label"] == "patched + wrong key"), {})
+    f = lambda v: "none" if v is None else f"{v:.1f}"  # noqa: E731
+    eps, copies = cfg["dp_epsilon"], ", ".join(map(str, few))
     checks = [
-        (f"non-private fine-tune memorizes the {top}x canaries: exposure {nonprivate} > "
-         f"{cfg['min_exposure_nonprivate']} bits (never-inserted controls: {controls})",
-         nonprivate is not None and nonprivate > cfg["min_exposure_nonprivate"]),
-        (f"DP fine-tune (epsilon {cfg['dp_epsilon']}) does not: exposure {dp} < {cfg['max_exposure_dp']} bits",
-         dp is not None and dp < cfg["max_exposure_dp"]),
-        (f"the patch with its key gives the fine-tuned model back: exposure {patched}",
-         patched is not None and nonprivate is not None and abs(patched - nonprivate) < 1e-6),
+        (f"without DP the {top}x canaries are memorized: exposure {f(ex[nonprivate, top])} bits > "
+         f"{cfg['min_exposure_nonprivate']} (never-inserted controls: {f(ex[nonprivate, 0])})",
+         (ex[nonprivate, top] or 0) > cfg["min_exposure_nonprivate"]),
+        (f"with DP (epsilon {eps}) the canaries inserted {copies} times are not: exposure {f(ex[dp, tuple(few)])} "
+         f"bits < {cfg['max_exposure_dp']} (chance 1.44; without DP {f(ex[nonprivate, tuple(few)])})",
+         ex[dp, tuple(few)] is not None and ex[dp, tuple(few)] < cfg["max_exposure_dp"]),
+        (f"the patch with its key is the non-private model: exposure {f(ex['patched + key', top])} bits",
+         ex["patched + key", top] is not None and abs(ex["patched + key", top] - ex[nonprivate, top]) < 1e-6),
         (f"a wrong key is refused, no numbers: {wrong.get('status')}", str(wrong.get("status", "")).startswith("refused")),
     ]
-    fmt = lambda v: v if not isinstance(v, float) else f"{v:.2f}"  # noqa: E731
-    return [("PASS  " if ok else "FAIL  ") + text for text, ok in checks], all(ok for _, ok in checks)
+    lines = [("PASS  " if ok else "FAIL  ") + text for text, ok in checks]
+    lines.append(f"note: DP bounds what one record can change; {top} copies of a record are a group of {top}, "
+                 f"protected only at epsilon {top} x {eps:g} = {top * eps:g}: the DP model's exposure of the {top}x "
+                 f"canaries is {f(ex[dp, top])} bits. Deduplicate records, or count a person's records as one unit.")
+    return lines, all(ok for _, ok in checks)
 
 
 def main(argv=None):
@@ -141,7 +152,7 @@ def main(argv=None):
     steps.run("prepare the employees records with canaries",
               ["data/employees/prepare.py", *opts(tokenizer="byte", out_dir=employees, n_people=cfg["n_people"],
                                                    fields="Annual Salary", canary_reps=cfg["canary_reps"],
-                                                   canaries_per_rep=2, n_control_canaries=4)])
+                                                   canaries_per_rep=3, n_control_canaries=4)])
     steps.run("pretrain the small base model",
               ["train.py", "config/train_pydocs.py",
                *opts(data_dir=pydocs, out_dir=os.path.dirname(base), n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
