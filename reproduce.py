@@ -59,7 +59,7 @@ DEFAULTS = dict(
     tokenizer="byte",
     pydocs_max_tokens=0,  # 0 = the whole corpus
     n_people=100,
-    val_frac=0.3,
+    val_frac=0.5,  # held-out people: the membership-inference non-members
     fields=("Department",),  # employee fields each record asks about
     canary_reps=(1, 4, 16),
     canaries_per_rep=2,
@@ -74,7 +74,7 @@ DEFAULTS = dict(
     pretrain_batch_size=16,
     pretrain_learning_rate=2e-3,
     # fine-tuning (finetune_dp), shared by every method unless the method says otherwise
-    loss_on="answer",
+    loss_on="all",
     steps=0,  # logical steps per method; 0 = from epochs / dp_epochs
     finetune_block_size=0,  # 0 = the base model's; records are padded to it (shorter = faster)
     epochs=30.0,
@@ -521,6 +521,7 @@ def summarize(name, ft, tests, top_reps):
         extraction_gap=get(leak, "extraction", "greedy_gap"),
         mia_auc={k: v["auc"] for k, v in metrics.items()},
         mia_auc_loss=get(metrics, "loss", "auc"),
+        mia_auc_reference=get(metrics, "reference", "auc"),
         audit_lower_bound=get(ft, "audit", "epsilon_lower_bound"),
         audit_max_certifiable=get(ft, "audit", "max_certifiable"),
         claimed_epsilon=ft and ft["claimed_epsilon"],
@@ -661,11 +662,11 @@ def results_markdown(cfg, rows, checks, timings, figures, finetunes):
                      r["val_loss"], r["val_ppl"],
                      f"{fmt(r['base_corpus_ppl'])}" + (f" ({fmt(r['forgetting_ratio'])}×)" if r["forgetting_ratio"] else ""),
                      r["finetune_time_s"]] for r in rows]), "",
-          md_table(["method", f"exposure {top}x (bits)", "exposure controls", "extraction gap", "MIA AUC (loss)",
-                    "MIA AUC (best attack)", "audit ε lower bound", "claimed ε", "latency base / patched (ms/token)",
-                    "apply (ms)", "wrong key"],
+          md_table(["method", f"exposure {top}x (bits)", "exposure controls", "extraction gap", "MIA AUC (reference)",
+                    "MIA AUC (loss)", "MIA AUC (best attack)", "audit ε lower bound", "claimed ε",
+                    "latency base / patched (ms/token)", "apply (ms)", "wrong key"],
                    [[r["method"], r["exposure_top"], r["exposure_by_reps"].get("0"), r["extraction_gap"],
-                     r["mia_auc_loss"], max(r["mia_auc"].values()) if r["mia_auc"] else None,
+                     r["mia_auc_reference"], r["mia_auc_loss"], max(r["mia_auc"].values()) if r["mia_auc"] else None,
                      r["audit_lower_bound"], r["claimed_epsilon"] if r["method"] != "base" and r["claimed_epsilon"]
                      else ("∞ (no DP)" if r["method"] != "base" else None),
                      f"{fmt(r['latency_ms_per_token']['base'])} / {fmt(r['latency_ms_per_token']['patched'])}",
@@ -680,8 +681,10 @@ def results_markdown(cfg, rows, checks, timings, figures, finetunes):
           f"- **exposure**: log2(candidates) - log2(rank) of each canary's secret among {cfg['n_candidates']:,} random "
           f"phone numbers (max {math.log2(cfg['n_candidates'] + 1):.1f} bits, chance 1.44); controls were never "
           "inserted. **extraction gap**: greedy exact-match rate of the records' answers, training people minus held-out people.",
-          "- **MIA AUC**: membership inference (training vs held-out people), 0.5 = chance; best attack over loss, "
-          "zlib, Min-K%, Min-K%++ and the base model as reference.",
+          "- **MIA AUC**: membership inference (training vs held-out people), 0.5 = chance. **reference**: the score is "
+          "the base model's loss minus the patched model's, which cancels what the two groups differ in by chance (the "
+          "base model's own loss AUC shows how much that is with this many people); **loss**: the model's loss alone; "
+          "**best attack**: the highest of loss, zlib, Min-K%, Min-K%++ and reference.",
           "- **audit ε lower bound**: Steinke-Nasr-Jagielski one-run audit of this very fine-tune at 95% confidence "
           f"(max certifiable with {any_ft['audit']['r']} guesses: {fmt(any_ft['audit']['max_certifiable'])}); it must "
           "stay below the claimed ε.",
@@ -774,8 +777,8 @@ def print_summary(results):
     from test_pipeline.model_under_test import format_table
     rows = results["methods"]
     print("\n" + format_table(
-        ["method", "trainable", "patch B", "val ppl", "exposure top", "MIA AUC", "audit ε ≥", "claimed ε"],
-        [[r["method"], r["trainable_params"], r["patch_bytes"], r["val_ppl"], r["exposure_top"], r["mia_auc_loss"],
+        ["method", "trainable", "patch B", "val ppl", "exposure top", "MIA AUC (ref.)", "audit ε ≥", "claimed ε"],
+        [[r["method"], r["trainable_params"], r["patch_bytes"], r["val_ppl"], r["exposure_top"], r["mia_auc_reference"],
           r["audit_lower_bound"], r["claimed_epsilon"]] for r in rows]))
     for name, c in (results["checks"] or {}).items():
         print(f"check {name}: {'PASS' if c['passed'] else 'FAIL'} {c['details']}")

@@ -10,7 +10,7 @@ device = "cpu"
 # data: bytes; one Q/A field per person (plus a canary's phone line) so that a record fits the 128-token block
 tokenizer = "byte"
 n_people = 100
-val_frac = 0.3
+val_frac = 0.5  # the held-out half: membership-inference non-members
 fields = ("Department",)
 canary_reps = (1, 4, 16)
 
@@ -21,7 +21,8 @@ n_embd = 128
 block_size = 128
 pretrain_iters = 400
 
-# fine-tuning: 30 epochs without DP (the records are memorized), 10 with DP-SGD
+# fine-tuning on every token of the records: 30 epochs without DP (the repeated canaries are memorized), 10 with DP-SGD
+loss_on = "all"
 epochs = 30.0
 batch_size = 8
 learning_rate = 2e-3
