@@ -68,13 +68,13 @@ class Steps:
         self.last_command = ""
 
     def run(self, title, argv, check=True):
-        """Run `python argv...` from the repository root; returns the exit code."""
+        """Run `python SCRIPT args...` (SCRIPT relative to the repository root); returns the exit code."""
         self.n += 1
-        cmd = [sys.executable] + argv
-        shown = self.last_command = "python " + " ".join(shlex.quote(a) for a in argv)
+        cmd = [repo_path(argv[0])] + argv[1:]
+        shown = self.last_command = "python " + " ".join(shlex.quote(a) for a in cmd)
         self.log(f"\n=== {self.n}. {title}\n$ {shown}", flush=True)
         cpu0, t0 = children_cpu(), time.perf_counter()
-        code = subprocess.call(cmd, cwd=REPO)
+        code = subprocess.call([sys.executable] + cmd)
         wall, cpu = time.perf_counter() - t0, children_cpu() - cpu0
         self.timings.append((title, wall, cpu))
         if check and code != 0:
@@ -87,6 +87,11 @@ class Steps:
             lines.append(f"{title[:44]:<44} {wall:8.1f} {cpu:8.1f}")
         lines.append(f"{'total':<44} {sum(t[1] for t in self.timings):8.1f} {sum(t[2] for t in self.timings):8.1f}")
         return "\n".join(lines)
+
+
+def repo_path(path):
+    """A file of the repository, as a path from the current directory (just `path` from the root)."""
+    return os.path.relpath(os.path.join(REPO, path))
 
 
 def children_cpu():
@@ -154,7 +159,7 @@ def main(argv=None):
                                                    fields="Annual Salary", canary_reps=cfg["canary_reps"],
                                                    canaries_per_rep=3, n_control_canaries=4)])
     steps.run("pretrain the small base model",
-              ["train.py", "config/train_pydocs.py",
+              ["train.py", repo_path("config/train_pydocs.py"),
                *opts(data_dir=pydocs, out_dir=os.path.dirname(base), n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
                      block_size=cfg["block_size"], batch_size=cfg["batch_size"], max_iters=cfg["pretrain_iters"],
                      lr_decay_iters=cfg["pretrain_iters"], eval_interval=max(1, cfg["pretrain_iters"] // 4),
