@@ -33,7 +33,6 @@ import multiprocessing
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -41,7 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from configurator import configure
-from demo import Steps, opts
+from demo import Steps, opts, repo_path
 from utils.atomic import write_bytes, write_json
 from utils.cli import UserError, run_cli
 
@@ -61,6 +60,7 @@ DEFAULTS = dict(
     n_people=100,
     val_frac=0.5,  # held-out people: the membership-inference non-members
     fields=("Department",),  # employee fields each record asks about
+    templates=(0,),  # question wordings of the records: the canonical one, which extraction prompts with
     canary_reps=(1, 4, 16),
     canaries_per_rep=2,
     n_control_canaries=2,
@@ -77,10 +77,10 @@ DEFAULTS = dict(
     loss_on="all",
     steps=0,  # logical steps per method; 0 = from epochs / dp_epochs
     finetune_block_size=0,  # 0 = the base model's; records are padded to it (shorter = faster)
-    epochs=30.0,
+    epochs=15.0,
     batch_size=8,
     microbatch_size=8,
-    learning_rate=2e-3,
+    learning_rate=1e-3,
     lora_learning_rate=5e-3,
     dp_epochs=10.0,
     dp_batch_size=64,
@@ -102,9 +102,13 @@ DEFAULTS = dict(
     # the shell checks
     check_candidates=1000,
     max_base_exposure=4.0,  # the base must not know the canaries: mean exposure of the most repeated ones
-    robustness_people=20,
-    min_consistency=0.05,
-    min_correctness=0.2,
+    robustness_tenant=50,  # check 3 on a tenant of this many people trained on several paraphrases; 0 = the reference patch
+    robustness_templates=(0, 1, 2),  # the tenant's training wordings; the others are held out (generalisation)
+    robustness_epochs=80.0,
+    robustness_learning_rate=2e-3,
+    robustness_people=20,  # people whose answers check 3 scores
+    min_consistency=0.4,
+    min_correctness=0.6,
 )
 
 # name: (label, what the method changes in the fine-tune config)
@@ -169,7 +173,7 @@ def stage_data(cfg, paths, steps):
     steps.run("prepare the employees records with canaries",
               ["data/employees/prepare.py",
                *opts(tokenizer=cfg["tokenizer"], out_dir=paths.employees, n_people=cfg["n_people"],
-                     val_frac=cfg["val_frac"], fields=cfg["fields"], canary_reps=cfg["canary_reps"],
+                     val_frac=cfg["val_frac"], fields=cfg["fields"], templates=cfg["templates"], canary_reps=cfg["canary_reps"],
                      canaries_per_rep=cfg["canaries_per_rep"], n_control_canaries=cfg["n_control_canaries"],
                      seed=cfg["seed"])])
 
@@ -179,7 +183,7 @@ def stage_pretrain(cfg, paths, steps):
     shape = {} if cfg["init_from"] != "scratch" else dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"],
                                                           n_embd=cfg["n_embd"])
     steps.run("pretrain the base model on pydocs",
-              ["train.py", "config/train_pydocs.py",
+              ["train.py", repo_path("config/train_pydocs.py"),
                *opts(data_dir=paths.pydocs, out_dir=os.path.dirname(paths.base), init_from=cfg["init_from"], **shape,
                      block_size=cfg["block_size"], batch_size=cfg["pretrain_batch_size"], max_iters=iters,
                      lr_decay_iters=iters, warmup_iters=max(1, min(20, iters // 10)),
@@ -429,6 +433,59 @@ def test_model(cfg, paths, name, shared, log=print):
 
 
 # ----------------------------------------------------------------------------- the three shell checks
+def robustness_tenant(cfg, paths, steps):
+    """(patch, key, data_dir) of a tenant made for check 3: robustness_tenant training people, each asked
+    every question in each of the robustness_templates wordings (one record per person and wording: data
+    augmentation, so this tenant is not one record per person and serves no privacy measurement); the
+    other wordings are held out. At CPU scale a model trained on one wording per person answers other
+    wordings at about the rate of guessing the most common answer; trained on several it learns the facts
+    and does better on the held-out wording too (measured: check 3's details). Written through
+    utils/prepare; fine-tuned and sealed by finetune_encrypt_memmap.py in its own process."""
+    from test_pipeline.leakage_test import read_people
+    from utils import employees
+    from utils.data import load_meta
+    from utils.prepare import write_records
+    from utils.tokenizer import get_tokenizer
+    folder = os.path.join(paths.checks, "robustness_tenant")
+    data, patch, key = os.path.join(folder, "data"), os.path.join(folder, "tenant.patch"), os.path.join(folder, "key.hex")
+    meta = load_meta(paths.employees)
+    fields, wordings = list(meta["fields"]), list(cfg["robustness_templates"])
+    people = {s: [p for p in read_people(paths.employees, s) if employees.CANARY_FIELD not in p]
+              for s in ("train", "val")}
+    people = {"train": people["train"][:cfg["robustness_tenant"]], "val": people["val"][:2]}  # val: a token eval
+    records = {s: [(p, *employees.render_examples(p, t, fields)) for p in ps for t in wordings]
+               for s, ps in people.items()}
+    write_records(data, {s: [text for _, text, _ in r] for s, r in records.items()}, get_tokenizer(meta),
+                  {"fields": fields, "templates": wordings, "source": paths.employees,
+                   "note": "check 3's tenant: one record per person and question wording"},
+                  answer_spans={s: [[(a, b) for _, _, a, b in ex] for _, _, ex in r] for s, r in records.items()},
+                  extra_files={f"{s}_people.jsonl": "".join(json.dumps(p) + "\n" for p, _, _ in r).encode()
+                               for s, r in records.items()})  # one line per record, as prepare.py writes
+    print(f"\nwrote {data}: {len(people['train'])} people x wordings {wordings} (train)")
+    steps.run("check 3: the tenant's key", ["finetune_encrypt_memmap.py", "keygen", *opts(out=key), "--force"])
+    steps.run(f"check 3: fine-tune the tenant on wordings {wordings} and seal the patch",
+              ["finetune_encrypt_memmap.py",
+               *opts(base_ckpt=paths.base, data_dir=data, key_file=key, tenant="robustness", export=patch,
+                     loss_on="answer", epochs=cfg["robustness_epochs"], max_steps=cfg["steps"], batch_size=8,
+                     microbatch_size=8, learning_rate=cfg["robustness_learning_rate"], eval_interval=0,
+                     device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"])])
+    return patch, key, data, people["train"][:cfg["robustness_people"]]
+
+
+def majority_rate(people, fields):
+    """Correctness of always answering each field's most common value among `people`: what a model that
+    learned the answer format and the population, but no person, scores."""
+    from collections import Counter
+    from utils import employees
+    hits = total = 0
+    for f in fields:
+        answers = [employees.answer(p, f) for p in people if p.get(f) is not None]
+        if answers:
+            hits += Counter(answers).most_common(1)[0][1]
+            total += len(answers)
+    return hits / total if total else None
+
+
 def stage_checks(cfg, paths, steps, methods):
     """The thesis's shell checks; returns {check: {command, passed, details}}."""
     ref = "full" if "full" in methods else methods[0]
@@ -463,25 +520,43 @@ def stage_checks(cfg, paths, steps, methods):
                                           rule="exit 0: the right key works in another process and every wrong key, "
                                                "tampered byte, truncation, swap, other base or tenant is refused")
     if "robustness" in cfg["checks"]:
+        from test_pipeline.leakage_test import read_people
+        patch, key, data = where["patch"], where["key"], paths.employees
+        if cfg["robustness_tenant"]:
+            patch, key, data, scored = robustness_tenant(cfg, paths, steps)
+        else:
+            scored = read_people(data, "train")[:cfg["robustness_people"]]
         n, runs = cfg["robustness_people"], {}
-        for who, extra in (("patched", opts(patch=where["patch"], key_file=where["key"])), ("base", ["--injection=False"])):
+        for who, extra in (("patched", opts(patch=patch, key_file=key)), ("base", ["--injection=False"])):
             out = os.path.join(paths.checks, f"robustness_{who}.json")
             code = steps.run(f"check 3{'ab'[who == 'base']}: paraphrase robustness with correctness, "
-                             + (f"{ref} patch with its key" if who == "patched" else "the base model (must fail)"),
+                             + ("the patch with its key" if who == "patched" else "the base model (must fail)"),
                              ["test_pipeline/test_prompt_robustness.py",
-                              *opts(ckpt=paths.base, data_dir=paths.employees, max_people=n, injection_people=n,
-                                    n_samples=2, min_consistency=cfg["min_consistency"],
-                                    min_correctness=cfg["min_correctness"], out=out), *extra], check=False)
-            overall = ((read_json(out) or {}).get("paraphrase") or {}).get("overall") or {}
+                              *opts(ckpt=paths.base, data_dir=data, max_people=n, injection_people=n, n_samples=2,
+                                    min_consistency=cfg["min_consistency"], min_correctness=cfg["min_correctness"],
+                                    out=out), *extra], check=False)
+            para = (read_json(out) or {}).get("paraphrase") or {}
+            overall, per_template = para.get("overall") or {}, para.get("per_template_correctness") or {}
+            trained = set(read_json(os.path.join(data, "meta.json"))["templates"])
+            held_out = [c for t, c in per_template.items() if int(t) not in trained]
             runs[who] = dict(exit_code=code, consistency=overall.get("consistency"),
-                             correctness=overall.get("correctness"), command=steps.last_command)
+                             correctness=overall.get("correctness"), per_template_correctness=per_template,
+                             held_out_correctness=sum(held_out) / len(held_out) if held_out else None,
+                             command=steps.last_command)
+        guess = majority_rate(scored, read_json(os.path.join(data, "meta.json"))["fields"])
         base_fails = cfg["min_correctness"] <= 0 or (runs["base"]["correctness"] or 0) < cfg["min_correctness"]
+        held = runs["patched"]["held_out_correctness"]
+        generalises = held is None or guess is None or held > guess or cfg["min_correctness"] <= 0
         results["robustness"] = dict(
-            command=runs["patched"]["command"], passed=runs["patched"]["exit_code"] == 0 and base_fails,
-            details={who: {k: v for k, v in r.items() if k != "command"} for who, r in runs.items()},
-            rule=f"the patched model's answers to every paraphrase of every question: consistency >= "
-                 f"{cfg['min_consistency']} and correctness against the record >= {cfg['min_correctness']} (exit 0), "
-                 "while the base model, which never saw the records, falls short of the correctness threshold")
+            command=runs["patched"]["command"], passed=runs["patched"]["exit_code"] == 0 and base_fails and generalises,
+            details={**{who: {k: v for k, v in r.items() if k != "command"} for who, r in runs.items()},
+                     "majority_answer_correctness": guess},
+            rule=f"the patched model's answers to every wording of every question: consistency >= "
+                 f"{cfg['min_consistency']} and correctness against the record >= {cfg['min_correctness']} (exit 0); "
+                 "on the wordings held out of training, correctness above always answering the most common value; "
+                 "the base model, which never saw the records, falls short of the correctness threshold"
+                 + (f". The patch is a tenant of {cfg['robustness_tenant']} people trained on wordings "
+                    f"{list(cfg['robustness_templates'])} (see robustness_tenant)" if cfg["robustness_tenant"] else ""))
     write_json(os.path.join(paths.checks, "checks.json"), finite(results))
     return results
 
@@ -641,6 +716,20 @@ def write_results(cfg, paths, methods, checks, timings):
     return results
 
 
+def check_summary(name, d):
+    """The measured numbers behind a check's verdict, in one line."""
+    f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    if name == "leakage":
+        return (f"mean exposure of the most repeated canaries: base {f(d.get('base_exposure'))} bits, patched "
+                f"{f(d.get('patched_exposure'))} bits; wrong key: {d.get('wrong_key') or '-'}")
+    if name == "robustness":
+        p, b = d.get("patched", {}), d.get("base", {})
+        return (f"patched: consistency {f(p.get('consistency'))}, correctness {f(p.get('correctness'))} "
+                f"(held-out wordings {f(p.get('held_out_correctness'))} vs {f(d.get('majority_answer_correctness'))} "
+                f"for always the most common answer); base: correctness {f(b.get('correctness'))}")
+    return f"exit code {d.get('exit_code')}"
+
+
 def results_markdown(cfg, rows, checks, timings, figures, finetunes):
     top = max(cfg["canary_reps"])
     n = sorted(cfg["tenants"])
@@ -693,7 +782,8 @@ def results_markdown(cfg, rows, checks, timings, figures, finetunes):
     if checks:
         md += ["## The thesis's shell checks", "",
                md_table(["check", "command", "rule", "result"],
-                        [[name, f"`{c['command']}`", c["rule"], "PASS" if c["passed"] else f"FAIL {c['details']}"]
+                        [[name, f"`{c['command']}`", c["rule"],
+                          ("PASS: " if c["passed"] else "FAIL: ") + check_summary(name, c["details"])]
                          for name, c in checks.items()]), ""]
     md += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     if timings:

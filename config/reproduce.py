@@ -12,6 +12,7 @@ tokenizer = "byte"
 n_people = 100
 val_frac = 0.5  # the held-out half: membership-inference non-members
 fields = ("Department",)
+templates = (0,)  # every record asks in the canonical wording, the one extraction prompts with
 canary_reps = (1, 4, 16)
 
 # base model: 4 blocks x 128 wide (0.83M parameters) pretrained on pydocs for 400 steps
@@ -21,11 +22,12 @@ n_embd = 128
 block_size = 128
 pretrain_iters = 400
 
-# fine-tuning on every token of the records: 30 epochs without DP (the repeated canaries are memorized), 10 with DP-SGD
+# fine-tuning on every token of the records: 15 epochs without DP (the repeated canaries are memorized;
+# longer or at a higher rate, the full fine-tune mostly forgets pydocs), 10 with DP-SGD
 loss_on = "all"
-epochs = 30.0
+epochs = 15.0
 batch_size = 8
-learning_rate = 2e-3
+learning_rate = 1e-3
 lora_learning_rate = 5e-3
 dp_epochs = 10.0
 dp_batch_size = 64

@@ -12,7 +12,7 @@ TINY = dict(n_people=40, val_frac=0.3, canary_reps=(1, 8), canaries_per_rep=1, n
             pydocs_max_tokens=30000, n_layer=2, n_head=2, n_embd=32, block_size=128, pretrain_iters=10,
             pretrain_batch_size=4, steps=3, batch_size=8, microbatch_size=8, dp_batch_size=8, audit_m=20, audit_k=4,
             n_candidates=200, check_candidates=100, extraction_people=4, mia_records=8, eval_people=4,
-            base_eval_tokens=2000, latency_prompts=2, latency_tokens=4, robustness_people=3,
+            base_eval_tokens=2000, latency_prompts=2, latency_tokens=4, robustness_people=3, robustness_tenant=3,
             min_consistency=0.0, min_correctness=0.0, max_base_exposure=8.0)
 
 
