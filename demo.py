@@ -162,7 +162,8 @@ def main(argv=None):
               ["train.py", repo_path("config/train_pydocs.py"),
                *opts(data_dir=pydocs, out_dir=os.path.dirname(base), n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
                      block_size=cfg["block_size"], batch_size=cfg["batch_size"], max_iters=cfg["pretrain_iters"],
-                     lr_decay_iters=cfg["pretrain_iters"], eval_interval=max(1, cfg["pretrain_iters"] // 4),
+                     lr_decay_iters=cfg["pretrain_iters"], warmup_iters=max(1, min(20, cfg["pretrain_iters"] // 10)),
+                     eval_interval=max(1, cfg["pretrain_iters"] // 4),
                      log_interval=max(1, cfg["pretrain_iters"] // 8), patience=0)])
     steps.run("a sample from the base model",
               ["sample.py", *opts(ckpt=base, start="The ", num_samples=1, max_new_tokens=200, device="cpu")])

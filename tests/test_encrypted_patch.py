@@ -118,6 +118,16 @@ def test_payload_is_within_5_percent_of_the_changed_parameters(full):
     assert changed_bytes <= payload <= 1.05 * changed_bytes
 
 
+def test_an_embedding_with_no_candidate_rows_stores_nothing():
+    base = torch.randn(16, 4)
+    assert sp.delta_tensor("wte", base, base + 1.0, rows=[]) is None  # e.g. no row of it got a gradient
+    entry = sp.delta_tensor("wte", base, base.index_add(0, torch.tensor([2]), torch.ones(1, 4)), rows=[2, 5])
+    try:
+        assert entry.kind == "rows" and entry.rows == 1
+    finally:
+        entry.close()
+
+
 def test_weight_decay_and_untouched_tensors_stay_out():
     """Only wte rows 3 and 7 get a gradient; weight decay then moves every weight: none of that enters."""
     base = tiny_model().eval()

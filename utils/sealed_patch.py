@@ -448,6 +448,10 @@ def delta_tensor(name, base, finetuned, rows=None, stored_dtype=None):
     kind, rows_idx = "delta", None
     if rows is not None:
         rows = torch.as_tensor(rows, dtype=torch.int64).cpu().unique()  # sorted, unique
+        if rows.numel() == 0:  # no candidate row: nothing to store
+            if own_f:
+                f.zero_()
+            return None
         f_rows, b_rows = f[rows], b[rows]
         changed = (_bits(f_rows) != _bits(b_rows)).reshape(len(rows), -1).any(1)
         rows = rows[changed]
