@@ -1,5 +1,5 @@
 """
-The headline story at small scale, offline, on the built-in data (what `make demo` runs; ~10 minutes on
+The headline story at small scale, offline, on the built-in data (what `make demo` runs; ~4 minutes on
 2 CPU cores):
 
     python demo.py                      # everything into out/demo

@@ -1,4 +1,4 @@
-# The thesis experiments at the built-in CPU scale (make reproduce): about 30 minutes on 2 CPU cores.
+# The thesis experiments at the built-in CPU scale (make reproduce): about 11 minutes on 2 idle CPU cores.
 #   python reproduce.py config/reproduce.py
 #   python reproduce.py config/reproduce.py --methods=full,lora8 --steps=20     # a smaller matrix
 # Every key is documented in reproduce.py's DEFAULTS; this file states the main ones explicitly.
