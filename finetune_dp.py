@@ -66,6 +66,7 @@ from utils.atomic import write_bytes, write_json
 from utils.checkpoint import load_model, save_checkpoint, unwrap
 from utils.cli import UserError, run_cli
 from utils.data import RecordDataset, load_meta
+from utils.distributed import leave_process_group
 
 DEFAULTS = dict(
     # where from, where to
@@ -563,11 +564,14 @@ def finetune(cfg, model=None, on_model_ready=None, log=print):
     check_config(cfg)
     rank, world_size, device, created_group = distributed_setup(cfg)
     say = log if rank == 0 else (lambda *a, **k: None)
+    finished = False
     try:
-        return _finetune(cfg, model, on_model_ready, say, rank, world_size, device)
+        result = _finetune(cfg, model, on_model_ready, say, rank, world_size, device)
+        finished = True
+        return result
     finally:
         if created_group:
-            dist.destroy_process_group()
+            leave_process_group(finished)
 
 
 def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_size=1, device=None):

@@ -27,6 +27,7 @@ from model import GPT, GPTConfig
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.cli import UserError, run_cli
 from utils.data import REPO, get_batch, load_meta, tokens
+from utils.distributed import leave_process_group
 
 DEFAULTS = dict(
     # I/O
@@ -399,7 +400,7 @@ def train(cfg, log=print):
     run_log = RunLog(log_path, append=resumed, enabled=master, echo=log)
     run_log.echo(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens per iteration | "
                  f"{world_size} process(es) on {device} ({dtype}) | iter {iter_num} -> {cfg['max_iters']}")
-    history, stopped_early = [], False
+    history, stopped_early, finished = [], False, False
     t_last, iters_since_log, dt_ema = time.perf_counter(), 0, None
     try:
         while True:
@@ -470,10 +471,12 @@ def train(cfg, log=print):
                               f"eta {format_eta(dt_ema * (cfg['max_iters'] - iter_num))}",
                               event="train", iter=iter_num, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu,
                               ms_per_iter=1000 * dt)
+        finished = True
     finally:
         run_log.close()
         if ddp:
-            dist.destroy_process_group()
+            model = None  # the DDP wrapper's reducer holds the group: drop it while the group is alive
+            leave_process_group(finished)
     return {"model": raw_model, "iter_num": iter_num, "best_val_loss": best_val_loss,
             "stopped_early": stopped_early, "history": history}
 

@@ -13,7 +13,7 @@ import pytest
 from utils.cli import UserError
 from utils.data import RecordDataset, answer_mask, load_meta, offsets, tokens
 from utils.employees import (CANARY_FIELD, FIELDS, N_TEMPLATES, QUESTIONS, answer, generate_people, qa_prompt,
-                             random_secret, render_examples, render_record)
+                             random_secret, record_fields, render_examples, render_record)
 from utils.prepare import encode_record, take_tokens
 from utils.tokenizer import ByteTokenizer, get_tokenizer
 
@@ -87,12 +87,32 @@ def test_render_record_matches_contract():
     for line, (field, t, start, end) in zip(lines, examples):
         assert line == f"{qa_prompt(person, field, t)} {answer(person, field)}\n"
         assert text[start:end] == f" {answer(person, field)}\n"
+    # after the canary line, every field once, in an order that varies between records
+    orders = set()
+    for seed in range(20):
+        _, ex = render_examples(person, random.Random(seed))
+        assert ex[0][0] == CANARY_FIELD and sorted(e[0] for e in ex[1:]) == sorted(record_fields(person)[1:])
+        orders.add(tuple(e[0] for e in ex))
+    assert len(orders) > 1
+    assert [e[0] for e in render_examples(person, 0)[1]] == record_fields(person)  # a fixed template: schema order
     # salaried people have no hourly rate and hourly people a computed annual salary
     for p in generate_people(random.Random(2), 200):
         if p["Salary or Hourly"] == "Salary":
             assert p["Hourly Rate"] is None and p["Annual Salary"] > 0
         else:
             assert p["Annual Salary"] == round(p["Hourly Rate"] * p["Typical Hours"] * 52, 2)
+
+
+def fields_of_lines(person, text, fields):
+    """The field each line of a record asks about, checking that the line is that field's Q/A example in
+    one of its templates."""
+    order = []
+    for line in text.splitlines(keepends=True):
+        field = [f for f in fields
+                 if any(line == f"{qa_prompt(person, f, t)} {answer(person, f)}\n" for t in range(N_TEMPLATES))]
+        assert len(field) == 1, line
+        order.append(field[0])
+    return order
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +137,12 @@ def test_employees_deterministic_split_by_person_and_masks(employees_dir, tmp_pa
         recs = decoded_records(a, split)
         assert len(rows) == len(recs)
         for person, (text, answers) in zip(rows, recs):
-            lines = text.splitlines(keepends=True)
             fields = [f for f in ([CANARY_FIELD] + meta["fields"]) if person.get(f) is not None]
-            assert len(lines) == len(fields)
-            for line, field in zip(lines, fields):
-                assert line.startswith(f"Context: {person['Name']}. Question: ")
-                assert line.endswith(f" Answer: {answer(person, field)}\n")
+            order = fields_of_lines(person, text, fields)
+            assert sorted(order) == sorted(fields)
+            assert (order[0] == CANARY_FIELD) == (CANARY_FIELD in person)  # a canary's Phone line comes first
             # the mask covers exactly the answers (with their leading space and newline)
-            assert answers == "".join(f" {answer(person, f)}\n" for f in fields)
+            assert answers == "".join(f" {answer(person, f)}\n" for f in order)
     ds = RecordDataset(str(a), "train", block_size=256, loss_on="answer")
     x, y = ds[0]
     assert (y != -1).sum() > 0 and (y != -1).sum() < (x != 0).sum()
@@ -160,8 +178,9 @@ def test_employees_gpt2_tokenizer_offline(tmp_path):
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
     for person, (text, answers) in zip(people(out, "train"), decoded_records(out, "train")):
         fields = [f for f in [CANARY_FIELD] + FIELDS if person.get(f) is not None]
-        assert answers == "".join(f" {answer(person, f)}\n" for f in fields)
-        assert text.count("\n") == len(fields)
+        order = fields_of_lines(person, text, fields)
+        assert sorted(order) == sorted(fields)
+        assert answers == "".join(f" {answer(person, f)}\n" for f in order)
 
 
 def write_csv(path, rows):

@@ -258,7 +258,7 @@ def test_every_region_of_the_file_is_authenticated(full):
 
 
 def test_passphrase_patch(full):
-    base, trained = full["base"], full["trained"]
+    base = full["base"]
     opened = sp.open_patch(sp.SealedPatch.from_bytes(full["raw"]), full["key"])  # re-seal the same payloads
     plain = []
     for i, e in enumerate(opened.header["tensors"]):

@@ -10,7 +10,8 @@ have an Hourly Rate and Typical Hours, and their Annual Salary is hourly rate x 
 
 The model completes qa_prompt(...) ("... Answer:") with " " + answer + "\\n". A record (one person, the
 privacy unit) is the person's examples, one per line, the canary's Phone line first so the text before
-a canary secret is exactly its prompt."""
+a canary secret is exactly its prompt, the other fields in random order so that each is seen at varied
+positions (probes ask at the start of a prompt)."""
 import json
 import os
 import random
@@ -154,13 +155,20 @@ def record_fields(person, fields=None):
 
 def render_examples(person, rng_or_template_choice, fields=None, templates=None):
     """(record text, [(field, template_index, answer_start, answer_end), ...]). An answer span covers
-    ' ' + answer + '\\n' (the completion of its qa_prompt). rng_or_template_choice: a random.Random (a
-    template per field drawn from `templates`, default all; the canary question is always
-    CANARY_TEMPLATE), an int (that template for every field) or a dict {field: index} (default 0)."""
+    ' ' + answer + '\\n' (the completion of its qa_prompt). rng_or_template_choice: a random.Random (the
+    fields in random order after the canary line, and a template per field drawn from `templates`, default
+    all; the canary question is always CANARY_TEMPLATE), an int (that template for every field, schema
+    order) or a dict {field: index} (default 0, schema order)."""
     choice = rng_or_template_choice
     pool = list(range(N_TEMPLATES)) if templates is None else list(templates)
+    order = record_fields(person, fields)
+    if isinstance(choice, random.Random):  # every field at varied positions: a probe asks at position 0
+        head = order[:1] if order[:1] == [CANARY_FIELD] else []
+        rest = order[len(head):]
+        choice.shuffle(rest)
+        order = head + rest
     text, examples = "", []
-    for field in record_fields(person, fields):
+    for field in order:
         if isinstance(choice, random.Random):
             t = CANARY_TEMPLATE if field == CANARY_FIELD else choice.choice(pool)
         elif isinstance(choice, dict):
