@@ -57,7 +57,7 @@ DEFAULTS = dict(
     # data
     tokenizer="byte",
     pydocs_max_tokens=0,  # 0 = the whole corpus
-    n_people=100,
+    n_people=200,
     val_frac=0.5,  # held-out people: the membership-inference non-members
     fields=("Department",),  # employee fields each record asks about
     templates=(0,),  # question wordings of the records: the canonical one, which extraction prompts with
@@ -102,11 +102,11 @@ DEFAULTS = dict(
     # the shell checks
     check_candidates=1000,
     max_base_exposure=4.0,  # the base must not know the canaries: mean exposure of the most repeated ones
-    robustness_tenant=50,  # check 3 on a tenant of this many people trained on several paraphrases; 0 = the reference patch
+    robustness_tenant=100,  # check 3 on a tenant of this many people trained on several paraphrases; 0 = the reference patch
     robustness_templates=(0, 1, 2),  # the tenant's training wordings; the others are held out (generalisation)
     robustness_epochs=80.0,
     robustness_learning_rate=2e-3,
-    robustness_people=20,  # people whose answers check 3 scores
+    robustness_people=100,  # people whose answers check 3 scores (and the majority-answer rate is over)
     min_consistency=0.4,
     min_correctness=0.6,
 )

@@ -1,4 +1,4 @@
-# The thesis experiments at the built-in CPU scale (make reproduce): about 11 minutes on 2 idle CPU cores.
+# The thesis experiments at the built-in CPU scale (make reproduce): about 14 minutes on 2 idle CPU cores.
 #   python reproduce.py config/reproduce.py
 #   python reproduce.py config/reproduce.py --methods=full,lora8 --steps=20     # a smaller matrix
 # Every key is documented in reproduce.py's DEFAULTS; this file states the main ones explicitly.
@@ -9,7 +9,7 @@ device = "cpu"
 
 # data: bytes; one Q/A field per person (plus a canary's phone line) so that a record fits the 128-token block
 tokenizer = "byte"
-n_people = 100
+n_people = 200
 val_frac = 0.5  # the held-out half: membership-inference non-members
 fields = ("Department",)
 templates = (0,)  # every record asks in the canonical wording, the one extraction prompts with
