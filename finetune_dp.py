@@ -62,7 +62,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from configurator import configure
 from model import GPT
-from utils.atomic import write_bytes, write_json
+from utils.atomic import json_safe, write_bytes, write_json
 from utils.checkpoint import load_model, save_checkpoint, unwrap
 from utils.cli import UserError, run_cli
 from utils.data import RecordDataset, load_meta
@@ -547,17 +547,6 @@ def evaluate(gpt, val_set, answer_set, batch_size, device, autocast, limit=0):
     return out
 
 
-def json_safe(obj):
-    """inf/nan are not JSON: write null (epsilon = inf means no guarantee, e.g. noise_multiplier=0)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
 # ----------------------------------------------------------------------------- the run
 def finetune(cfg, model=None, on_model_ready=None, log=print):
     cfg = {**DEFAULTS, **cfg}
@@ -707,7 +696,7 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
         save_checkpoint(os.path.join(out, "ckpt.pt"), gpt, iter_num=tr.steps, config=cfg,
                         privacy=json_safe(privacy) if privacy else None)
         if privacy:
-            write_json(os.path.join(out, "privacy.json"), json_safe(privacy))
+            write_json(os.path.join(out, "privacy.json"), privacy)
         lines = [{"event": "config", **json_safe(cfg)}] + log_lines + [{"event": "done", "steps": tr.steps,
                                                                           "train_time_s": train_time}]
         write_bytes(os.path.join(out, "log.jsonl"), "".join(json.dumps(json_safe(x)) + "\n" for x in lines).encode())

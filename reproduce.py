@@ -31,7 +31,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,8 +40,10 @@ import torch
 
 from configurator import configure
 from demo import Steps, opts, repo_path
+from test_pipeline.report import get, read_json
 from utils.atomic import write_bytes, write_json
 from utils.cli import UserError, run_cli
+from utils.machine import describe_machine
 
 DEFAULTS = dict(
     out_dir="out/reproduce",  # data, base model, one folder per method (patch, key, JSON results)
@@ -143,26 +144,6 @@ class Paths:
         folder = os.path.join(self.out, name)
         return dict(folder=folder, patch=os.path.join(folder, f"{name}.patch"), key=os.path.join(folder, "key.hex"),
                     finetune=os.path.join(folder, "finetune.json"), tests=os.path.join(folder, "tests.json"))
-
-
-def read_json(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def finite(obj):
-    """JSON has no inf/nan: write null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, torch.Tensor):  # numpy scalars
-        return finite(obj.item())
-    return obj
 
 
 # ----------------------------------------------------------------------------- data and base model
@@ -285,7 +266,7 @@ def finetune_and_seal(cfg, paths, name, log=print):
                audit=dict(m=cfg["audit_m"], included=int(included.sum()), k=cfg["audit_k"], r=r, v=v, delta=delta,
                           epsilon_lower_bound=bound, max_certifiable=audit.epsilon_lower_bound(r, r, 0.95, delta,
                                                                                                cfg["audit_m"])))
-    write_json(where["finetune"], finite(out))
+    write_json(where["finetune"], out)
     log(f"--- {name}: {seen['trainable']:,} trainable, patch {patch_bytes:,} B, {result['train_time_s']:.1f} s, "
         f"audit: {v}/{r} correct, epsilon >= {bound:.2f}"
         + (f" (claimed {privacy['epsilon']:.2f})" if privacy else " (no DP)"))
@@ -428,7 +409,7 @@ def test_model(cfg, paths, name, shared, log=print):
     out["latency"] = generation_latency(cfg, paths, shared.tok, shared.prompts, patch, key)
     out["memory"] = measure_memory(cfg, paths, patch, key)
     out["test_time_s"] = time.perf_counter() - t0
-    write_json(os.path.join(folder, "tests.json"), finite(out))
+    write_json(os.path.join(folder, "tests.json"), out)
     return out
 
 
@@ -527,6 +508,8 @@ def stage_checks(cfg, paths, steps, methods):
         else:
             scored = read_people(data, "train")[:cfg["robustness_people"]]
         n, runs = cfg["robustness_people"], {}
+        meta = read_json(os.path.join(data, "meta.json"))
+        trained = set(meta["templates"])
         for who, extra in (("patched", opts(patch=patch, key_file=key)), ("base", ["--injection=False"])):
             out = os.path.join(paths.checks, f"robustness_{who}.json")
             code = steps.run(f"check 3{'ab'[who == 'base']}: paraphrase robustness with correctness, "
@@ -537,13 +520,12 @@ def stage_checks(cfg, paths, steps, methods):
                                     out=out), *extra], check=False)
             para = (read_json(out) or {}).get("paraphrase") or {}
             overall, per_template = para.get("overall") or {}, para.get("per_template_correctness") or {}
-            trained = set(read_json(os.path.join(data, "meta.json"))["templates"])
             held_out = [c for t, c in per_template.items() if int(t) not in trained]
             runs[who] = dict(exit_code=code, consistency=overall.get("consistency"),
                              correctness=overall.get("correctness"), per_template_correctness=per_template,
                              held_out_correctness=sum(held_out) / len(held_out) if held_out else None,
                              command=steps.last_command)
-        guess = majority_rate(scored, read_json(os.path.join(data, "meta.json"))["fields"])
+        guess = majority_rate(scored, meta["fields"])
         base_fails = cfg["min_correctness"] <= 0 or (runs["base"]["correctness"] or 0) < cfg["min_correctness"]
         held = runs["patched"]["held_out_correctness"]
         generalises = held is None or guess is None or held > guess or cfg["min_correctness"] <= 0
@@ -557,19 +539,11 @@ def stage_checks(cfg, paths, steps, methods):
                  "the base model, which never saw the records, falls short of the correctness threshold"
                  + (f". The patch is a tenant of {cfg['robustness_tenant']} people trained on wordings "
                     f"{list(cfg['robustness_templates'])} (see robustness_tenant)" if cfg["robustness_tenant"] else ""))
-    write_json(os.path.join(paths.checks, "checks.json"), finite(results))
+    write_json(os.path.join(paths.checks, "checks.json"), results)
     return results
 
 
 # ----------------------------------------------------------------------------- results
-def get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
 def summarize(name, ft, tests, top_reps):
     """One row of results.json: every number the issue asks for, per method (and the base)."""
     leak = tests["leakage"] if tests else {}
@@ -617,16 +591,6 @@ def fmt(v, digits=3):
 def md_table(headers, rows):
     return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
                      + ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows])
-
-
-def machine():
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def plots(rows, finetunes, results_dir):
@@ -706,11 +670,11 @@ def write_results(cfg, paths, methods, checks, timings):
     os.makedirs(paths.results, exist_ok=True)
     figures = plots(rows, finetunes, paths.results)
     data_meta = read_json(os.path.join(paths.employees, "meta.json")) or {}
-    results = dict(generated=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine(), config=cfg, methods=rows,
+    results = dict(generated=time.strftime("%Y-%m-%d %H:%M:%S"), machine=describe_machine(), config=cfg, methods=rows,
                    checks=checks, timings=timings, figures=figures,
                    data={"employees": data_meta.get("splits"), "fields": data_meta.get("fields"),
                          "canaries": data_meta.get("canaries")})
-    write_json(os.path.join(paths.results, "results.json"), finite(results))
+    write_json(os.path.join(paths.results, "results.json"), results)
     write_bytes(os.path.join(paths.results, "RESULTS.md"), results_markdown(cfg, rows, checks, timings, figures,
                                                                             finetunes).encode())
     return results
@@ -735,7 +699,7 @@ def results_markdown(cfg, rows, checks, timings, figures, finetunes):
     n = sorted(cfg["tenants"])
     any_ft = next(iter(finetunes.values()))
     md = ["# Results: encrypted parameter deltas, fine-tuning methods and DP", "",
-          f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `python reproduce.py` on {machine()}.", "",
+          f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `python reproduce.py` on {describe_machine()}.", "",
           f"Base: {cfg['n_layer']} blocks x {cfg['n_embd']} wide, block {cfg['block_size']}, pretrained "
           f"{cfg['pretrain_iters']} steps on pydocs ({cfg['tokenizer']} tokens). Fine-tune data: "
           f"{cfg['n_people']} synthetic employees ({', '.join(cfg['fields'])}; {int(cfg['val_frac'] * 100)}% of the "

@@ -232,7 +232,7 @@ def main(argv=None):
     if cfg["out"]:
         write_json(cfg["out"], {**{k: _finite(v) if isinstance(v, float) else v for k, v in report.items()},
                                 "config": {k: _finite(v) if isinstance(v, float) else v for k, v in cfg.items()},
-                                "privacy": finetune_dp.json_safe(report["privacy"]) if report["privacy"] else None})
+                                "privacy": report["privacy"] or None})
         print(f"wrote {cfg['out']}")
     if cfg["plot"]:
         plot_scores(report, cfg["plot"])

@@ -2,6 +2,7 @@
 A reader sees the old file or the new one, never half of one. Files are created owner-only (0600,
 mkstemp's mode): checkpoints and datasets here hold, or derive from, sensitive records."""
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -31,8 +32,22 @@ def write_bytes(path, data):
         f.write(data)
 
 
+def json_safe(obj):
+    """inf/nan are not JSON: null (epsilon = inf means no guarantee). numpy / 0-d scalars become Python
+    numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar, 0-d array or tensor
+        return json_safe(obj.item())
+    return obj
+
+
 def write_json(path, obj):
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    write_bytes(path, (json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n").encode())
 
 
 def torch_save(obj, path):
