@@ -10,7 +10,7 @@ Fine-tune a GPT and keep what it learned only as an encrypted patch over the bas
     # a fresh random key, readable by its owner only
     python finetune_encrypt_memmap.py keygen --out key.hex
 
-What goes into the patch (DeltaTracker, the on_model_ready callback of finetune_dp.finetune):
+What goes into the patch (DeltaTracker, the on_model_ready callback of utils.finetune.finetune):
 - tensor hooks record which trainable parameters receive a gradient and, for embedding tables, which
   rows; frozen parameters, parameters that never receive a gradient, untouched embedding rows and
   exactly-zero deltas stay out. The delta is fine-tuned - base in the base dtype (exact: applying gives
@@ -55,8 +55,8 @@ KEY_OPTIONS = dict(
     passphrase_file="",  # or a passphrase (scrypt-stretched; parameters stored in the patch header)
     passphrase_env="",
 )
-# The fine-tune run takes every key of finetune_dp.DEFAULTS too (data_dir, learning_rate, lora_rank, ...):
-# seal_main merges them. finetune_dp (and Opacus) are imported only there, so that `apply` and the
+# The fine-tune run takes every key of utils.finetune.DEFAULTS too (data_dir, learning_rate, lora_rank, ...):
+# seal_main merges them. utils.finetune (and Opacus) are imported only there, so that `apply` and the
 # library users (test_pipeline) start fast.
 DEFAULTS = {
     "dp": False,  # --dp=True: the patch is also differentially private
@@ -86,7 +86,7 @@ APPLY_DEFAULTS = dict(
 
 # ----------------------------------------------------------------------------- tracking what changed
 class DeltaTracker:
-    """on_model_ready callback for finetune_dp.finetune. When called with the prepared model (untied,
+    """on_model_ready callback for utils.finetune.finetune. When called with the prepared model (untied,
     frozen or LoRA-wrapped, not yet trained) it snapshots the trainable parameters and puts a gradient
     hook on each: embedding tables record which rows receive a nonzero gradient, other tensors whether
     any gradient arrives. build() then turns the trained model into patch payloads."""
@@ -346,8 +346,8 @@ def compare(patched, trained):
 
 # ----------------------------------------------------------------------------- fine-tune and seal
 def seal_main(argv):
-    import finetune_dp
-    cfg = configure({**finetune_dp.DEFAULTS, **DEFAULTS}, argv)
+    from utils import finetune as ft_loop
+    cfg = configure({**ft_loop.DEFAULTS, **DEFAULTS}, argv)
     if cfg["save"]:
         raise UserError("save=True would write the fine-tuned weights to disk in plaintext: this script keeps "
                         "them only as a sealed patch (use finetune_dp.py for a plaintext checkpoint)")
@@ -359,13 +359,13 @@ def seal_main(argv):
     key = key_from_cfg(cfg)
     prompts = read_prompts(cfg)
     tok = get_tokenizer(load_meta(cfg["data_dir"]))
-    base = finetune_dp.load_base(cfg).eval()
+    base = ft_loop.load_base(cfg).eval()
     base_fp = base_fingerprint(base)
     tracker = DeltaTracker(base, dp=cfg["dp"])
-    ft_cfg = {k: cfg[k] for k in finetune_dp.DEFAULTS}
+    ft_cfg = {k: cfg[k] for k in ft_loop.DEFAULTS}
     ft_cfg["save"] = False
     t0 = time.perf_counter()
-    result = finetune_dp.finetune(ft_cfg, model=copy.deepcopy(base).train(), on_model_ready=tracker)
+    result = ft_loop.finetune(ft_cfg, model=copy.deepcopy(base).train(), on_model_ready=tracker)
     finetune_s = time.perf_counter() - t0
     train_s = result["train_time_s"]
     trained = result["model"].cpu()
@@ -453,8 +453,8 @@ def apply_main(argv):
     prompts = read_prompts(cfg)
     sealed = SealedPatch.from_file(cfg["patch"])
     if cfg["init_from"]:
-        import finetune_dp
-        base = finetune_dp.load_base({**finetune_dp.DEFAULTS, "base_ckpt": "", "init_from": cfg["init_from"]})
+        from utils import finetune as ft_loop
+        base = ft_loop.load_base({**ft_loop.DEFAULTS, "base_ckpt": "", "init_from": cfg["init_from"]})
     else:
         base, _ = load_model(cfg["base_ckpt"])
     base = base.to(cfg["device"]).eval()

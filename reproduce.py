@@ -8,7 +8,7 @@ Reproduce the encrypted-delta thesis experiments in one command and write the re
 Stages (--stages picks some; a stage whose outputs exist is skipped unless --fresh):
   data      pydocs (the base corpus) and the synthetic employees records with canary phone numbers
   pretrain  the base model on pydocs (train.py)
-  finetune  per method, ONE fine-tune (finetune_dp.finetune) whose training set also holds the one-run
+  finetune  per method, ONE fine-tune (utils.finetune.finetune) whose training set also holds the one-run
             audit's canaries, each included with probability 1/2 (test_pipeline/privacy_audit.py): the
             audit lower bound is measured on the very run that is released. Its delta is sealed as an
             encrypted patch (finetune_encrypt_memmap.DeltaTracker + utils/sealed_patch.seal) with the
@@ -198,7 +198,7 @@ def method_config(cfg, name, paths, n_layer):
 def finetune_and_seal(cfg, paths, name, log=print):
     """One fine-tune of `name` with the audit canaries in its training set; seal, export and check the
     patch; score the audit. Returns the method's finetune.json dict."""
-    import finetune_dp
+    from utils import finetune as ft_loop
     from finetune_encrypt_memmap import DeltaTracker, compare
     from test_pipeline import privacy_audit as audit
     from utils import sealed_patch as sp
@@ -227,7 +227,7 @@ def finetune_and_seal(cfg, paths, name, log=print):
         planned = ft_cfg["max_steps"] or max(1, round(ft_cfg["epochs"] * n_train / ft_cfg["batch_size"]))
         ft_cfg.update(data_dir=tmp, eval_interval=cfg["eval_interval"] or max(1, planned // 10))
         log(f"--- {name}: {METHODS[name][0]}; {n_train} training records ({int(included.sum())} audit canaries)")
-        result = finetune_dp.finetune(ft_cfg, model=copy.deepcopy(base).train(), on_model_ready=ready, log=log)
+        result = ft_loop.finetune(ft_cfg, model=copy.deepcopy(base).train(), on_model_ready=ready, log=log)
     trained = result["model"].to("cpu")
     privacy = result["privacy"]
 

@@ -484,7 +484,7 @@ def utility_check(cfg, texts, log=print):
     pass through a temporary folder, removed afterwards. NOT differentially private: for the operator."""
     import tempfile
 
-    import finetune_dp
+    from utils import finetune as ft_loop
     from test_pipeline import eval as ev
 
     meta = load_meta(cfg["data_dir"])
@@ -514,7 +514,7 @@ def utility_check(cfg, texts, log=print):
             _record_dataset(folder, meta, train, val)
             log(f"utility: fine-tuning on {len(train)} {name} records for {cfg['utility_steps']} steps ...")
             batch = min(cfg["utility_batch_size"], len(train))
-            run = finetune_dp.finetune({
+            run = ft_loop.finetune({
                 "base_ckpt": cfg["ckpt"], "data_dir": folder, "save": False, "dp": False, "sampling": "shuffle",
                 "max_steps": cfg["utility_steps"], "batch_size": batch,
                 "microbatch_size": batch, "learning_rate": cfg["utility_learning_rate"],

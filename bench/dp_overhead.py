@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from configurator import configure
-from finetune_dp import build_run, evaluate, finetune
+from utils.finetune import build_run, evaluate, finetune
 from model import GPT, GPTConfig
 from utils.cli import UserError, run_cli
 from utils.data import RecordDataset, write_meta, write_split

@@ -28,7 +28,7 @@ import cryptography
 from cryptography.hazmat.primitives import hashes, hmac, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-import finetune_dp
+from utils import finetune as ft_loop
 from configurator import configure
 from finetune_encrypt_memmap import DeltaTracker, TenantRegistry
 from model import GPT, GPTConfig
@@ -298,7 +298,7 @@ def patch_sizes(cfg, out, data_dir):
     for label, extra in methods:
         tracker = DeltaTracker(base, dp=extra.get("dp", False))
         ready = embeddings_only(tracker) if label == "embedding rows only" else tracker
-        res = finetune_dp.finetune({**common, **extra}, model=copy.deepcopy(base).train(), on_model_ready=ready,
+        res = ft_loop.finetune({**common, **extra}, model=copy.deepcopy(base).train(), on_model_ready=ready,
                                    log=lambda *a: None)
         trained = res["model"]
         plain, rep = tracker.build(trained)

@@ -2,7 +2,7 @@
 One-run privacy audit (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1) Training Run").
 
 m random canary records are drawn; each is included in the training set independently with probability
-1/2 (seeded). One fine-tune runs through finetune_dp.finetune with your config (DP or not) on the
+1/2 (seeded). One fine-tune runs through utils.finetune.finetune with your config (DP or not) on the
 dataset's training records plus the included canaries. Each canary is scored by how much training raised
 its log-likelihood (mean token log-prob after - before, the "before" taken from the prepared model just
 ahead of the first step). The auditor guesses "included" for the k_plus highest scores and "excluded"
@@ -154,7 +154,7 @@ def canary_logprob(model, canary_records, batch_size):
 
 def run_audit(cfg, log=print):
     """Draw, train once, score, guess, bound. Returns the report dict."""
-    import finetune_dp
+    from utils import finetune as ft_loop
     m, kp, km = cfg["m"], cfg["k_plus"], cfg["k_minus"]
     if m < 2 or kp < 0 or km < 0 or kp + km == 0 or kp + km > m:
         raise UserError(f"need m >= 2 and 0 < k_plus + k_minus <= m; got m={m}, k_plus={kp}, k_minus={km}")
@@ -170,11 +170,11 @@ def run_audit(cfg, log=print):
 
     with tempfile.TemporaryDirectory(prefix="audit_data_") as tmp:
         write_audit_dataset(cfg["data_dir"], tmp, canary_records, included)
-        ft_cfg = {k: cfg[k] for k in finetune_dp.DEFAULTS}
+        ft_cfg = {k: cfg[k] for k in ft_loop.DEFAULTS}
         ft_cfg["data_dir"] = tmp
         log(f"auditing: {m} canaries, {int(included.sum())} included; fine-tuning "
             + (f"with DP (target epsilon {cfg['target_epsilon']})" if cfg["dp"] else "without DP"))
-        result = finetune_dp.finetune(ft_cfg, on_model_ready=score_before, log=log)
+        result = ft_loop.finetune(ft_cfg, on_model_ready=score_before, log=log)
     scores = canary_logprob(result["model"], canary_records, cfg["score_batch_size"]) - before["lp"]
     r, v = guesses(scores, included, kp, km)
     privacy = result["privacy"]
@@ -215,8 +215,8 @@ def _finite(x):
 
 
 def main(argv=None):
-    import finetune_dp
-    cfg = configure({**finetune_dp.DEFAULTS, **DEFAULTS}, sys.argv[1:] if argv is None else argv)
+    from utils import finetune as ft_loop
+    cfg = configure({**ft_loop.DEFAULTS, **DEFAULTS}, sys.argv[1:] if argv is None else argv)
     torch.manual_seed(cfg["seed"])
     report = run_audit(cfg)
     claim = report["claimed_epsilon"]

@@ -11,7 +11,8 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from conftest import REPO, make_record_dataset, tiny_model
-from finetune_dp import finetune, main
+from finetune_dp import main
+from utils.finetune import finetune
 from utils.checkpoint import load_model, save_checkpoint
 from utils.cli import UserError, run_cli
 

@@ -8,14 +8,14 @@ import sys
 import torch
 
 from conftest import REPO
-from finetune_dp import finetune
+from utils.finetune import finetune
 from utils.checkpoint import load_checkpoint
 
 HELPER = """
 import json, sys
 import torch.distributed as dist
 dist.init_process_group("gloo")
-from finetune_dp import finetune
+from utils.finetune import finetune
 runs = json.loads(sys.argv[1])
 for cfg in runs:
     finetune(cfg, log=lambda *a: None)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from finetune_dp import build_run, finetune, quantize_int8_
+from utils.finetune import build_run, finetune, quantize_int8_
 
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import finetune_dp
+from utils import finetune as ft_loop
 import finetune_encrypt_memmap as fem
 from tests.conftest import REPO, make_record_dataset, tiny_model
 from utils import sealed_patch as sp
@@ -51,7 +51,7 @@ def data_dir(tmp_path_factory):
 def run(data_dir, base, dp=False, delta_dtype="exact", **cfg):
     """Fine-tune a copy of `base` through finetune_dp with a DeltaTracker; returns (tracker, trained, plain, report)."""
     tracker = fem.DeltaTracker(base, dp=dp)
-    res = finetune_dp.finetune({**FT, "data_dir": data_dir, "dp": dp, **cfg}, model=copy.deepcopy(base).train(),
+    res = ft_loop.finetune({**FT, "data_dir": data_dir, "dp": dp, **cfg}, model=copy.deepcopy(base).train(),
                                on_model_ready=tracker, log=lambda *a: None)
     plain, rep = tracker.build(res["model"], delta_dtype)
     return tracker, res["model"], plain, rep

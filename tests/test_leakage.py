@@ -54,12 +54,12 @@ def build_employees(folder, n_train=40, n_val=20, canary_reps=(16, 16, 4, 0, 0, 
 
 def fine_tune(base_ckpt, data_dir, out_dir, on_model_ready=None, **overrides):
     """finetune_dp's loop without privacy (fixed-size shuffled batches): enough steps to memorize."""
-    import finetune_dp
+    from utils.finetune import finetune
     cfg = dict(base_ckpt=base_ckpt, data_dir=data_dir, out_dir=str(out_dir), save=True, dp=False,
                sampling="shuffle", batch_size=16, microbatch_size=16, max_steps=100, learning_rate=3e-3,
                eval_interval=0, log_interval=10 ** 6, seed=0)
     cfg.update(overrides)
-    return finetune_dp.finetune(cfg, on_model_ready=on_model_ready, log=lambda *a, **k: None)
+    return finetune(cfg, on_model_ready=on_model_ready, log=lambda *a, **k: None)
 
 
 TINY = dict(block_size=112, n_layer=2, n_head=2, n_embd=32)  # the longest record here has 103 tokens
