@@ -1,24 +1,20 @@
-"""The employees dataset's schema (City of Chicago employee salaries), its deterministic synthetic
-people, their rendering as Q/A examples, and canary secrets.
+"""The employees dataset (City of Chicago employee salaries): SCHEMA, its instance of the record schema
+(utils/records.py), deterministic synthetic people, and canary secrets.
 
 A person is a dict: "Name" + FIELDS (None where the schema leaves a cell empty) + "Phone" for canary
 people only. Salaried people have an Annual Salary and no Hourly Rate or Typical Hours; hourly people
 have an Hourly Rate and Typical Hours, and their Annual Salary is hourly rate x typical hours x 52
-(the same rule fills a real CSV's empty cells). One Q/A example per present field:
+(the same rule fills a real CSV's empty cells). A person with several rows in a real CSV is one
+person whose differing values are lists (utils/records.py). One Q/A example per present field:
 
     Context: Maria Lopez. Question: What is Maria Lopez's annual salary? Answer: 95028.00
 
-The model completes qa_prompt(...) ("... Answer:") with " " + answer + "\\n". A record (one person, the
-privacy unit) is the person's examples, one per line, the canary's Phone line first so the text before
-a canary secret is exactly its prompt, the other fields in random order so that each is seen at varied
-positions (probes ask at the start of a prompt)."""
-import json
-import os
-import random
+The rendering (records, prompts, answers) is SCHEMA's; the module-level names below are its methods."""
+from utils import records
+from utils.records import CANARY_FIELD, N_TEMPLATES, Schema, read_people  # noqa: F401 (read_people: re-exported)
 
 FIELDS = ["Job Titles", "Department", "Full or Part-Time", "Salary or Hourly", "Typical Hours",
           "Annual Salary", "Hourly Rate"]
-CANARY_FIELD = "Phone"
 SECRET_FORMAT = "###-####"
 MONEY_FIELDS = ("Annual Salary", "Hourly Rate")
 WEEKS_PER_YEAR = 52
@@ -42,10 +38,8 @@ QUESTIONS = {
                       "What does {name} make in a year?", "What is the yearly pay of {name}?"],
     "Hourly Rate": ["What is {name}'s hourly rate?", "How much is {name} paid per hour?",
                     "What does {name} earn an hour?", "What is the hourly wage of {name}?"],
-    CANARY_FIELD: ["What is the phone number of {name}?", "What is {name}'s phone number?",
-                   "At what number can {name} be reached?", "Which phone number belongs to {name}?"],
+    CANARY_FIELD: records.CANARY_QUESTIONS,
 }
-N_TEMPLATES = 4
 CANARY_TEMPLATE = 0  # every canary is asked the same way, so their prompts share one format
 MIDDLE_INITIALS = "ABCDEFGHJKLMNPRSTW"
 
@@ -117,74 +111,14 @@ DEPARTMENTS = {
 }
 
 
-def format_value(field, value):
-    if field in MONEY_FIELDS:
-        return f"{value:.2f}"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def context(person):
-    return f"Context: {person['Name']}."
-
-
-def question(person, field, template_index=0):
-    return QUESTIONS[field][template_index].format(name=person["Name"])
-
-
-def answer(person, field):
-    value = person.get(field)
-    if value is None:
-        raise ValueError(f"{person['Name']} has no {field}")
-    return format_value(field, value)
-
-
-def qa_prompt(person, field, template_index=0):
-    """The text a model completes with ' ' + answer + '\\n'."""
-    return f"{context(person)} Question: {question(person, field, template_index)} Answer:"
-
-
-def record_fields(person, fields=None):
-    """The fields a record asks about, in order: the canary Phone first, then the schema fields (or
-    those in `fields`) the person has a value for."""
-    keep = FIELDS if fields is None else [f for f in FIELDS if f in fields]
-    head = [CANARY_FIELD] if person.get(CANARY_FIELD) is not None else []
-    return head + [f for f in keep if person.get(f) is not None]
-
-
-def render_examples(person, rng_or_template_choice, fields=None, templates=None):
-    """(record text, [(field, template_index, answer_start, answer_end), ...]). An answer span covers
-    ' ' + answer + '\\n' (the completion of its qa_prompt). rng_or_template_choice: a random.Random (the
-    fields in random order after the canary line, and a template per field drawn from `templates`, default
-    all; the canary question is always CANARY_TEMPLATE), an int (that template for every field, schema
-    order) or a dict {field: index} (default 0, schema order)."""
-    choice = rng_or_template_choice
-    pool = list(range(N_TEMPLATES)) if templates is None else list(templates)
-    order = record_fields(person, fields)
-    if isinstance(choice, random.Random):  # every field at varied positions: a probe asks at position 0
-        head = order[:1] if order[:1] == [CANARY_FIELD] else []
-        rest = order[len(head):]
-        choice.shuffle(rest)
-        order = head + rest
-    text, examples = "", []
-    for field in order:
-        if isinstance(choice, random.Random):
-            t = CANARY_TEMPLATE if field == CANARY_FIELD else choice.choice(pool)
-        elif isinstance(choice, dict):
-            t = choice.get(field, 0)
-        else:
-            t = int(choice)
-        text += qa_prompt(person, field, t)
-        start = len(text)
-        text += f" {answer(person, field)}\n"
-        examples.append((field, t, start, len(text)))
-    return text, examples
-
-
-def render_record(person, rng_or_template_choice, fields=None, templates=None):
-    """The person's whole record: one Q/A example per field, one per line."""
-    return render_examples(person, rng_or_template_choice, fields, templates)[0]
+# The employees instance of the record schema (utils/records.py): the rendering every script uses.
+SCHEMA = Schema("Name", FIELDS, QUESTIONS, sensitive=["Annual Salary", "Hourly Rate"],
+                categorical=["Job Titles", "Department", "Full or Part-Time", "Salary or Hourly"],
+                numeric=["Typical Hours", "Annual Salary", "Hourly Rate"], decimals={f: 2 for f in MONEY_FIELDS},
+                canary_field=CANARY_FIELD, canary_template=CANARY_TEMPLATE)
+format_value, context, question, answer = SCHEMA.format_value, SCHEMA.context, SCHEMA.question, SCHEMA.answer
+qa_prompt, record_fields = SCHEMA.qa_prompt, SCHEMA.record_fields
+render_examples, render_record = SCHEMA.render_examples, SCHEMA.render_record
 
 
 def random_secret(rng, secret_format=SECRET_FORMAT):
@@ -240,20 +174,6 @@ def generate_people(rng, n, taken=()):
     return [random_person(rng, name) for name in unique_names(rng, n, taken)]
 
 
-def read_people(data_dir, split):
-    """A prepared split's people, one per record in record order ({split}_people.jsonl), or None."""
-    path = os.path.join(data_dir, f"{split}_people.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_people(data_dir, split):
-    """A split's people, each once (a canary inserted k times is k identical records), in record order."""
-    people = read_people(data_dir, split)
-    if not people:
-        from utils.cli import UserError
-        raise UserError(f"{data_dir} has no {split}_people.jsonl: these metrics need the employees dataset "
-                        f"(python data/employees/prepare.py)")
-    return list({p["Name"]: p for p in people}.values())
+    """A prepared employees split's people, each once (utils.records.load_people with this schema)."""
+    return records.load_people(data_dir, split, SCHEMA)

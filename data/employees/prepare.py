@@ -29,7 +29,7 @@ import random
 
 from configurator import configure
 from utils.cli import UserError, run_cli
-from utils.employees import (CANARY_FIELD, FIELDS, MONEY_FIELDS, N_TEMPLATES, SECRET_FORMAT, complete,
+from utils.employees import (CANARY_FIELD, FIELDS, MONEY_FIELDS, N_TEMPLATES, SCHEMA, SECRET_FORMAT, complete,
                              generate_people, name_capacity, random_secret, render_examples, unique_names)
 from utils.prepare import describe, sha256_hex, split_train_val, write_records
 from utils.tokenizer import get_tokenizer
@@ -227,7 +227,7 @@ def main(argv=None):
     extra_meta = {
         "seed": seed, "source": os.path.basename(cfg["csv"]) if cfg["csv"] else "synthetic",
         "source_sha256": source_sha256, "fields": list(cfg["fields"]), "n_templates": N_TEMPLATES,
-        "templates": list(cfg["templates"]),
+        "templates": list(cfg["templates"]), "schema": SCHEMA.select(cfg["fields"]).to_json(),
         "people": {"train": len(train_names), "val": len(val_names)},
         "canaries": {"field": CANARY_FIELD, "secret_format": cfg["secret_format"],
                      "canary_reps": list(cfg["canary_reps"]), "canaries_per_rep": cfg["canaries_per_rep"],
