@@ -148,6 +148,29 @@ def test_employees_deterministic_split_by_person_and_masks(employees_dir, tmp_pa
     assert (y != -1).sum() > 0 and (y != -1).sum() < (x != 0).sum()
 
 
+def test_records_longer_than_the_block_are_refused_unless_truncation_is_asked(employees_dir):
+    """Training on a cut record trains its person on their first lines only: refused by default."""
+    ds = RecordDataset(str(employees_dir), "train", block_size=32)
+    with pytest.raises(UserError, match=rf"{len(ds)} of {len(ds)} train records .* longer than block_size 32 \+ 1 "
+                                        rf"\(longest: {ds.longest} tokens\); fixes: fewer fields .*larger block_size.*BPE"):
+        ds.check_fit()
+    assert ds.check_fit(truncate=True) == ds.n_truncated == len(ds)
+    fits = RecordDataset(str(employees_dir), "train", block_size=ds.longest - 1)  # x and y: block_size + 1 tokens
+    assert fits.check_fit() == 0
+    assert RecordDataset(str(employees_dir), "train", block_size=ds.longest - 2).check_fit(truncate=True) >= 1
+
+
+def test_readme_cpu_flow_records_fit_the_block(tmp_path):
+    """The README's CPU flow: employees with byte tokens (default fields) on config/train_pydocs.py's block.
+    All seven fields made every record longer than the block (962 of 962 truncated)."""
+    import runpy
+    block = runpy.run_path(os.path.join(REPO, "config", "train_pydocs.py"))["block_size"]
+    out = tmp_path / "emp"
+    prepare_in_process("employees", out, "--tokenizer=byte", "--n_people=300")
+    for split in ("train", "val"):
+        assert RecordDataset(str(out), split, block).check_fit() == 0
+
+
 def test_employees_canaries_inserted_exactly_repetitions_times(employees_dir):
     out = employees_dir
     with open(out / "canaries.json") as f:
@@ -177,7 +200,7 @@ def test_employees_gpt2_tokenizer_offline(tmp_path):
     meta = load_meta(out)
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
     for person, (text, answers) in zip(people(out, "train"), decoded_records(out, "train")):
-        fields = [f for f in [CANARY_FIELD] + FIELDS if person.get(f) is not None]
+        fields = [f for f in [CANARY_FIELD] + meta["fields"] if person.get(f) is not None]
         order = fields_of_lines(person, text, fields)
         assert sorted(order) == sorted(fields)
         assert answers == "".join(f" {answer(person, f)}\n" for f in order)
@@ -202,21 +225,22 @@ def test_employees_csv(tmp_path):
     prepare("employees", kept, "--tokenizer=byte", f"--csv={csv_path}", "--keep_names", "--val_frac=0.3",
             "--canaries_per_rep=0", "--n_control_canaries=0")
     rows = people(kept, "train") + people(kept, "val")
-    by_name = {}
-    for p in rows:
-        by_name.setdefault(p["Name"], []).append(p)
+    by_name = {p["Name"]: p for p in rows}
+    assert len(by_name) == len(rows) == 4  # one person = one record: Chidi Okafor's two rows are one record
     assert sorted(by_name) == ["Bram Quayle", "Chidi Okafor", "Ilse Zygmunt", "Jeffery M Aaron"]
-    guard = next(p for p in by_name["Chidi Okafor"] if p["Job Titles"] == "CROSSING GUARD")
-    assert guard["Annual Salary"] == pytest.approx(18.5 * 20 * 52)  # the CSV leaves it empty
-    assert guard["Annual Salary"] == 19240.0
-    assert by_name["Jeffery M Aaron"][0]["Annual Salary"] == 95028.0
-    # both Chidi Okafor rows are in one split, and the computed salary is what the record answers
-    assert sorted(sum(p["Name"] == "Chidi Okafor" for p in people(kept, s)) for s in ("train", "val")) == [0, 2]
+    chidi = by_name["Chidi Okafor"]
+    assert chidi["Job Titles"] == ["CROSSING GUARD", "CUSTODIAN"]  # conflicting values: all kept, in row order
+    assert chidi["Annual Salary"][0] == pytest.approx(18.5 * 20 * 52)  # the CSV leaves it empty
+    assert chidi["Annual Salary"] == [19240.0, 41600.0] and chidi["Department"] == ["POLICE", "AVIATION"]
+    assert by_name["Jeffery M Aaron"]["Annual Salary"] == 95028.0
     assert not {p["Name"] for p in people(kept, "train")} & {p["Name"] for p in people(kept, "val")}
-    all_text = "".join(t for s in ("train", "val") for t, _ in decoded_records(kept, s))
-    assert "Answer: 19240.00\n" in all_text
+    records = [t for s in ("train", "val") for t, _ in decoded_records(kept, s)]
+    chidi_records = [t for t in records if "Chidi Okafor" in t]
+    assert len(chidi_records) == 1 and "Answer: 19240.00; 41600.00\n" in chidi_records[0]
     meta = load_meta(kept)
     assert meta["source_sha256"] == hashlib.sha256(csv_path.read_bytes()).hexdigest()
+    assert meta["people"]["train"] + meta["people"]["val"] == 4  # dataset_size counts persons
+    assert sum(v["records"] for v in meta["splits"].values()) == 4
 
     renamed = tmp_path / "renamed"
     prepare_in_process("employees", renamed, "--tokenizer=byte", f"--csv={csv_path}", "--val_frac=0.3")
@@ -225,6 +249,22 @@ def test_employees_csv(tmp_path):
         assert real not in written
     renamed_rows = people(renamed, "train") + people(renamed, "val")
     assert len({p["Name"] for p in renamed_rows if p.get(CANARY_FIELD) is None}) == 4  # one alias per name
+
+
+def test_employees_csv_keeps_every_row_by_default(tmp_path):
+    """The old default (n_people=1000) silently dropped every row past a sample of 1000."""
+    rows = [f'"P{i:04d},  ANN",CLERK,LAW,F,Salary,,{50000 + i},' for i in range(1010)]
+    csv_path = write_csv(tmp_path / "big.csv", rows)
+    out = tmp_path / "all"
+    proc = prepare("employees", out, "--tokenizer=byte", f"--csv={csv_path}", "--keep_names",
+                   "--canaries_per_rep=0", "--n_control_canaries=0")
+    assert len(people(out, "train")) + len(people(out, "val")) == 1010
+    assert "1010 rows, 1010 people" in proc.stdout
+    sample = tmp_path / "sample"
+    proc = prepare("employees", sample, "--tokenizer=byte", f"--csv={csv_path}", "--keep_names", "--csv_people=20",
+                   "--canaries_per_rep=0", "--n_control_canaries=0")
+    assert len(people(sample, "train")) + len(people(sample, "val")) == 20
+    assert "--csv_people=20: keeping a deterministic sample of 20 people" in proc.stdout  # a limit is printed
 
 
 def test_employees_bad_csv_one_line_error(tmp_path):

@@ -107,7 +107,9 @@ def get_batch(data, batch_size, block_size, device="cpu", generator=None):
 class RecordDataset(torch.utils.data.Dataset):
     """One item per record: (x, y), each of length block_size. Padding is token 0 in x and -1 (ignored)
     in y; with loss_on='answer', y is also -1 outside answer tokens. Records longer than
-    block_size + 1 tokens are truncated and counted in `n_truncated`."""
+    block_size + 1 tokens are counted in `n_truncated` and cut by __getitem__; training refuses them
+    unless truncation is asked for (check_fit): a cut record trains its person on their first lines
+    only, and the leakage tests would then probe fields the model never saw."""
 
     def __init__(self, data_dir, split, block_size, loss_on="all", meta=None):
         if loss_on not in ("all", "answer"):
@@ -123,11 +125,24 @@ class RecordDataset(torch.utils.data.Dataset):
         self.block_size = block_size
         lengths = np.diff(self.offsets)
         self.n_truncated = int(np.sum(lengths > block_size + 1))
+        self.longest = int(lengths.max()) if lengths.size else 0
+        self.data_dir, self.split = data_dir, split
         if len(self) == 0:
             raise UserError(f"{data_dir} has no {split} records: rerun `{prepare_hint(data_dir)}`")
 
     def __len__(self):
         return len(self.offsets) - 1
+
+    def check_fit(self, truncate=False):
+        """The number of records that will be cut; a UserError, before any training, when some would be
+        and `truncate` is False."""
+        if self.n_truncated and not truncate:
+            raise UserError(
+                f"{self.n_truncated} of {len(self)} {self.split} records in {self.data_dir} are longer than "
+                f"block_size {self.block_size} + 1 (longest: {self.longest} tokens); fixes: fewer fields per record "
+                f"(prepare --fields), a larger block_size, or a BPE tokenizer (prepare --tokenizer gpt2); or "
+                f"--truncate_records=True to train on each record's first {self.block_size + 1} tokens only")
+        return self.n_truncated
 
     def record(self, i):
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])

@@ -74,7 +74,8 @@ DEFAULTS = dict(
     out_dir="out/finetune_dp",
     save=True,  # False: nothing at all is written to disk
     # data
-    block_size=0,  # 0 = the base model's; longer records are truncated (counted in the log)
+    block_size=0,  # 0 = the base model's; a record longer than it is refused before training...
+    truncate_records=False,  # ...unless True: then cut to block_size + 1 tokens, counted in the log and privacy.json
     loss_on="all",  # 'all' | 'answer' (needs {split}_answer_mask.bin)
     sampling="poisson",  # 'poisson' (always with dp) | 'shuffle' (dp=False only)
     # privacy
@@ -580,10 +581,14 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
         val_set = RecordDataset(cfg["data_dir"], "val", block_size, cfg["loss_on"], meta)
         if os.path.isfile(os.path.join(cfg["data_dir"], "val_answer_mask.bin")):
             answer_set = RecordDataset(cfg["data_dir"], "val", block_size, "answer", meta)
+    n_truncated = train_set.check_fit(cfg["truncate_records"])
+    if val_set is not None:
+        val_set.check_fit(cfg["truncate_records"])
     n = len(train_set)
     log(f"data: {n} train records{f', {len(val_set)} val' if val_set else ''}, block_size {block_size}, "
-        f"loss on {cfg['loss_on']}; {train_set.n_truncated} train records longer than block_size truncated")
+        f"loss on {cfg['loss_on']}; {n_truncated} train records longer than block_size truncated")
     plan = plan_budget(cfg, n)
+    plan["truncated_records"] = n_truncated
 
     notes = prepare_model(gpt, cfg)
     param_dtype, autocast, precision_note = precision(cfg, device)
@@ -684,7 +689,8 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
             sample_rate=plan["sample_rate"], steps=tr.steps, planned_steps=plan["planned_steps"],
             epochs=tr.steps * plan["sample_rate"], accountant=plan["accountant"], max_grad_norm=cfg["max_grad_norm"],
             privacy_unit="record (one person): Poisson-sampled, per-record loss = mean over its target tokens",
-            dataset_size=n, expected_batch_size=cfg["batch_size"], microbatch_size=cfg["microbatch_size"],
+            dataset_size=n, truncated_records=plan["truncated_records"],
+            expected_batch_size=cfg["batch_size"], microbatch_size=cfg["microbatch_size"],
             grad_sample_mode=tr.mode, trainable_params=n_trainable, weights_tied=gpt.weights_tied,
             loss_on=cfg["loss_on"], noise_quantization=cfg["noise_quantization"], secure_mode=cfg["secure_mode"],
             world_size=world_size, eval_epsilons=eval_epsilons, stopped_at_budget=stopped_at_budget)

@@ -2,10 +2,13 @@
 
     leakage candidates: 1200/4000 (30%) | 41.3/s | eta 1m08s | cheaper: --n_candidates
 
-Lines go to stderr (stdout keeps the tables and results), at most one every `interval` seconds plus
-the first and the last, so a fast step prints two lines and a slow one a line every few seconds."""
+Lines go to stderr (stdout keeps the tables and results). A step that ends within INTERVAL seconds
+prints nothing; a longer one prints a line every INTERVAL seconds and a last one when it is done, each
+naming the flag that makes the step cheaper. Tests set INTERVAL = 0 to see every line."""
 import sys
 import time
+
+INTERVAL = 5.0  # seconds between lines (and before the first)
 
 
 def format_eta(seconds):
@@ -16,12 +19,12 @@ def format_eta(seconds):
 class Progress:
     """Counts done/total for `label`; `hint` names the flag that makes the step cheaper."""
 
-    def __init__(self, label, total, hint="", interval=5.0, stream=None, clock=time.monotonic):
-        self.label, self.total, self.hint, self.interval = label, max(0, int(total)), hint, interval
+    def __init__(self, label, total, hint="", interval=None, stream=None, clock=time.monotonic):
+        self.label, self.total, self.hint = label, max(0, int(total)), hint
+        self.interval = INTERVAL if interval is None else interval
         self.stream, self.clock = stream, clock
         self.done, self.start = 0, clock()
-        self.last_print = None
-        self.print_line()
+        self.last_print, self.printed = self.start, 0
 
     def line(self):
         elapsed = self.clock() - self.start
@@ -29,26 +32,29 @@ class Progress:
                  + (f" ({100 * self.done / self.total:.0f}%)" if self.total else "")]
         if self.done and elapsed > 0:
             rate = self.done / elapsed
-            parts.append(f"{rate:.3g}/s")
-            parts.append(f"eta {format_eta((self.total - self.done) / rate)}")
+            parts += [f"{rate:.3g}/s", f"eta {format_eta((self.total - self.done) / rate)}"]
         else:
             parts.append("eta ?")
-        if self.hint and self.done < self.total:
+        if self.hint:
             parts.append(f"cheaper: {self.hint}")
         return " | ".join(parts)
 
     def print_line(self):
         print(self.line(), file=self.stream or sys.stderr, flush=True)
-        self.last_print = self.clock()
+        self.last_print, self.printed = self.clock(), self.printed + 1
 
     def update(self, n=1):
         was_done = self.done >= self.total
         self.done = min(self.total, self.done + n)
-        if (self.done >= self.total and not was_done) or self.clock() - self.last_print >= self.interval:
+        now = self.clock()
+        if self.done >= self.total and not was_done:
+            if self.printed or now - self.start >= self.interval:
+                self.print_line()  # the last line, only for a step that was long enough to report on
+        elif now - self.last_print >= self.interval:
             self.print_line()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    def track(self, iterable):
+        """Yield from iterable, counting one per item."""
+        for item in iterable:
+            yield item
+            self.update()

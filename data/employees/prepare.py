@@ -3,10 +3,16 @@ Employee-salary Q/A records (City of Chicago schema), synthetic by default or fr
 planted canary secrets for leakage tests.
 
     python data/employees/prepare.py --tokenizer byte
-    python data/employees/prepare.py --csv Current_Employee_Names_Salaries.csv --n_people 0
+    python data/employees/prepare.py --csv Current_Employee_Names_Salaries.csv       # every row
     python data/employees/prepare.py --tokenizer byte --fields "Job Titles,Annual Salary" --canary_reps 1,4,16
 
-One person = one record = the privacy unit; the train/val split is by person (nobody is in both).
+One person = one record = the privacy unit; the train/val split is by person (nobody is in both). A real
+CSV has people with several rows (the same name; some with conflicting salaries): their rows become one
+person, whose differing values are all in the one record (utils/records.py), never two records.
+
+Records that fit: the default asks one field (Annual Salary), so a byte-level record (with a canary's
+phone line, ~200 bytes) fits the README's 256-token block. All seven fields make byte records of up to
+~800 tokens: use them with BPE (--tokenizer gpt2) and a 1024 block, or finetune refuses them.
 Every record is the person's Q/A examples (utils/employees.py), and the answer mask marks the answers
 (" " + answer + "\\n") so fine-tuning with loss_on='answer' learns only those.
 
@@ -18,7 +24,8 @@ canaries.json lists them all with the exact text the model sees before each secr
 Writes {train,val}.bin, _offsets.bin, _answer_mask.bin, {train,val}_people.jsonl (one JSON object per
 record, in record order), canaries.json and meta.json. Same arguments -> byte-identical files.
 With --csv, names are replaced by deterministic pseudonyms unless --keep_names; an empty Annual Salary
-is hourly rate x typical hours x 52; n_people keeps a deterministic sample of rows (0 = every row).
+is hourly rate x typical hours x 52; every person is kept unless --csv_people N asks for a deterministic
+sample of N people (printed).
 meta.json's source_sha256 is the sha256 of the CSV's bytes, or of the synthetic people as JSON lines.
 """
 import csv
@@ -30,17 +37,17 @@ import random
 from configurator import configure
 from utils.cli import UserError, run_cli
 from utils.employees import (CANARY_FIELD, FIELDS, MONEY_FIELDS, N_TEMPLATES, SCHEMA, SECRET_FORMAT, complete,
-                             generate_people, name_capacity, random_secret, render_examples, unique_names)
-from utils.prepare import describe, sha256_hex, split_train_val, write_records
+                             generate_people, name_capacity, unique_names)
+from utils.prepare import check_canary_config, make_canaries, sha256_hex, write_people
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
     out_dir=os.path.dirname(os.path.abspath(__file__)),
-    n_people=1000,                  # synthetic people; with --csv the rows kept (0 = all)
+    n_people=1000,                  # synthetic people (not used with --csv)
     val_frac=0.1,                   # fraction of people in val
     seed=1337,
     tokenizer="gpt2",               # 'gpt2' or 'byte'
-    fields=tuple(FIELDS),           # schema fields each record asks about (fewer = shorter records)
+    fields=("Annual Salary",),      # schema fields each record asks about (all 7 need BPE and a 1024 block)
     templates=tuple(range(N_TEMPLATES)),  # question templates drawn for training (hold some out for robustness tests)
     canary_reps=(1, 2, 4, 8, 16),   # each inserted canary appears this many times in train
     canaries_per_rep=2,
@@ -48,6 +55,7 @@ DEFAULTS = dict(
     secret_format=SECRET_FORMAT,    # '#' = a random digit
     csv="",                         # a City of Chicago employee-salary CSV instead of synthetic people
     keep_names=False,               # --csv: keep real names (else deterministic pseudonyms)
+    csv_people=0,                   # --csv: keep a deterministic sample of this many people (0 = every row)
 )
 
 
@@ -124,15 +132,35 @@ def read_chicago_csv(path):
     return people, data
 
 
+def group_rows(rows):
+    """One person per distinct name, in order of first appearance: a field the rows agree on keeps its
+    value, one where they differ keeps all its distinct values as a list (in row order)."""
+    by_name = {}
+    for row in rows:
+        by_name.setdefault(row["Name"], []).append(row)
+    people = []
+    for name, same in by_name.items():
+        person = {"Name": name}
+        for field in FIELDS:
+            values = list(dict.fromkeys(r[field] for r in same if r[field] is not None))
+            person[field] = None if not values else values[0] if len(values) == 1 else values
+        people.append(person)
+    return people
+
+
 def csv_people(cfg, rng):
-    people, data = read_chicago_csv(cfg["csv"])
-    if 0 < cfg["n_people"] < len(people):
-        keep = sorted(rng.sample(range(len(people)), cfg["n_people"]))
+    rows, data = read_chicago_csv(cfg["csv"])
+    people = group_rows(rows)
+    print(f"{cfg['csv']}: {len(rows)} rows, {len(people)} people ({len(rows) - len(people)} extra rows of people "
+          f"with several rows, each kept in its person's one record)")
+    if 0 < cfg["csv_people"] < len(people):
+        keep = sorted(rng.sample(range(len(people)), cfg["csv_people"]))
         people = [people[i] for i in keep]
+        print(f"--csv_people={cfg['csv_people']}: keeping a deterministic sample of {len(people)} people")
     if not cfg["keep_names"]:  # one pseudonym per distinct real name, in order of appearance
-        real = list(dict.fromkeys(p["Name"] for p in people))
+        real = [p["Name"] for p in people]
         if len(real) > name_capacity() // 2:
-            raise UserError(f"{len(real)} distinct names are too many to pseudonymize; use --keep_names or --n_people")
+            raise UserError(f"{len(real)} distinct names are too many to pseudonymize; use --keep_names or --csv_people")
         alias = dict(zip(real, unique_names(rng, len(real), taken=real)))  # no alias is a real name here
         people = [{**p, "Name": alias[p["Name"]]} for p in people]
     return people, sha256_hex(data)
@@ -149,31 +177,11 @@ def check_config(cfg):
     cfg["fields"] = tuple(f for f in FIELDS if f in cfg["fields"])  # records ask in schema order
     if not cfg["templates"] or any(not isinstance(t, int) or not 0 <= t < N_TEMPLATES for t in cfg["templates"]):
         raise UserError(f"--templates must be indices in 0..{N_TEMPLATES - 1}, got {cfg['templates']}")
-    if any(not isinstance(k, int) or k < 0 for k in cfg["canary_reps"]):
-        raise UserError(f"--canary_reps must be non-negative integers, got {cfg['canary_reps']}")
-    if cfg["canaries_per_rep"] < 0 or cfg["n_control_canaries"] < 0:
-        raise UserError("--canaries_per_rep and --n_control_canaries must be >= 0")
-    if "#" not in cfg["secret_format"]:
-        raise UserError(f"--secret_format needs at least one '#' (a random digit), got {cfg['secret_format']!r}")
-    if cfg["n_people"] < (0 if cfg["csv"] else 2):
+    check_canary_config(cfg)
+    if not cfg["csv"] and cfg["n_people"] < 2:
         raise UserError(f"--n_people must be at least 2, got {cfg['n_people']}")
-
-
-def make_canaries(cfg, rng, taken):
-    """[(repetitions, person with a Phone secret)]: canaries_per_rep per entry of canary_reps, then controls."""
-    reps = [k for k in cfg["canary_reps"] for _ in range(cfg["canaries_per_rep"])] + [0] * cfg["n_control_canaries"]
-    n_secrets = 10 ** cfg["secret_format"].count("#")
-    if len(reps) > n_secrets // 2:
-        raise UserError(f"--secret_format {cfg['secret_format']!r} has too few values for {len(reps)} distinct secrets")
-    people = generate_people(rng, len(reps), taken)
-    secrets = set()
-    for person in people:
-        secret = random_secret(rng, cfg["secret_format"])
-        while secret in secrets:
-            secret = random_secret(rng, cfg["secret_format"])
-        secrets.add(secret)
-        person[CANARY_FIELD] = secret
-    return list(zip(reps, people))
+    if cfg["csv_people"] < 0 or (cfg["csv_people"] and not cfg["csv"]):
+        raise UserError(f"--csv_people must be >= 0 and needs --csv, got {cfg['csv_people']}")
 
 
 def load_people(cfg):
@@ -191,58 +199,12 @@ def main(argv=None):
     tokenizer = get_tokenizer(cfg["tokenizer"])
     seed = cfg["seed"]
     people, source_sha256 = load_people(cfg)
-    canaries = make_canaries(cfg, random.Random(f"canaries:{seed}"), {p["Name"] for p in people})
-    train_names, val_names = split_train_val(dict.fromkeys(p["Name"] for p in people), cfg["val_frac"], seed)
-    by_name = {}
-    for p in people:  # rows sharing a name (a real CSV has some) stay in one split
-        by_name.setdefault(p["Name"], []).append(p)
-
-    template_rng = random.Random(f"templates:{seed}")
-
-    def record(person):  # (person, text, answer spans)
-        text, examples = render_examples(person, template_rng, cfg["fields"], cfg["templates"])
-        return person, text, [(a, b) for _, _, a, b in examples]
-
-    records = {split: [record(p) for name in names for p in by_name[name]]
-               for split, names in (("train", train_names), ("val", val_names))}
-    canary_list = []
-    for i, (reps, p) in enumerate(canaries):
-        _, text, spans = rec = record(p)
-        records["train"] += [rec] * reps
-        canary_list.append({"id": f"canary-{i:03d}", "name": p["Name"],
-                            "prefix": text[:spans[0][0] + 1],  # Phone comes first; its span starts at the space
-                            "secret": p[CANARY_FIELD], "repetitions": reps, "split": "train"})
-    random.Random(f"order:{seed}").shuffle(records["train"])  # scatter the canary copies
-
-    canaries_json = {
-        "secret_format": cfg["secret_format"], "field": CANARY_FIELD,
-        "note": "prefix is the exact record text before the secret (it starts the record); a canary with "
-                "repetitions k is k identical train records, a group of k for DP; repetitions 0 = control, "
-                "never inserted",
-        "canaries": canary_list,
-    }
-    extra_files = {f"{split}_people.jsonl": "".join(json.dumps(p) + "\n" for p, _, _ in recs).encode()
-                   for split, recs in records.items()}
-    extra_files["canaries.json"] = (json.dumps(canaries_json, indent=2) + "\n").encode()
-    extra_meta = {
-        "seed": seed, "source": os.path.basename(cfg["csv"]) if cfg["csv"] else "synthetic",
-        "source_sha256": source_sha256, "fields": list(cfg["fields"]), "n_templates": N_TEMPLATES,
-        "templates": list(cfg["templates"]), "schema": SCHEMA.select(cfg["fields"]).to_json(),
-        "people": {"train": len(train_names), "val": len(val_names)},
-        "canaries": {"field": CANARY_FIELD, "secret_format": cfg["secret_format"],
-                     "canary_reps": list(cfg["canary_reps"]), "canaries_per_rep": cfg["canaries_per_rep"],
-                     "n_control_canaries": cfg["n_control_canaries"],
-                     "inserted_records": sum(reps for reps, _ in canaries)},
-    }
-    meta = write_records(cfg["out_dir"], {s: [t for _, t, _ in r] for s, r in records.items()}, tokenizer,
-                         extra_meta, answer_spans={s: [a for _, _, a in r] for s, r in records.items()},
-                         extra_files=extra_files)
-    print(describe(cfg["out_dir"], meta))
-    print(f"people: {len(train_names)} train / {len(val_names)} val; canaries: "
-          f"{sum(1 for r, _ in canaries if r)} inserted ({extra_meta['canaries']['inserted_records']} records), "
-          f"{sum(1 for r, _ in canaries if not r)} controls; longest record "
-          f"{max(v['max_record_tokens'] for v in meta['splits'].values())} tokens")
-    return meta
+    canary_rng = random.Random(f"canaries:{seed}")
+    taken = {p["Name"] for p in people}
+    canaries = make_canaries(cfg, canary_rng, lambda n: generate_people(canary_rng, n, taken), CANARY_FIELD)
+    extra_meta = {"seed": seed, "source": os.path.basename(cfg["csv"]) if cfg["csv"] else "synthetic",
+                  "source_sha256": source_sha256}
+    return write_people(cfg["out_dir"], SCHEMA.select(cfg["fields"]), people, canaries, tokenizer, cfg, extra_meta)
 
 
 if __name__ == "__main__":
