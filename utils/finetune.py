@@ -57,10 +57,12 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.optimizers import get_optimizer_class
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from model import GPT
 from utils.atomic import json_safe, write_bytes, write_json
+from utils.bk_clipping import BookKeeping
 from utils.checkpoint import load_model, save_checkpoint, unwrap
 from utils.cli import UserError
 from utils.data import RecordDataset, load_meta
@@ -123,7 +125,7 @@ SUPPORTED_ACCOUNTANTS = ("rdp", "prv")
 # ----------------------------------------------------------------------------- checks and setup
 def check_config(cfg):
     """Refuse bad settings before anything is loaded or written."""
-    choices = dict(loss_on=("all", "answer"), sampling=("poisson", "shuffle"), grad_sample_mode=("ghost", "hooks"),
+    choices = dict(loss_on=("all", "answer"), sampling=("poisson", "shuffle"), grad_sample_mode=("ghost", "hooks", "bk"),
                    noise_quantization=("none", "int8"), optimizer=("adamw", "sgd"),
                    dtype=("float32", "float64", "bfloat16"))
     if cfg["dtype"] == "float16":
@@ -406,17 +408,27 @@ class Trainer:
                     self.engine = PrivacyEngine(accountant=plan["accountant"], secure_mode=cfg["secure_mode"])
             except ImportError:
                 raise UserError("secure_mode=True needs torchcsprng (pip install torchcsprng)") from None
-            placeholder = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch_size"])
-            out = self.engine.make_private(
-                module=module, optimizer=optimizer, data_loader=placeholder,
-                criterion=torch.nn.CrossEntropyLoss(ignore_index=-1),
-                noise_multiplier=plan["noise_multiplier"], max_grad_norm=cfg["max_grad_norm"],
-                grad_sample_mode=self.mode, poisson_sampling=True,
-                noise_generator=None if cfg["secure_mode"] else generator(cfg["seed"], "noise", rank, device))
-            if self.mode == "ghost":
-                self.model, self.optimizer, self.criterion, _ = out
+            noise_gen = None if cfg["secure_mode"] else generator(cfg["seed"], "noise", rank, device)
+            if self.mode == "bk":
+                # Book-keeping clipping (utils/bk_clipping.py) puts each physical batch's clipped sum in
+                # p.grad; Opacus's ghost-clipping optimizer then accumulates, noises, scales and accounts.
+                self.model = BookKeeping(module, cfg["max_grad_norm"])
+                optimizer_class = get_optimizer_class(clipping="flat", distributed=world_size > 1, grad_sample_mode="ghost")
+                self.optimizer = optimizer_class(optimizer, noise_multiplier=plan["noise_multiplier"],
+                                                 max_grad_norm=cfg["max_grad_norm"], expected_batch_size=cfg["batch_size"],
+                                                 generator=self.engine.secure_rng if cfg["secure_mode"] else noise_gen,
+                                                 secure_mode=cfg["secure_mode"])
             else:
-                self.model, self.optimizer, _ = out
+                placeholder = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch_size"])
+                out = self.engine.make_private(
+                    module=module, optimizer=optimizer, data_loader=placeholder,
+                    criterion=torch.nn.CrossEntropyLoss(ignore_index=-1),
+                    noise_multiplier=plan["noise_multiplier"], max_grad_norm=cfg["max_grad_norm"],
+                    grad_sample_mode=self.mode, poisson_sampling=True, noise_generator=noise_gen)
+                if self.mode == "ghost":
+                    self.model, self.optimizer, self.criterion, _ = out
+                else:
+                    self.model, self.optimizer, _ = out
             # make_private infers q = 1/len(loader) and an integer expected batch; use exactly
             # q = batch_size / N and batch_size instead: the loader, the divisor and the accountant agree.
             self.optimizer.expected_batch_size = cfg["batch_size"] / world_size  # per rank; ranks' sums add up
@@ -469,13 +481,19 @@ class Trainer:
                 losses = loss.loss_per_sample.detach()
             else:
                 losses = record_losses(logits, y)
-                # hooks: Opacus undoes the mean to get per-record gradients; plain: sum / expected batch
-                loss = losses.mean() if self.dp else losses.sum() / self.expected_batch_size
+                # hooks: Opacus undoes the mean to get per-record gradients; bk: the sum (each record's own
+                # gradient reaches every layer); plain: sum / expected batch
+                if self.dp:
+                    loss = losses.sum() if self.mode == "bk" else losses.mean()
+                else:
+                    loss = losses.sum() / self.expected_batch_size
                 losses = losses.detach()
             with warnings.catch_warnings():
                 # Opacus's backward hook on the token embedding, whose input (ids) needs no grad: harmless
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
+            if self.dp and self.mode == "bk":
+                self.model.clip_and_sum()  # the clipped per-record sum -> p.grad, for the optimizer
             loss_sum = float(losses.sum())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -499,6 +517,8 @@ class Trainer:
         """Remove Opacus's hooks and per-parameter attributes; return the plain GPT in eval mode."""
         if hasattr(self.model, "_close"):
             self.model._close()
+        if isinstance(self.model, BookKeeping):
+            self.model.close()
         for p in self.gpt.parameters():
             p.grad = None
             if hasattr(p, "summed_grad"):
