@@ -1,33 +1,25 @@
 """
 Fine-tune a GPT and keep what it learned only as an encrypted patch over the base model (seed 004, fixed).
 
-    # fine-tune (finetune_dp's loop; --dp=True for a patch that is also differentially private) and seal
+    # fine-tune (utils.finetune's loop, DP-SGD by default with finetune_dp's settings) and seal
     python finetune_encrypt_memmap.py [config] --base_ckpt out/base/ckpt.pt --data_dir data/employees \
-        --key_file key.hex --tenant acme [--export out/acme.patch] [--prompt_file prompts.txt]
-    # apply it in another process, with the key
+        --key_file key.hex [--tenant acme] [--export out/acme.patch] [--prompt_file prompts.txt]
+    # apply it in another process, with the key; the tenant comes from --tenant or the key file
     python finetune_encrypt_memmap.py apply --base_ckpt out/base/ckpt.pt --patch out/acme.patch \
         --key_file key.hex [--tenant acme] [--prompt "Context: ..."]
-    # a fresh random key, readable by its owner only
-    python finetune_encrypt_memmap.py keygen --out key.hex
+    # a fresh random key readable by its owner only, bound to a tenant
+    python finetune_encrypt_memmap.py keygen --out key.hex --tenant acme
 
-What goes into the patch (DeltaTracker, the on_model_ready callback of utils.finetune.finetune):
-- tensor hooks record which trainable parameters receive a gradient and, for embedding tables, which
-  rows; frozen parameters, parameters that never receive a gradient, untouched embedding rows and
-  exactly-zero deltas stay out. The delta is fine-tuned - base in the base dtype (exact: applying gives
-  the fine-tuned bits back) or, with --delta_dtype=bfloat16|float16, half the size (lossy; the error is
-  reported). Parameters the base does not have (LoRA adapters) are stored whole; the patch records the
-  LoRA config and whether lm_head was untied, and applying rebuilds that structure first.
-- With --dp=True, Gaussian noise reaches every trainable tensor and every embedding row, so all of them
-  change and all are stored: the selection is then made from the released (noised) weights only, never
-  from the gradient pattern, which would reveal which tokens the private data contains.
-- The fine-tuned weights never reach the disk: finetune runs with save=False, the plaintext deltas live
-  in locked anonymous memory (utils/sealed_patch.SecureBuffer) and are zeroed once sealed, and the
-  trained model's weights are zeroed after the patch has been checked. --export writes header +
-  ciphertext only. Exit codes: 0 ok, 2 usage or bad input, 3 authentication failure (wrong key,
-  tampered, truncated, swapped blobs), 4 patch for another base model or tenant.
-
-Library (re-exported from utils/sealed_patch.py): load_key, apply_sealed_patch, PatchError and its
-subclasses; here: DeltaTracker, TenantRegistry.
+- DP is on by default (utils.finetune.DEFAULTS: target_epsilon 8, the same as finetune_dp.py). --dp=False
+  is a non-private patch: then any privacy setting given (target_epsilon, noise_multiplier, ...) is an
+  error, not silently dropped. The authenticated header, the progress lines, the summary and
+  EXPORT.privacy.json state DP on/off and the epsilon spent.
+- What enters the patch: utils/delta_tracker.py (under DP, only data-independent structure decides).
+- The fine-tuned weights never reach the disk: finetune runs with save=False, plaintext deltas live in
+  locked anonymous memory and are zeroed once sealed, the trained model is zeroed after the round-trip
+  check. --export writes header + ciphertext only and is checked before the fine-tune starts.
+- Exit codes (PATCH_FORMAT.md section 8): 0 ok, 2 usage or bad input, 3 authentication failure (wrong
+  key, tampered, truncated, swapped blobs), 4 patch for another base model or tenant.
 """
 import copy
 import os
@@ -37,14 +29,18 @@ import time
 import torch
 
 from configurator import configure
+from utils.atomic import write_json
 from utils.checkpoint import load_model
 from utils.cli import UserError, run_cli
 from utils.data import load_meta
-from utils.sealed_patch import (  # noqa: F401  (re-exported library API)
-    AppliedPatch, KeyInputError, Passphrase, PatchAuthError, PatchError, PatchFormatError, PatchMismatchError,
-    SealedPatch, SecureBuffer, SwappedBlobError, TamperedError, TruncatedError, WrongBaseError, WrongKeyError,
-    WrongTenantError, apply_sealed_patch, base_fingerprint, check_tenant, delta_tensor, generate_key_file,
-    harden_process, load_key, plaintext_bytes, seal, whole_tensor)
+from utils.delta_tracker import DeltaTracker
+from utils.patch_apply import apply_sealed_patch, base_fingerprint, compare
+from utils.patch_cipher import seal
+from utils.patch_errors import PatchError, as_user_error
+from utils.patch_format import DEFAULT_MAX_FILE_BYTES, SealedPatch, check_export_path, check_tenant
+from utils.patch_keys import generate_key_file, key_file_tenant, load_key
+from utils.secure_memory import harden_process
+from utils.timed_generation import generate
 from utils.tokenizer import get_tokenizer
 
 KEY_OPTIONS = dict(
@@ -53,237 +49,40 @@ KEY_OPTIONS = dict(
     key_stdin=False,  # read the hex key from the first line of stdin
     key="",  # the hex key itself: works, but visible in the process list (warns)
     passphrase_file="",  # or a passphrase (scrypt-stretched; parameters stored in the patch header)
-    passphrase_env="",
+    passphrase_env="",  # NAME of an environment variable holding the passphrase
 )
-# The fine-tune run takes every key of utils.finetune.DEFAULTS too (data_dir, learning_rate, lora_rank, ...):
-# seal_main merges them. utils.finetune (and Opacus) are imported only there, so that `apply` and the
-# library users (test_pipeline) start fast.
+MAX_NEW_TOKENS = 4096  # generation is a sanity check here, not a sampler
+# The fine-tune run takes every key of utils.finetune.DEFAULTS too (data_dir, dp, target_epsilon, lora_rank,
+# ...): seal_main merges them, so DP defaults to finetune_dp's settings. utils.finetune (and Opacus) are
+# imported only there, so that `apply` starts fast.
 DEFAULTS = {
-    "dp": False,  # --dp=True: the patch is also differentially private
     "save": False,  # must stay False: the fine-tuned weights never reach the disk
     **KEY_OPTIONS,
-    "tenant": "default",  # whose patch this is (bound into every blob; apply --tenant refuses others)
-    "export": "",  # write the sealed patch here (header + ciphertext only), atomically
-    "prompt_file": "",  # one prompt per line: base vs patched generations, timed
-    "max_new_tokens": 48,
+    "tenant": "",  # whose patch this is (bound into every blob); '' = the tenant the key file is bound to
+    "generation": 0,  # the tenant's patch counter in the header; 0 = creation time in ns (grows by itself)
+    "export": "",  # write the sealed patch here (header + ciphertext only), atomically; checked before training
+    "prompt_file": "",  # one prompt per line (UTF-8): base vs patched generations, timed
+    "max_new_tokens": 48,  # tokens generated per prompt (0..4096)
     "delta_dtype": "exact",  # 'exact' (base dtype, bit-exact round trip) | 'bfloat16' | 'float16' (lossy)
     "chunk_mb": 64,  # AES-GCM chunk size for large tensors
-    "scrypt_n": 1 << 15,  # scrypt cost for passphrases
+    "scrypt_n": 1 << 15,  # scrypt cost for passphrases (a power of 2 <= 2^20)
 }
+# privacy settings that mean nothing without DP: giving one with --dp=False is an error
+PRIVACY_KEYS = ("target_epsilon", "target_delta", "noise_multiplier", "max_grad_norm", "accountant", "secure_mode",
+                "noise_quantization")
 APPLY_DEFAULTS = dict(
     base_ckpt="",  # the base checkpoint the patch was made for...
     init_from="",  # ...or GPT-2 weights (a transformers save_pretrained dir)
     patch="",  # the sealed patch file (--export of a fine-tune run)
-    tenant="",  # refuse a patch of any other tenant ('' = accept the patch's own)
+    tenant="",  # the tenant the patch must belong to; '' = the tenant the key file is bound to (else an error)
     **KEY_OPTIONS,
     prompt="",  # generate from this prompt with the base and the patched model
-    prompt_file="",
+    prompt_file="",  # one prompt per line (UTF-8)
     data_dir="",  # for the tokenizer when the patch does not name one
-    max_new_tokens=48,
-    device="cpu",
+    max_new_tokens=48,  # tokens generated per prompt (0..4096)
+    max_patch_mb=DEFAULT_MAX_FILE_BYTES >> 20,  # refuse larger patch files before reading them
+    device="cpu",  # where the model runs (patched tensors are locked host memory only on cpu)
 )
-
-
-# ----------------------------------------------------------------------------- tracking what changed
-class DeltaTracker:
-    """on_model_ready callback for utils.finetune.finetune. When called with the prepared model (untied,
-    frozen or LoRA-wrapped, not yet trained) it snapshots the trainable parameters and puts a gradient
-    hook on each: embedding tables record which rows receive a nonzero gradient, other tensors whether
-    any gradient arrives. build() then turns the trained model into patch payloads."""
-
-    def __init__(self, base_model, dp=False):
-        sd = base_model.state_dict()
-        self.base_dtypes = {k: v.dtype for k, v in sd.items()}
-        self.default_dtype = base_model.transformer.wte.weight.dtype
-        self.base_tied = base_model.weights_tied
-        self.dp = dp
-        self.model = None
-
-    def __call__(self, model):
-        self.model = model
-        self.structure = {"untie_weights": bool(self.base_tied and not model.weights_tied),
-                          "lora": copy.deepcopy(model.lora_config)}
-        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        self.trainable, self.frozen, self.snapshot = [], [], {}
-        self.touched, self.row_masks, self.handles = set(), {}, []
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                self.frozen.append(name)
-                continue
-            self.trainable.append(name)
-            if name in self.base_dtypes:
-                self.snapshot[name] = p.detach().clone()
-            if id(p) in embeddings:
-                self.row_masks[name] = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-            self.handles.append(p.register_hook(self._hook(name)))
-
-    def _hook(self, name):
-        mask = self.row_masks.get(name)
-
-        def record(grad):  # returns None: the gradient itself is left alone
-            self.touched.add(name)
-            if mask is not None:
-                mask.logical_or_(grad.detach().ne(0).flatten(1).any(1))
-        return record
-
-    def remove_hooks(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    @torch.no_grad()
-    def build(self, trained, delta_dtype="exact"):
-        """(list of PlainTensor, report dict). The snapshot is zeroed and dropped afterwards."""
-        if self.model is None:
-            raise RuntimeError("DeltaTracker was never called: pass it as on_model_ready")
-        self.remove_hooks()
-        stored = None if delta_dtype == "exact" else delta_dtype
-        params = dict(trained.named_parameters())
-        entries, rep = [], dict(trainable=len(self.trainable), frozen=len(self.frozen), untouched=[], zero_delta=[],
-                                rows={}, changed_values=0, stored_values=0, drift_values=0, drift_max=0.0,
-                                exceptions=0, max_error=0.0, new_tensors=0)
-        for name in self.trainable:
-            p = params[name]
-            dtype = self.base_dtypes.get(name, self.default_dtype)
-            ft = p.detach().to(dtype)  # the parameter itself when the dtypes agree (no copy)
-            if name not in self.snapshot:  # not in the base (a LoRA adapter): stored whole, always
-                entry = whole_tensor(name, ft, stored)
-                rep["new_tensors"] += 1
-                rep["changed_values"] += ft.numel()
-            else:
-                base = self.snapshot[name].to(dtype)
-                changed = _bits(ft) != _bits(base)
-                rep["changed_values"] += int(changed.sum())
-                if self.dp:  # noise moved everything: select from the released weights only
-                    keep = None
-                    rows = torch.arange(ft.shape[0]) if name in self.row_masks else None
-                elif name in self.row_masks:
-                    keep = self.row_masks[name].view(-1, *([1] * (ft.dim() - 1))).expand_as(ft)
-                    rows = self.row_masks[name].nonzero().squeeze(1).cpu()
-                else:
-                    keep = None if name in self.touched else torch.zeros_like(changed)
-                    rows = None
-                if keep is not None:  # values that moved without a gradient (weight decay): left out
-                    drift = changed & ~keep
-                    if drift.any():
-                        rep["drift_values"] += int(drift.sum())
-                        rep["drift_max"] = max(rep["drift_max"], float((ft - base)[drift].abs().max()))
-                if not self.dp and name not in self.touched:
-                    rep["untouched"].append(name)
-                    continue
-                entry = delta_tensor(name, base, ft, rows=rows, stored_dtype=stored)
-                if entry is None:
-                    rep["zero_delta"].append(name)
-                    continue
-                if name in self.row_masks:
-                    rep["rows"][name] = (entry.rows if entry.kind == "rows" else ft.shape[0], ft.shape[0])
-            entries.append(entry)
-            rep["stored_values"] += _values(entry)
-            rep["exceptions"] += entry.exceptions
-            rep["max_error"] = max(rep["max_error"], entry.max_error)
-        for t in self.snapshot.values():
-            t.zero_()
-        self.snapshot = {}
-        return entries, rep
-
-
-def _bits(t):
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def _values(entry):
-    n = 1
-    for d in entry.shape[1:]:
-        n *= d
-    return entry.rows * n if entry.kind == "rows" else n * (entry.shape[0] if entry.shape else 1)
-
-
-@torch.no_grad()
-def wipe(model):
-    """Zero a model's weights in place (the fine-tuned plaintext, once it is sealed)."""
-    for p in model.parameters():
-        p.zero_()
-
-
-# ----------------------------------------------------------------------------- many tenants, one base
-class TenantRegistry:
-    """Sealed patches of many tenants over one base model, held in anonymous memory (ciphertext only);
-    at most one is applied at a time. apply(tenant, key) verifies the whole patch before the model
-    changes (a failure leaves the current state as it was), then swaps the previous tenant out;
-    revert() restores the exact base. The base fingerprint is computed once, when the registry is made:
-    the model must not be modified behind the registry's back."""
-
-    def __init__(self, model):
-        self.model = model
-        self.base_fp = base_fingerprint(model)
-        self.patches = {}
-        self.applied = None
-        self.workspace = {}  # patched tensors, reused from tenant to tenant (zeroed when reverted)
-        self.scratch = None  # locked plaintext buffer, reused (zeroed after every apply)
-
-    def add(self, patch, tenant=None):
-        """Hold a sealed patch (path, bytes or SealedPatch). Tenant and base are checked here against the
-        unauthenticated header (an early refusal) and again, authenticated, at apply time."""
-        sealed, owned = SealedPatch.coerce(patch)
-        if not owned:
-            sealed = SealedPatch.from_bytes(sealed.image.view())
-        tenant = tenant or sealed.tenant
-        if sealed.tenant != tenant:
-            sealed.close()
-            raise WrongTenantError(f"patch belongs to tenant {sealed.tenant!r}, not {tenant!r}")
-        if sealed.header.get("base_fingerprint") != self.base_fp:
-            sealed.close()
-            raise WrongBaseError("patch was made for another base model")
-        if tenant in self.patches:
-            self.remove(tenant)
-        self.patches[tenant] = sealed
-        return tenant
-
-    def remove(self, tenant):
-        if self.active == tenant:
-            self.revert()
-        self.patches.pop(tenant).close()
-
-    @property
-    def active(self):
-        return self.applied.tenant if self.applied is not None else None
-
-    def apply(self, tenant, key):
-        """Switch the model to `tenant`'s patch (reverting the current one once the new one verified)."""
-        if tenant not in self.patches:
-            raise UserError(f"no patch for tenant {tenant!r}; known: {', '.join(sorted(self.patches)) or 'none'}")
-        sealed = self.patches[tenant]
-        need = plaintext_bytes(sealed.header)
-        if self.scratch is None or self.scratch.nbytes < need:
-            if self.scratch is not None:
-                self.scratch.close()
-            self.scratch = SecureBuffer(need)
-        self.applied = apply_sealed_patch(self.model, sealed, key, tenant=tenant, base_fp=self.base_fp,
-                                          scratch=self.scratch, workspace=self.workspace, before_swap=self.revert)
-        return self.applied
-
-    switch = apply
-
-    def revert(self):
-        if self.applied is not None:
-            self.applied.revert()
-            self.applied = None
-
-    def memory_bytes(self):
-        return {"sealed": sum(p.nbytes for p in self.patches.values()),
-                "workspace": sum(t.numel() * t.element_size() for t in self.workspace.values()),
-                "scratch": self.scratch.nbytes if self.scratch is not None else 0}
-
-    def close(self):
-        self.revert()
-        for t in self.workspace.values():
-            t.zero_()
-        self.workspace = {}
-        for p in self.patches.values():
-            p.close()
-        self.patches = {}
-        if self.scratch is not None:
-            self.scratch.close()
 
 
 # ----------------------------------------------------------------------------- CLI helpers
@@ -293,27 +92,35 @@ def key_from_cfg(cfg):
                     passphrase_env=cfg["passphrase_env"] or None)
 
 
+def expected_tenant(cfg):
+    """--tenant, or the tenant the key file is bound to; they must agree when both are given."""
+    bound = key_file_tenant(cfg["key_file"]) if cfg["key_file"] else None
+    tenant = cfg["tenant"] or bound
+    if not tenant:
+        raise UserError("give --tenant (or a key file bound to a tenant: keygen --tenant NAME); "
+                        "a patch is never accepted for whichever tenant it names")
+    if bound and tenant != bound:
+        raise UserError(f"--tenant {tenant} but key file {cfg['key_file']} is bound to tenant {bound}")
+    return check_tenant(tenant)
+
+
+def check_max_new_tokens(cfg):
+    if not 0 <= cfg["max_new_tokens"] <= MAX_NEW_TOKENS:
+        raise UserError(f"max_new_tokens must be in 0..{MAX_NEW_TOKENS}; got {cfg['max_new_tokens']}")
+
+
 def read_prompts(cfg):
     prompts = [cfg["prompt"]] if cfg.get("prompt") else []
     if cfg.get("prompt_file"):
-        if not os.path.isfile(cfg["prompt_file"]):
-            raise UserError(f"prompt file {cfg['prompt_file']} does not exist")
-        with open(cfg["prompt_file"], encoding="utf-8") as f:
-            prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        path = cfg["prompt_file"]
+        if not os.path.isfile(path):
+            raise UserError(f"prompt file {path} does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     return prompts
-
-
-@torch.no_grad()
-def generate(model, tok, prompt, max_new_tokens):
-    """(greedy continuation text, seconds)."""
-    device = next(model.parameters()).device
-    ids = tok.encode(prompt)[-model.config.block_size:] or [tok.eot]
-    t0 = time.perf_counter()
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens, greedy=True)[0, len(ids):].tolist()
-    dt = time.perf_counter() - t0
-    if tok.eot in out:
-        out = out[:out.index(tok.eot)]
-    return tok.decode(out), dt
 
 
 def show_generations(prompts, base_runs, patched_runs):
@@ -330,24 +137,33 @@ def human(n):
         n /= 1024
 
 
+def dp_line(privacy):
+    return (f"DP on, epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:.3g}" if privacy
+            else "DP OFF: this patch is not differentially private")
+
+
 @torch.no_grad()
-def compare(patched, trained):
-    """(parameters compared, names that differ, max |difference|)."""
-    mine = dict(patched.named_parameters())
-    differ, worst = [], 0.0
-    for name, p in trained.named_parameters():
-        q = mine.get(name)
-        if q is None or q.shape != p.shape or not torch.equal(_bits(q.to(p.dtype)), _bits(p)):
-            differ.append(name)
-            if q is not None and q.shape == p.shape:
-                worst = max(worst, float((q.to(p.dtype) - p).abs().max()))
-    return len(mine), differ, worst
+def wipe(model):
+    """Zero a model's weights in place (the fine-tuned plaintext, once it is sealed)."""
+    for p in model.parameters():
+        p.zero_()
+
+
+def privacy_keys_given(defaults, argv):
+    """The privacy keys set by a config file or the command line (their defaults replaced by None, which
+    the configurator passes through unchecked: whatever is not None was given)."""
+    probe = configure({**defaults, **{k: None for k in PRIVACY_KEYS}}, argv)
+    return [k for k in PRIVACY_KEYS if probe[k] is not None]
 
 
 # ----------------------------------------------------------------------------- fine-tune and seal
 def seal_main(argv):
     from utils import finetune as ft_loop
-    cfg = configure({**ft_loop.DEFAULTS, **DEFAULTS}, argv)
+    defaults = {**ft_loop.DEFAULTS, **DEFAULTS}
+    cfg = configure(defaults, argv)
+    if not cfg["dp"] and privacy_keys_given(defaults, argv):
+        raise UserError(f"--dp=False but privacy settings were given ({', '.join(privacy_keys_given(defaults, argv))}): "
+                        "a non-private run would ignore them; drop them or keep DP on")
     if cfg["save"]:
         raise UserError("save=True would write the fine-tuned weights to disk in plaintext: this script keeps "
                         "them only as a sealed patch (use finetune_dp.py for a plaintext checkpoint)")
@@ -355,15 +171,25 @@ def seal_main(argv):
         raise UserError(f"delta_dtype must be exact, bfloat16 or float16; got {cfg['delta_dtype']!r}")
     if not 1 <= cfg["chunk_mb"] <= 1024:
         raise UserError("chunk_mb must be in 1..1024")
-    check_tenant(cfg["tenant"])
+    if cfg["generation"] < 0:
+        raise UserError("generation must be >= 0")
+    check_max_new_tokens(cfg)
+    tenant = expected_tenant(cfg)
+    if cfg["export"]:
+        check_export_path(cfg["export"])
     key = key_from_cfg(cfg)
     prompts = read_prompts(cfg)
     tok = get_tokenizer(load_meta(cfg["data_dir"]))
+    ft_cfg = {k: cfg[k] for k in ft_loop.DEFAULTS}
+    ft_cfg["save"] = False
+    ft_loop.check_config(ft_cfg)
     base = ft_loop.load_base(cfg).eval()
     base_fp = base_fingerprint(base)
     tracker = DeltaTracker(base, dp=cfg["dp"])
-    ft_cfg = {k: cfg[k] for k in ft_loop.DEFAULTS}
-    ft_cfg["save"] = False
+    print(f"sealing a patch of tenant {tenant}: " + (
+        f"DP on (target epsilon {cfg['target_epsilon']}, noise multiplier "
+        f"{'calibrated' if cfg['noise_multiplier'] is None else cfg['noise_multiplier']}, clip {cfg['max_grad_norm']})"
+        if cfg["dp"] else "DP OFF (--dp=False): the patch will not be differentially private"), flush=True)
     t0 = time.perf_counter()
     result = ft_loop.finetune(ft_cfg, model=copy.deepcopy(base).train(), on_model_ready=tracker)
     finetune_s = time.perf_counter() - t0
@@ -373,21 +199,22 @@ def seal_main(argv):
     t0 = time.perf_counter()
     plain, rep = tracker.build(trained, cfg["delta_dtype"])
     privacy = result["privacy"]
-    meta = {"tokenizer": tok.name if tok.name != "word" else None, "dp": bool(cfg["dp"]),
+    meta = {"tokenizer": tok.name if tok.name != "word" else None, "dp": bool(privacy),
             "epsilon": privacy["epsilon"] if privacy else None, "delta": privacy["delta"] if privacy else None,
             "delta_dtype": cfg["delta_dtype"], "steps": privacy["steps"] if privacy else None}
     locked = sum(t.buffer.locked for t in plain)
     lock_errors = {t.buffer.lock_error for t in plain if not t.buffer.locked}
     try:
-        sealed = seal(plain, key, tenant=cfg["tenant"], base_fingerprint=base_fp, structure=tracker.structure,
-                      meta=meta, chunk_bytes=cfg["chunk_mb"] << 20, scrypt_params={"n": cfg["scrypt_n"]})
+        sealed = seal(plain, key, tenant=tenant, base_fingerprint=base_fp, structure=tracker.structure, meta=meta,
+                      generation=cfg["generation"] or None, chunk_bytes=cfg["chunk_mb"] << 20,
+                      scrypt_params={"n": cfg["scrypt_n"]})
     finally:
         for t in plain:
             t.close()
     seal_s = time.perf_counter() - t0
 
     # the round trip, through the real apply path: patched base == fine-tuned model?
-    applied = apply_sealed_patch(base, sealed, key, tenant=cfg["tenant"], base_fp=base_fp)
+    applied = apply_sealed_patch(base, sealed, key, tenant, base_fp=base_fp)
     n_params, differ, worst = compare(base, trained)
     wipe(trained)  # the plaintext fine-tuned weights are no longer needed
     del trained, result
@@ -395,15 +222,15 @@ def seal_main(argv):
     blobs = sealed.blobs()
     payload = sum(e["plain_bytes"] for e in sealed.header["tensors"])
     itemsize = torch.empty(0, dtype=tracker.default_dtype).element_size()
-    print(f"tenant {cfg['tenant']}, patch {sealed.header['patch_id']}"
-          + (f", DP epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:.3g}" if privacy else ", not DP"))
+    print(f"tenant {tenant}, patch {sealed.header['patch_id']}, generation {sealed.header['generation']}: "
+          + dp_line(privacy))
     print(f"modified tensors: {len(plain)} of {rep['trainable']} trainable ({rep['frozen']} frozen, "
           f"{len(rep['untouched'])} without gradient, {len(rep['zero_delta'])} with an exactly zero delta, "
           f"{rep['new_tensors']} new, stored whole)")
     for name, (kept, total) in rep["rows"].items():
         print(f"  {name}: {kept} of {total} rows")
     if cfg["dp"]:
-        print("  (DP: noise reaches every trainable tensor and embedding row, so all of them are in the patch)")
+        print("  (DP: every trainable tensor and embedding row is in the patch, whatever the sampled records were)")
     print(f"patch bytes: {sealed.nbytes:,} ({human(sealed.nbytes)}); payload {payload:,} = "
           f"{payload / max(1, rep['changed_values'] * itemsize):.3f}x the {rep['changed_values']:,} changed "
           f"parameters x {itemsize} B")
@@ -435,7 +262,10 @@ def seal_main(argv):
     applied.revert()
     if cfg["export"]:
         sealed.export(cfg["export"])
-        print(f"exported {cfg['export']} ({sealed.nbytes:,} bytes: header + ciphertext)")
+        write_json(cfg["export"] + ".privacy.json", {"tenant": tenant, "patch_id": sealed.header["patch_id"],
+                                                     "dp": bool(privacy), "privacy": privacy})
+        print(f"exported {cfg['export']} ({sealed.nbytes:,} bytes: header + ciphertext) and "
+              f"{cfg['export']}.privacy.json ({dp_line(privacy)})")
     else:
         print("not exported: the patch lived in anonymous memory and ends with this process (--export PATH keeps it)")
     sealed.close()
@@ -449,9 +279,13 @@ def apply_main(argv):
         raise UserError("--patch is required (a file written by --export)")
     if not (cfg["base_ckpt"] or cfg["init_from"]):
         raise UserError("--base_ckpt is required (the base model the patch was made for)")
+    check_max_new_tokens(cfg)
+    if cfg["max_patch_mb"] <= 0:
+        raise UserError("max_patch_mb must be positive")
+    tenant = expected_tenant(cfg)
     key = key_from_cfg(cfg)
     prompts = read_prompts(cfg)
-    sealed = SealedPatch.from_file(cfg["patch"])
+    sealed = SealedPatch.from_file(cfg["patch"], max_bytes=cfg["max_patch_mb"] << 20)
     if cfg["init_from"]:
         from utils import finetune as ft_loop
         base = ft_loop.load_base({**ft_loop.DEFAULTS, "base_ckpt": "", "init_from": cfg["init_from"]})
@@ -461,13 +295,15 @@ def apply_main(argv):
     t0 = time.perf_counter()
     base_fp = base_fingerprint(base)
     fp_s = time.perf_counter() - t0
-    applied = apply_sealed_patch(base, sealed, key, tenant=cfg["tenant"] or None, base_fp=base_fp)
+    applied = apply_sealed_patch(base, sealed, key, tenant, base_fp=base_fp)
     h = applied.header
     m = h["meta"]
-    print(f"applied patch {h['patch_id']} of tenant {h['tenant']}: {len(h['tensors'])} tensors, {sealed.nbytes:,} bytes"
-          + (f", DP epsilon {m['epsilon']:.3f}" if m.get("dp") and m.get("epsilon") is not None else "")
+    print(f"applied patch {h['patch_id']} of tenant {h['tenant']} (generation {h['generation']}): "
+          f"{len(h['tensors'])} tensors, {sealed.nbytes:,} bytes, "
+          + (f"DP on, epsilon {m['epsilon']:.3f}" if m.get("dp") and m.get("epsilon") is not None else "DP OFF")
           + f"; verify + decrypt + apply {applied.apply_s * 1000:.0f} ms (base fingerprint {fp_s * 1000:.0f} ms); "
-          f"plaintext mlocked: {applied.plain_status['mlocked']}"
+          f"plaintext mlocked: {applied.plain_status['mlocked']}, patched weights mlocked: "
+          f"{applied.storage_status.get('mlocked')}"
           + (f" ({applied.plain_status['mlock_error']})" if not applied.plain_status["mlocked"] else ""))
     if prompts:
         if cfg["data_dir"]:
@@ -485,22 +321,23 @@ def apply_main(argv):
 
 
 def keygen_main(argv):
-    cfg = configure({"out": "", "force": False}, argv)
+    cfg = configure({"out": "", "force": False, "tenant": ""}, argv)
     if not cfg["out"]:
         raise UserError("--out PATH is required")
     if os.path.exists(cfg["out"]) and not cfg["force"]:
         raise UserError(f"{cfg['out']} exists; --force overwrites it")
-    generate_key_file(cfg["out"])
-    print(f"wrote a random 256-bit key to {cfg['out']} (mode 600)")
+    generate_key_file(cfg["out"], tenant=cfg["tenant"] or None)
+    print(f"wrote a random 256-bit key to {cfg['out']} (mode 600)"
+          + (f", bound to tenant {cfg['tenant']}" if cfg["tenant"] else ""))
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["apply"]:
-        return apply_main(argv[1:])
-    if argv[:1] == ["keygen"]:
-        return keygen_main(argv[1:])
-    return seal_main(argv)
+    command = {"apply": apply_main, "keygen": keygen_main}.get(argv[0] if argv else None)
+    try:
+        return command(argv[1:]) if command else seal_main(argv)
+    except PatchError as e:  # library errors become the CLI's one-line errors here, with their exit codes
+        raise as_user_error(e) from None
 
 
 if __name__ == "__main__":

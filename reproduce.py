@@ -11,7 +11,7 @@ Stages (--stages picks some; a stage whose outputs exist is skipped unless --fre
   finetune  per method, ONE fine-tune (utils.finetune.finetune) whose training set also holds the one-run
             audit's canaries, each included with probability 1/2 (test_pipeline/privacy_audit.py): the
             audit lower bound is measured on the very run that is released. Its delta is sealed as an
-            encrypted patch (finetune_encrypt_memmap.DeltaTracker + utils/sealed_patch.seal) with the
+            encrypted patch (utils/delta_tracker.DeltaTracker + utils/patch_cipher.seal) with the
             method's own key; the fine-tuned weights never reach the disk in plaintext.
   tests     per model (the base, then each patch applied with its key): canary exposure and extraction
             (leakage_test), a wrong key (must be refused), membership inference (mia), perplexity on the
@@ -199,9 +199,11 @@ def finetune_and_seal(cfg, paths, name, log=print):
     """One fine-tune of `name` with the audit canaries in its training set; seal, export and check the
     patch; score the audit. Returns the method's finetune.json dict."""
     from utils import finetune as ft_loop
-    from finetune_encrypt_memmap import DeltaTracker, compare
     from test_pipeline import privacy_audit as audit
-    from utils import sealed_patch as sp
+    from utils.delta_tracker import DeltaTracker
+    from utils.patch_apply import apply_sealed_patch, base_fingerprint, compare
+    from utils.patch_cipher import seal
+    from utils.patch_keys import generate_key_file, load_key
     from utils.checkpoint import load_model
     from utils.data import load_meta
     from utils.tokenizer import get_tokenizer
@@ -209,7 +211,7 @@ def finetune_and_seal(cfg, paths, name, log=print):
     where = paths.method(name)
     base, _ = load_model(paths.base, cfg["device"])
     ft_cfg = method_config(cfg, name, paths, base.config.n_layer)
-    base_fp = sp.base_fingerprint(base)
+    base_fp = base_fingerprint(base)
     tracker = DeltaTracker(base, dp=ft_cfg["dp"])
     tok = get_tokenizer(load_meta(paths.employees))
     texts, included = audit.draw_canaries(cfg["audit_m"], 12, cfg["seed"])
@@ -239,11 +241,11 @@ def finetune_and_seal(cfg, paths, name, log=print):
 
     # seal the delta with the method's own key; export header + ciphertext only
     os.makedirs(where["folder"], exist_ok=True)
-    sp.generate_key_file(where["key"])
-    key = sp.load_key(key_file=where["key"])
+    generate_key_file(where["key"], tenant=name)
+    key = load_key(key_file=where["key"])
     plain, rep = tracker.build(trained)
     try:
-        sealed = sp.seal(plain, key, tenant=name, base_fingerprint=base_fp, structure=tracker.structure,
+        sealed = seal(plain, key, tenant=name, base_fingerprint=base_fp, structure=tracker.structure,
                          meta={"tokenizer": tok.name, "dp": ft_cfg["dp"], "epsilon": privacy["epsilon"] if privacy else None,
                                "delta": delta if privacy else None, "method": name})
     finally:
@@ -251,7 +253,7 @@ def finetune_and_seal(cfg, paths, name, log=print):
             t.close()
     sealed.export(where["patch"])
     base_cpu = base.to("cpu")
-    applied = sp.apply_sealed_patch(base_cpu, where["patch"], key, tenant=name, base_fp=base_fp)
+    applied = apply_sealed_patch(base_cpu, where["patch"], key, name, base_fp=base_fp)
     n_params, differ, _ = compare(base_cpu, trained)  # the patch gives the fine-tuned weights back, bit for bit
     applied.revert()
     patch_bytes, n_tensors = sealed.nbytes, len(sealed.header["tensors"])
@@ -284,7 +286,9 @@ def tenant_memory(base_ckpt, patch, key_file, counts):
     sealed patches in a TenantRegistry with one of them applied. The registry takes one patch per tenant;
     the further tenants are byte copies of this patch held the same way (same bytes, same memory)."""
     torch.set_num_threads(1)
-    from finetune_encrypt_memmap import SealedPatch, TenantRegistry, load_key
+    from utils.patch_format import SealedPatch
+    from utils.patch_keys import key_file_tenant, load_key
+    from utils.tenant_registry import TenantRegistry
     from utils.checkpoint import load_model
     model, _ = load_model(base_ckpt)
     with torch.no_grad():
@@ -293,7 +297,7 @@ def tenant_memory(base_ckpt, patch, key_file, counts):
     if not patch:
         return out
     registry = TenantRegistry(model)
-    tenant = registry.add(patch)
+    tenant = registry.add(patch, key_file_tenant(key_file) or SealedPatch.from_file(patch).tenant)
     registry.apply(tenant, load_key(key_file=key_file))
     with open(patch, "rb") as f:
         raw = f.read()
@@ -317,17 +321,20 @@ def measure_memory(cfg, paths, patch="", key=""):
 def generation_latency(cfg, paths, tok, prompts, patch="", key=""):
     """Median ms per generated token, greedy with the KV cache, one prompt at a time: the base model and the
     patched one alternately (same machine state); plus the time to verify, decrypt and apply the patch."""
-    from finetune_encrypt_memmap import generate
-    from utils import sealed_patch as sp
+    from utils.patch_apply import apply_sealed_patch, base_fingerprint
+    from utils.patch_format import SealedPatch
+    from utils.patch_keys import key_file_tenant, load_key
+    from utils.timed_generation import generate
     from utils.checkpoint import load_model
     n = cfg["latency_tokens"]
     base, _ = load_model(paths.base, cfg["device"])
     patched, apply_ms = None, None
     if patch:
         patched, _ = load_model(paths.base, cfg["device"])
-        fp = sp.base_fingerprint(patched)
+        fp = base_fingerprint(patched)
         t0 = time.perf_counter()
-        sp.apply_sealed_patch(patched, patch, sp.load_key(key_file=key), base_fp=fp)
+        tenant = key_file_tenant(key) or SealedPatch.from_file(patch).tenant  # reproduce's own patches
+        apply_sealed_patch(patched, patch, load_key(key_file=key), tenant, base_fp=fp)
         apply_ms = (time.perf_counter() - t0) * 1000
         patched.eval()
     generate(base, tok, prompts[0], 4)  # warm-up
@@ -443,10 +450,11 @@ def robustness_tenant(cfg, paths, steps):
                   extra_files={f"{s}_people.jsonl": "".join(json.dumps(p) + "\n" for p, _, _ in r).encode()
                                for s, r in records.items()})  # one line per record, as prepare.py writes
     print(f"\nwrote {data}: {len(people['train'])} people x wordings {wordings} (train)")
-    steps.run("check 3: the tenant's key", ["finetune_encrypt_memmap.py", "keygen", *opts(out=key), "--force"])
+    steps.run("check 3: the tenant's key", ["finetune_encrypt_memmap.py", "keygen", *opts(out=key, tenant="robustness"),
+                                            "--force"])
     steps.run(f"check 3: fine-tune the tenant on wordings {wordings} and seal the patch",
               ["finetune_encrypt_memmap.py",
-               *opts(base_ckpt=paths.base, data_dir=data, key_file=key, tenant="robustness", export=patch,
+               *opts(dp=False, base_ckpt=paths.base, data_dir=data, key_file=key, tenant="robustness", export=patch,
                      loss_on="answer", epochs=cfg["robustness_epochs"], max_steps=cfg["steps"], batch_size=8,
                      microbatch_size=8, learning_rate=cfg["robustness_learning_rate"], eval_interval=0,
                      device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"])])
@@ -803,7 +811,7 @@ def main(argv=None):
             where = paths.method(name)
             run_stage(f"finetune {name}", lambda: finetune_and_seal(cfg, paths, name), [where["finetune"], where["patch"]])
     if wanted & {"tests", "checks"} and (cfg["fresh"] or not os.path.isfile(paths.wrong_key)):
-        from utils.sealed_patch import generate_key_file
+        from utils.patch_keys import generate_key_file
         generate_key_file(paths.wrong_key)  # no patch was sealed with it
     if "tests" in wanted:
         shared = {}

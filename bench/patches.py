@@ -30,9 +30,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from utils import finetune as ft_loop
 from configurator import configure
-from finetune_encrypt_memmap import DeltaTracker, TenantRegistry
 from model import GPT, GPTConfig
-from utils import sealed_patch as sp
+from utils.delta_tracker import DeltaTracker
+from utils.patch_apply import apply_sealed_patch, base_fingerprint
+from utils.patch_cipher import open_patch, seal
+from utils.patch_format import DEFAULT_CHUNK_BYTES, SealedPatch
+from utils.patch_payload import delta_tensor, whole_tensor
+from utils.secure_memory import raise_memlock_limit
+from utils.tenant_registry import TenantRegistry
 from utils.atomic import write_bytes
 from utils.cli import run_cli
 from utils.data import write_meta, write_split
@@ -104,7 +109,7 @@ def _hmac(key, data):
 def machine():
     from cryptography.hazmat.backends.openssl.backend import backend
     return describe_machine(f"cryptography {cryptography.__version__} ({backend.openssl_version_text()})",
-                            f"RLIMIT_MEMLOCK {sp.memlock_limit() or 'unlimited'} bytes")
+                            f"RLIMIT_MEMLOCK {raise_memlock_limit() or 'unlimited'} bytes")
 
 
 def rss():
@@ -143,14 +148,14 @@ def best_cpu(fn, repeats):
 
 def whole_plain(nbytes, seed):
     t = torch.empty(nbytes // 4).normal_(generator=torch.Generator().manual_seed(seed))
-    return [sp.whole_tensor("blob", t)]
+    return [whole_tensor("blob", t)]
 
 
 # ----------------------------------------------------------------------------- 1. throughput
 def throughput(cfg, out):
     """Cipher throughput on one core, both designs in the same harness: input and output buffers allocated
     and touched beforehand (so page faults are not counted), chunked as the library chunks."""
-    n, chunk = cfg["throughput_mib"] << 20, sp.DEFAULT_CHUNK_BYTES
+    n, chunk = cfg["throughput_mib"] << 20, DEFAULT_CHUNK_BYTES
     src = bytearray(os.urandom(1 << 20)) * (n >> 20)
     dst, back = bytearray(n + 16), bytearray(n + 16)  # (CBC's update_into wants a block of slack)
     key, ad = os.urandom(32), b"associated data"
@@ -208,24 +213,24 @@ def apply_latency(cfg, out):
     ft = {n: p.detach() + 1e-4 * torch.randn(p.shape, generator=g) for n, p in base.named_parameters()}
     key, master = os.urandom(32), os.urandom(32)
     t0 = time.perf_counter()
-    plain = [sp.delta_tensor(n, p, ft[n]) for n, p in base.named_parameters()]
+    plain = [delta_tensor(n, p, ft[n]) for n, p in base.named_parameters()]
     t_delta = time.perf_counter() - t0
     seed_patch = SeedPatch(master, ft)
     for t in ft.values():
         t.zero_()
     del ft
-    fp_s = best(lambda: sp.base_fingerprint(base), 1)
-    fp = sp.base_fingerprint(base)
+    fp_s = best(lambda: base_fingerprint(base), 1)
+    fp = base_fingerprint(base)
     t0 = time.perf_counter()
-    sealed = sp.seal(plain, key, tenant="t", base_fingerprint=fp)
+    sealed = seal(plain, key, tenant="t", base_fingerprint=fp)
     t_seal = time.perf_counter() - t0
     for t in plain:
         t.close()
     applied = []
-    t_cold = best_cpu(lambda: applied.append(sp.apply_sealed_patch(base, sealed, key, base_fp=fp)), 1)
+    t_cold = best_cpu(lambda: applied.append(apply_sealed_patch(base, sealed, key, "t", base_fp=fp)), 1)
     t_revert = best_cpu(applied[0].revert, 1)
     reg = TenantRegistry(base)
-    reg.add(sealed)
+    reg.add(sealed, "t")
     reg.switch("t", key)  # first switch allocates the scratch buffer and the patched tensors
     warm = []
     for _ in range(cfg["repeats"]):
@@ -281,7 +286,7 @@ def embeddings_only(tracker):
 def patch_sizes(cfg, out, data_dir):
     torch.manual_seed(cfg["seed"])
     base = GPT(GPTConfig(n_layer=8, n_head=6, n_embd=384, vocab_size=50304, block_size=64)).eval()
-    fp = sp.base_fingerprint(base)
+    fp = base_fingerprint(base)
     common = dict(data_dir=data_dir, save=False, dp=False, batch_size=4, microbatch_size=4, max_steps=cfg["steps"],
                   eval_interval=0, log_interval=10 ** 6, learning_rate=1e-3, seed=cfg["seed"])
     methods = [("full", {}), ("full, DP", dict(dp=True, noise_multiplier=1.0, target_epsilon=None)),
@@ -302,7 +307,7 @@ def patch_sizes(cfg, out, data_dir):
                                    log=lambda *a: None)
         trained = res["model"]
         plain, rep = tracker.build(trained)
-        sealed = sp.seal(plain, key, tenant="t", base_fingerprint=fp, structure=tracker.structure)
+        sealed = seal(plain, key, tenant="t", base_fingerprint=fp, structure=tracker.structure)
         for t in plain:
             t.close()
         params = dict(trained.named_parameters())
@@ -339,7 +344,7 @@ def tenants_rss(cfg, out, base, held):
                     reg = TenantRegistry.__new__(TenantRegistry)  # the registry's storage, without a model
                     reg.patches = {}
                     for i in range(n):
-                        reg.patches[f"t{i}"] = sp.SealedPatch.from_bytes(raw)
+                        reg.patches[f"t{i}"] = SealedPatch.from_bytes(raw)
                     grown = rss() - before
                     for p in reg.patches.values():
                         p.close()

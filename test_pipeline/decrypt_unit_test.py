@@ -30,6 +30,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from configurator import configure
 from model import GPT, GPTConfig
 from utils.cli import run_cli
+from utils.patch_apply import apply_sealed_patch, base_fingerprint
+from utils.patch_cipher import seal
+from utils.patch_errors import WrongKeyError
+from utils.patch_keys import load_key
+from utils.patch_payload import delta_tensor, whole_tensor
 
 DEFAULTS = dict(
     seed=0,
@@ -125,17 +130,17 @@ def models(seed):
     return base, ft
 
 
-def seal_diff(sp, base, ft, key, chunk_bytes, tenant="alice"):
+def seal_diff(base, ft, key, chunk_bytes, tenant="alice"):
     bp = dict(base.named_parameters())
     bp["lm_head.weight"] = base.transformer.wte.weight
     plain = []
     for name, p in ft.named_parameters():
         rows = torch.arange(p.shape[0]) if name == "transformer.wte.weight" else None
-        t = sp.delta_tensor(name, bp[name], p, rows=rows) if name in bp else sp.whole_tensor(name, p)
+        t = delta_tensor(name, bp[name], p, rows=rows) if name in bp else whole_tensor(name, p)
         if t is not None:
             plain.append(t)
     structure = {"untie_weights": base.weights_tied and not ft.weights_tied, "lora": ft.lora_config}
-    sealed = sp.seal(plain, key, tenant=tenant, base_fingerprint=sp.base_fingerprint(base), structure=structure,
+    sealed = seal(plain, key, tenant=tenant, base_fingerprint=base_fingerprint(base), structure=structure,
                      chunk_bytes=chunk_bytes)
     payloads = {t.name: bytes(t.buffer.view()) for t in plain}
     for t in plain:
@@ -154,12 +159,11 @@ def bitwise_equal(a, b):
 
 def main(argv=None):
     cfg = configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
-    from utils import sealed_patch as sp
     results = []
     base, ft = models(cfg["seed"])
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
     key = os.urandom(32)
-    sealed, payloads = seal_diff(sp, base, ft, key, cfg["chunk_bytes"])
+    sealed, payloads = seal_diff(base, ft, key, cfg["chunk_bytes"])
     data = sealed.tobytes()
     check(results, "some tensors span several chunks", any(e["chunks"] > 1 for e in sealed.header["tensors"]))
     check(results, "zero-crossing values use the exception bitmap",
@@ -168,7 +172,7 @@ def main(argv=None):
     # 1. round trip through a file
     with tempfile.TemporaryDirectory() as tmp:
         path = sealed.export(os.path.join(tmp, "p.sealed"))
-        applied = sp.apply_sealed_patch(base, path, sp.load_key(key_hex=key.hex(), warn=lambda m: None))
+        applied = apply_sealed_patch(base, path, load_key(key_hex=key.hex(), warn=lambda m: None), "alice")
     fp = dict(ft.named_parameters())
     check(results, "round trip: patched == fine-tuned, bit for bit",
           all(bitwise_equal(p, fp[n]) for n, p in base.named_parameters()) and not base.weights_tied)
@@ -190,13 +194,13 @@ def main(argv=None):
         for n, p in lora_ft.named_parameters():
             if "lora_" in n:
                 p.normal_(0, 0.05)
-    lsealed, _ = seal_diff(sp, lora_base, lora_ft, key, cfg["chunk_bytes"], tenant="bob")
+    lsealed, _ = seal_diff(lora_base, lora_ft, key, cfg["chunk_bytes"], tenant="bob")
     lheader, lindep, _ = read_sealed(lsealed.tobytes(), key)
     lf = dict(lora_ft.named_parameters())
     check(results, "independent reader: LoRA adapters stored whole",
           lheader["structure"]["lora"] == lora_ft.lora_config
           and all(bitwise_equal(rebuild(e, lindep[e["name"]], None), lf[e["name"]]) for e in lheader["tensors"]))
-    sp.apply_sealed_patch(lora_base, lsealed, key)
+    apply_sealed_patch(lora_base, lsealed, key, "bob")
     check(results, "LoRA patch applied: adapters rebuilt", all(bitwise_equal(p, lf[n]) for n, p in lora_base.named_parameters()))
 
     # 3. key separation, nonces, fresh salt
@@ -205,7 +209,7 @@ def main(argv=None):
     check(results, f"{len(keys)} subkeys, all distinct, none equal to the master key", len(set(keys)) == len(keys) and key not in keys)
     nonces = [r[2] for r in records]
     check(results, f"{len(nonces)} nonces, none repeated", len(set(nonces)) == len(nonces))
-    again, _ = seal_diff(sp, *models(cfg["seed"]), key, cfg["chunk_bytes"])
+    again, _ = seal_diff(*models(cfg["seed"]), key, cfg["chunk_bytes"])
     check(results, "sealing twice: new salt, patch id and ciphertext",
           again.header["salt"] != header["salt"] and again.header["patch_id"] != header["patch_id"]
           and again.tobytes()[again.blob_start:again.blob_start + 64] != data[sealed.blob_start:sealed.blob_start + 64])
@@ -226,9 +230,9 @@ def main(argv=None):
 
     # 5. wrong key; no plaintext in the file
     try:
-        sp.apply_sealed_patch(base, data, os.urandom(32))
+        apply_sealed_patch(base, data, os.urandom(32), "alice")
         check(results, "wrong key refused", False, "it was applied")
-    except sp.WrongKeyError as e:
+    except WrongKeyError as e:
         check(results, "wrong key refused (WrongKeyError, exit code 3)", e.exit_code == 3)
     windows = [p[k:k + 16] for p in payloads.values() for k in range(0, len(p) - 16, 256) if any(p[k:k + 16])]
     check(results, f"none of {len(windows)} plaintext windows in the sealed file", not any(w in data for w in windows))

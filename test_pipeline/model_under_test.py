@@ -2,8 +2,12 @@
 The model a test looks at, and batched scoring and completion under it. Every test_pipeline script
 goes through here, so that a checkpoint, a patched checkpoint and a wrong key behave the same everywhere.
 
-- load_model_under_test: a checkpoint, optionally with a sealed patch applied with its key. A refused
-  patch is a one-line UserError carrying the patch error's exit code (3 auth failure, 4 wrong base/tenant).
+- load_model_under_test: a checkpoint, optionally with a sealed patch applied with its key. Decrypting
+  hardens the process (no core dumps, not attachable) and the patched weights live in locked,
+  dump-excluded memory (utils/patch_apply.py). The expected tenant is the argument, or the tenant the
+  key file is bound to; with neither, the patch's own (authenticated) tenant is accepted with a warning
+  (the `apply` CLI refuses instead). A refused patch is a one-line UserError carrying the patch error's
+  exit code (3 auth failure, 4 wrong base/tenant).
 - sequence_logprobs: log p(target_t | prefix, target_<t) for many (prefix, target) pairs, one batched
   forward per batch (right padding: causal attention never lets a pad change an earlier position).
 - continuation_logprobs: many continuations of ONE shared prefix (canary candidates): the prefix runs once
@@ -11,6 +15,7 @@ goes through here, so that a checkpoint, a patched checkpoint and a wrong key be
 - complete: left-padded batched decoding of many prompts with the KV cache (greedy or sampled).
 """
 import copy
+import sys
 
 import numpy as np
 import torch
@@ -20,23 +25,38 @@ from utils.checkpoint import load_model
 from utils.cli import UserError
 
 # what a refused patch means, by the patch error's exit code (finetune_encrypt_memmap's contract)
-PATCH_REFUSALS = {2: "bad patch or key input", 3: "auth failure", 4: "wrong base model or tenant"}
+PATCH_REFUSALS = {2: "bad patch or key input", 3: "auth failure", 4: "wrong base model or tenant",
+                  5: "older than a patch already accepted"}
 
 
 def load_model_under_test(ckpt, patch=None, key_file=None, device="cpu", tenant=None):
-    """(model in eval mode, checkpoint dict). With `patch`, the sealed patch is applied with the key in
-    `key_file`; any refusal becomes a UserError whose exit_code is the patch error's."""
+    """(model in eval mode, checkpoint dict). With `patch`, the sealed patch of `tenant` (or of the tenant
+    `key_file` is bound to) is applied with the key in `key_file`; any refusal becomes a UserError whose
+    exit_code is the patch error's."""
     model, ckpt_dict = load_model(ckpt, device)
     if patch:
         if not key_file:
             raise UserError(f"--patch {patch} needs --key_file (the file holding the patch's key)")
-        import finetune_encrypt_memmap as fem  # only patched runs need the crypto module
+        from utils.patch_apply import apply_sealed_patch  # only patched runs need the crypto modules
+        from utils.patch_errors import PatchError
+        from utils.patch_format import SealedPatch
+        from utils.patch_keys import key_file_tenant, load_key
+        from utils.secure_memory import harden_process
+        harden_process()  # before the key is read: this process is about to hold it and the plaintext
         try:
-            key = fem.load_key(key_file=key_file)
-            fem.apply_sealed_patch(model, patch, key, tenant=tenant or None)
-        except fem.PatchError as e:
-            reason = PATCH_REFUSALS.get(getattr(e, "exit_code", None), "patch error")
-            raise UserError(f"patch {patch} refused ({reason}): {e}", exit_code=getattr(e, "exit_code", 3)) from None
+            expected = tenant or key_file_tenant(key_file)
+            sealed = SealedPatch.from_file(patch)
+            if not expected:  # an analysis of the operator's own patch: authenticated, but say it is unchecked
+                expected = sealed.tenant
+                print(f"warning: --patch {patch}: no --tenant and the key file is bound to none, so the patch's own "
+                      f"tenant {expected!r} is accepted (keygen --tenant NAME binds one)", file=sys.stderr)
+            try:
+                apply_sealed_patch(model, sealed, load_key(key_file=key_file), expected)
+            finally:
+                sealed.close()
+        except PatchError as e:
+            reason = PATCH_REFUSALS.get(e.exit_code, "patch error")
+            raise UserError(f"patch {patch} refused ({reason}): {e}", exit_code=e.exit_code) from None
         model.eval()
     return model, ckpt_dict
 

@@ -143,7 +143,7 @@ def run_leakage(models, cfg, out_dir, size):
     """One leakage_test run with the base, every fine-tuned checkpoint and the first patch (with its key
     and a fresh wrong key); one more run per further patch. Returns the merged result."""
     from test_pipeline import leakage_test
-    from utils.sealed_patch import generate_key_file
+    from utils.patch_keys import generate_key_file
     base = models[0]["ckpt"]
     ckpts = [m["ckpt"] for m in models[1:] if not m["patch"]]
     patched = [m for m in models if m["patch"]]

@@ -1,4 +1,4 @@
-"""Encrypted parameter deltas (finetune_encrypt_memmap.py, utils/sealed_patch.py): what enters the patch,
+"""Encrypted parameter deltas (finetune_encrypt_memmap.py and the utils/patch_* modules): what enters the patch,
 bit-exact round trips, every failure refused with the model untouched, tenants, and no plaintext on disk."""
 import copy
 import os
@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from utils import finetune as ft_loop
-import finetune_encrypt_memmap as fem
 from tests.conftest import REPO, make_record_dataset, tiny_model
-from utils import sealed_patch as sp
+from utils import patch_apply as pa
+from utils import patch_cipher as pc
+from utils import patch_errors as pe
+from utils import patch_format as pf
+from utils import patch_keys as pk
+from utils import patch_payload as pp
+from utils import secure_memory as sm
+from utils.delta_tracker import DeltaTracker
+from utils.tenant_registry import TenantRegistry
 from utils.checkpoint import save_checkpoint
 from utils.tokenizer import ByteTokenizer
 
@@ -50,7 +57,7 @@ def data_dir(tmp_path_factory):
 
 def run(data_dir, base, dp=False, delta_dtype="exact", **cfg):
     """Fine-tune a copy of `base` through finetune_dp with a DeltaTracker; returns (tracker, trained, plain, report)."""
-    tracker = fem.DeltaTracker(base, dp=dp)
+    tracker = DeltaTracker(base, dp=dp)
     res = ft_loop.finetune({**FT, "data_dir": data_dir, "dp": dp, **cfg}, model=copy.deepcopy(base).train(),
                                on_model_ready=tracker, log=lambda *a: None)
     plain, rep = tracker.build(res["model"], delta_dtype)
@@ -59,7 +66,7 @@ def run(data_dir, base, dp=False, delta_dtype="exact", **cfg):
 
 def sealed_of(plain, key, base, tracker, tenant="alice", **kw):
     try:
-        return sp.seal(plain, key, tenant=tenant, base_fingerprint=sp.base_fingerprint(base),
+        return pc.seal(plain, key, tenant=tenant, base_fingerprint=pa.base_fingerprint(base),
                        structure=tracker.structure, **kw)
     finally:
         for t in plain:
@@ -90,7 +97,7 @@ def lora(data_dir):
 def test_full_round_trip_is_bit_exact_and_revert_restores_the_base(full):
     base, trained = full["base"], full["trained"]
     before = state(base)
-    applied = sp.apply_sealed_patch(base, full["raw"], full["key"], tenant="alice")
+    applied = pa.apply_sealed_patch(base, full["raw"], full["key"], tenant="alice")
     assert not base.weights_tied  # finetune_dp untied lm_head; the patch rebuilt that
     assert equal_params(base, trained)
     applied.revert()
@@ -102,7 +109,7 @@ def test_only_rows_that_saw_data_enter_the_patch(full):
     wte = entries["transformer.wte.weight"]
     assert wte["kind"] == "rows" and 0 < wte["rows"] < 257
     seen = set(b for t in TEXTS[:8] for b in ByteTokenizer().encode(t))  # inputs x (the eot is only a target)
-    opened = sp.open_patch(sp.SealedPatch.from_bytes(full["raw"]), full["key"])
+    opened = pc.open_patch(pf.SealedPatch.from_bytes(full["raw"]), full["key"], "alice")
     i = list(entries).index("transformer.wte.weight")
     rows = set(opened.segments(i)[0].tolist())
     opened.plain.close()
@@ -120,8 +127,8 @@ def test_payload_is_within_5_percent_of_the_changed_parameters(full):
 
 def test_an_embedding_with_no_candidate_rows_stores_nothing():
     base = torch.randn(16, 4)
-    assert sp.delta_tensor("wte", base, base + 1.0, rows=[]) is None  # e.g. no row of it got a gradient
-    entry = sp.delta_tensor("wte", base, base.index_add(0, torch.tensor([2]), torch.ones(1, 4)), rows=[2, 5])
+    assert pp.delta_tensor("wte", base, base + 1.0, rows=[]) is None  # e.g. no row of it got a gradient
+    entry = pp.delta_tensor("wte", base, base.index_add(0, torch.tensor([2]), torch.ones(1, 4)), rows=[2, 5])
     try:
         assert entry.kind == "rows" and entry.rows == 1
     finally:
@@ -133,7 +140,7 @@ def test_weight_decay_and_untouched_tensors_stay_out():
     base = tiny_model().eval()
     model = copy.deepcopy(base)
     model.transformer.h[0].requires_grad_(False)  # frozen
-    tracker = fem.DeltaTracker(base)
+    tracker = DeltaTracker(base)
     tracker(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     model.transformer.wte(torch.tensor([[3, 7, 3]])).pow(2).sum().backward()
@@ -154,10 +161,10 @@ def test_weight_decay_and_untouched_tensors_stay_out():
 
 def test_lora_patch_holds_adapters_and_rebuilds_them(lora):
     base, trained = lora["base"], lora["trained"]
-    names = [e["name"] for e in sp.SealedPatch.from_bytes(lora["raw"]).header["tensors"]]
+    names = [e["name"] for e in pf.SealedPatch.from_bytes(lora["raw"]).header["tensors"]]
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     before = state(base)
-    applied = sp.apply_sealed_patch(base, lora["raw"], lora["key"])
+    applied = pa.apply_sealed_patch(base, lora["raw"], lora["key"], "bob")
     assert base.lora_config == trained.lora_config and equal_params(base, trained)
     applied.revert()
     assert same_state(before, state(base))
@@ -171,7 +178,7 @@ def test_dp_patch_holds_every_trainable_tensor_and_round_trips(data_dir):
     assert all(t.kind == "delta" for t in plain)  # every embedding row moved too
     key = os.urandom(32)
     raw = sealed_of(plain, key, base, tracker).tobytes()
-    sp.apply_sealed_patch(base, raw, key)
+    pa.apply_sealed_patch(base, raw, key, "alice")
     assert equal_params(base, trained)
 
 
@@ -181,7 +188,7 @@ def test_bfloat16_deltas_halve_the_size_with_the_reported_error(data_dir):
     assert all(t.stored_dtype == "bfloat16" for t in plain) and rep["max_error"] > 0
     key = os.urandom(32)
     raw = sealed_of(plain, key, base, tracker).tobytes()
-    sp.apply_sealed_patch(base, raw, key)
+    pa.apply_sealed_patch(base, raw, key, "alice")
     err = max(float((dict(base.named_parameters())[n] - p).detach().abs().max()) for n, p in trained.named_parameters())
     assert 0 < err <= rep["max_error"]
 
@@ -208,30 +215,30 @@ def failure_cases(full):
     small = [(p, s) for n, p, s in blobs if s == blobs[1][2]]
     other = tiny_model(seed=1)
     return {
-        "wrong key": (raw, os.urandom(32), None, None, sp.WrongKeyError),
-        "passphrase for a raw key": (raw, sp.Passphrase("hunter2"), None, None, sp.KeyInputError),
-        "header byte": (flip(raw, hdr + 12), full["key"], None, None, sp.TamperedError),
-        "header MAC": (flip(raw, signed + 5), full["key"], None, None, sp.TamperedError),
-        "nonce": (flip(raw, pos + 3), full["key"], None, None, sp.TamperedError),
-        "ciphertext": (flip(raw, pos + 12 + 7), full["key"], None, None, sp.TamperedError),
-        "tag": (flip(raw, pos + size - 1), full["key"], None, None, sp.TamperedError),
-        "truncated in header": (raw[:signed - 10], full["key"], None, None, sp.TruncatedError),
-        "truncated in blobs": (raw[:len(raw) - 100], full["key"], None, None, sp.TruncatedError),
-        "last byte missing": (raw[:-1], full["key"], None, None, sp.TruncatedError),
-        "trailing bytes": (raw + b"\0", full["key"], None, None, sp.TamperedError),
-        "blobs swapped": (swap(raw, small[0][0], small[1][0], small[0][1]), full["key"], None, None, sp.SwappedBlobError),
-        "chunks reordered": (swap(raw, multi[0], multi[0] + rec, rec), full["key"], None, None, sp.SwappedBlobError),
-        "wrong tenant": (raw, full["key"], "bob", None, sp.WrongTenantError),
-        "wrong base": (raw, full["key"], None, other, sp.WrongBaseError),
-        "not a patch": (b"PK\x03\x04" + raw[4:], full["key"], None, None, sp.PatchFormatError),
+        "wrong key": (raw, os.urandom(32), None, None, pe.WrongKeyError),
+        "passphrase for a raw key": (raw, pk.Passphrase("hunter2"), None, None, pe.KeyInputError),
+        "header byte": (flip(raw, hdr + 12), full["key"], None, None, pe.TamperedError),
+        "header MAC": (flip(raw, signed + 5), full["key"], None, None, pe.TamperedError),
+        "nonce": (flip(raw, pos + 3), full["key"], None, None, pe.TamperedError),
+        "ciphertext": (flip(raw, pos + 12 + 7), full["key"], None, None, pe.TamperedError),
+        "tag": (flip(raw, pos + size - 1), full["key"], None, None, pe.TamperedError),
+        "truncated in header": (raw[:signed - 10], full["key"], None, None, pe.TruncatedError),
+        "truncated in blobs": (raw[:len(raw) - 100], full["key"], None, None, pe.TruncatedError),
+        "last byte missing": (raw[:-1], full["key"], None, None, pe.TruncatedError),
+        "trailing bytes": (raw + b"\0", full["key"], None, None, pe.TamperedError),
+        "blobs swapped": (swap(raw, small[0][0], small[1][0], small[0][1]), full["key"], None, None, pe.SwappedBlobError),
+        "chunks reordered": (swap(raw, multi[0], multi[0] + rec, rec), full["key"], None, None, pe.SwappedBlobError),
+        "wrong tenant": (raw, full["key"], "bob", None, pe.WrongTenantError),
+        "wrong base": (raw, full["key"], None, other, pe.WrongBaseError),
+        "not a patch": (b"PK\x03\x04" + raw[4:], full["key"], None, None, pe.PatchFormatError),
     }
 
 
 CASES = ["wrong key", "passphrase for a raw key", "header byte", "header MAC", "nonce", "ciphertext", "tag",
          "truncated in header", "truncated in blobs", "last byte missing", "trailing bytes", "blobs swapped",
          "chunks reordered", "wrong tenant", "wrong base", "not a patch"]
-EXIT = {sp.WrongKeyError: 3, sp.TamperedError: 3, sp.TruncatedError: 3, sp.SwappedBlobError: 3, sp.KeyInputError: 2,
-        sp.WrongTenantError: 4, sp.WrongBaseError: 4, sp.PatchFormatError: 2}
+EXIT = {pe.WrongKeyError: 3, pe.TamperedError: 3, pe.TruncatedError: 3, pe.SwappedBlobError: 3, pe.KeyInputError: 2,
+        pe.WrongTenantError: 4, pe.WrongBaseError: 4, pe.PatchFormatError: 2}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -240,7 +247,7 @@ def test_every_failure_is_refused_and_leaves_the_model_bit_exact(full, case):
     model = model or full["base"]
     before = state(model)
     with pytest.raises(error) as info:
-        sp.apply_sealed_patch(model, data, key, tenant=tenant)
+        pa.apply_sealed_patch(model, data, key, tenant or "alice")
     assert type(info.value) is error and info.value.exit_code == EXIT[error]
     assert full["key"].hex() not in str(info.value)  # keys never reach messages
     assert same_state(before, state(model))
@@ -250,46 +257,46 @@ def test_every_region_of_the_file_is_authenticated(full):
     """Flip one byte at 48 spots spread over the whole file: each must be refused, never applied."""
     raw, base = full["raw"], full["base"]
     before = state(base)
-    for pos in range(len(sp.MAGIC) + 2, len(raw), max(1, len(raw) // 48)):
-        with pytest.raises(sp.PatchError) as info:
-            sp.apply_sealed_patch(base, flip(raw, pos), full["key"])
+    for pos in range(len(pf.MAGIC) + 2, len(raw), max(1, len(raw) // 48)):
+        with pytest.raises(pe.PatchError) as info:
+            pa.apply_sealed_patch(base, flip(raw, pos), full["key"], "alice")
         assert info.value.exit_code in (2, 3)
     assert same_state(before, state(base))
 
 
 def test_passphrase_patch(full):
     base = full["base"]
-    opened = sp.open_patch(sp.SealedPatch.from_bytes(full["raw"]), full["key"])  # re-seal the same payloads
+    opened = pc.open_patch(pf.SealedPatch.from_bytes(full["raw"]), full["key"], "alice")  # re-seal the same payloads
     plain = []
     for i, e in enumerate(opened.header["tensors"]):
-        buf = sp.SecureBuffer(e["plain_bytes"])
+        buf = sm.SecureBuffer(e["plain_bytes"])
         buf.view()[:] = opened.plain.view(opened.offsets[i], e["plain_bytes"])
-        plain.append(sp.PlainTensor(e["name"], e["kind"], e["dtype"], e["stored_dtype"], tuple(e["shape"]),
+        plain.append(pp.PlainTensor(e["name"], e["kind"], e["dtype"], e["stored_dtype"], tuple(e["shape"]),
                                     e["rows"], e["exceptions"], buf))
     opened.plain.close()
-    raw = sp.seal(plain, sp.Passphrase("correct horse"), tenant="alice", base_fingerprint=opened.header["base_fingerprint"],
+    raw = pc.seal(plain, pk.Passphrase("correct horse"), tenant="alice", base_fingerprint=opened.header["base_fingerprint"],
                   structure=opened.header["structure"], scrypt_params={"n": 1 << 10}).tobytes()
-    with pytest.raises(sp.WrongKeyError):
-        sp.apply_sealed_patch(base, raw, sp.Passphrase("correct horsf"))
-    with pytest.raises(sp.KeyInputError):
-        sp.apply_sealed_patch(base, raw, full["key"])
-    sp.apply_sealed_patch(base, raw, sp.Passphrase("correct horse")).revert()
+    with pytest.raises(pe.WrongKeyError):
+        pa.apply_sealed_patch(base, raw, pk.Passphrase("correct horsf"), "alice")
+    with pytest.raises(pe.KeyInputError):
+        pa.apply_sealed_patch(base, raw, full["key"], "alice")
+    pa.apply_sealed_patch(base, raw, pk.Passphrase("correct horse"), "alice").revert()
 
 
 # ----------------------------------------------------------------------------- many tenants over one base
 def test_registry_switches_tenants_and_a_failed_switch_changes_nothing(full, lora):
     base = full["base"]
     before = state(base)
-    reg = fem.TenantRegistry(base)
-    reg.add(full["raw"])
-    reg.add(lora["raw"])
-    with pytest.raises(sp.WrongTenantError):
-        reg.add(full["raw"], tenant="carol")
+    reg = TenantRegistry(base)
+    reg.add(full["raw"], "alice")
+    reg.add(lora["raw"], "bob")
+    with pytest.raises(pe.WrongTenantError):
+        reg.add(full["raw"], "carol")
     for tenant, run_ in [("alice", full), ("bob", lora), ("alice", full)]:
         reg.switch(tenant, run_["key"])
         assert reg.active == tenant and equal_params(base, run_["trained"])
     during = state(base)
-    with pytest.raises(sp.WrongKeyError):
+    with pytest.raises(pe.WrongKeyError):
         reg.switch("bob", full["key"])  # alice's key for bob's patch
     assert reg.active == "alice" and same_state(during, state(base))
     reg.revert()
@@ -312,7 +319,7 @@ def vm_flags(address):
 
 
 def test_plaintext_buffers_are_anonymous_undumpable_and_wiped():
-    buf = sp.SecureBuffer(1 << 16)
+    buf = sm.SecureBuffer(1 << 16)
     buf.view()[:4] = b"abcd"
     path, flags = vm_flags(buf.address)
     assert path == "" and "dd" in flags  # no file behind it; excluded from core dumps
@@ -336,18 +343,19 @@ def test_key_sources(tmp_path, monkeypatch, capsys):
     hex_file.write_text(key.hex() + "\n")
     raw_file.write_bytes(key)
     bad.write_text("00" * 31)
-    os.chmod(hex_file, 0o600)
-    assert sp.load_key(key_file=str(hex_file)) == key and sp.load_key(key_file=str(raw_file)) == key
+    for f in (hex_file, raw_file, bad):
+        os.chmod(f, 0o600)
+    assert pk.load_key(key_file=str(hex_file)) == key and pk.load_key(key_file=str(raw_file)) == key
     monkeypatch.setenv("PATCH_KEY", key.hex())
-    assert sp.load_key(env_var="PATCH_KEY") == key
-    assert sp.load_key(key_hex=key.hex()) == key
+    assert pk.load_key(env_var="PATCH_KEY") == key
+    assert pk.load_key(key_hex=key.hex()) == key
     assert "process list" in capsys.readouterr().err
-    with pytest.raises(sp.KeyInputError) as info:
-        sp.load_key(key_file=str(bad))
+    with pytest.raises(pe.KeyInputError) as info:
+        pk.load_key(key_file=str(bad))
     assert "00" * 8 not in str(info.value)
-    with pytest.raises(sp.KeyInputError):
-        sp.load_key(key_file=str(hex_file), env_var="PATCH_KEY")
-    assert isinstance(sp.load_key(passphrase="pw"), sp.Passphrase) and "pw" not in repr(sp.load_key(passphrase="pw"))
+    with pytest.raises(pe.KeyInputError):
+        pk.load_key(key_file=str(hex_file), env_var="PATCH_KEY")
+    assert isinstance(pk.load_key(passphrase="pw"), pk.Passphrase) and "pw" not in repr(pk.load_key(passphrase="pw"))
 
 
 # ----------------------------------------------------------------------------- across processes, on disk
@@ -359,7 +367,7 @@ def exported(data_dir, tmp_path_factory):
     tmp.mkdir()
     save_checkpoint(root / "base.pt", tiny_model(), config={})
     save_checkpoint(root / "other.pt", tiny_model(seed=1), config={})
-    fem.generate_key_file(root / "key.hex")
+    pk.generate_key_file(root / "key.hex")
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": REPO}
     cmd = [sys.executable, os.path.join(REPO, "finetune_encrypt_memmap.py"), "--base_ckpt", str(root / "base.pt"),
            "--data_dir", data_dir, "--key_file", str(root / "key.hex"), "--tenant", "alice", "--export",
@@ -373,9 +381,9 @@ def exported(data_dir, tmp_path_factory):
 def secret_windows(patch, key_file, base_ckpt):
     """32-byte windows of every tensor's plaintext delta and of the fine-tuned values they give."""
     from utils.checkpoint import load_model
-    sealed = sp.SealedPatch.from_file(patch)
-    key = sp.load_key(key_file=str(key_file))
-    opened = sp.open_patch(sealed, key)
+    sealed = pf.SealedPatch.from_file(patch)
+    key = pk.load_key(key_file=str(key_file))
+    opened = pc.open_patch(sealed, key, "alice")
     windows = []
     for i, e in enumerate(opened.header["tensors"]):
         values = opened.segments(i)[1].float()
@@ -386,7 +394,7 @@ def secret_windows(patch, key_file, base_ckpt):
     opened.plain.close()
     model, _ = load_model(str(base_ckpt))
     base = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    sp.apply_sealed_patch(model, sealed, key)
+    pa.apply_sealed_patch(model, sealed, key, "alice")
     for name, p in model.named_parameters():
         flat, ref = p.detach().reshape(-1), base[name].reshape(-1)
         moved = (bits(flat) != bits(ref)).unfold(0, 8, 1).all(1).nonzero()
@@ -407,7 +415,7 @@ def found_in(folder, windows):
 
 def test_no_plaintext_delta_on_disk_after_fine_tune_and_export(exported):
     assert not (exported["out"] / "ft").exists()  # finetune ran with save=False
-    assert sorted(os.listdir(exported["out"])) == ["alice.patch"]
+    assert sorted(os.listdir(exported["out"])) == ["alice.patch", "alice.patch.privacy.json"]
     windows = secret_windows(exported["patch"], exported["root"] / "key.hex", exported["root"] / "base.pt")
     assert len(windows) > 10
     assert found_in(exported["root"], windows) == []
@@ -424,11 +432,11 @@ def apply_cli(exported, *args):
 
 def test_apply_in_another_process_exit_codes(exported, tmp_path):
     root = exported["root"]
-    common = ["--patch", str(exported["patch"])]
+    common = ["--patch", str(exported["patch"]), "--tenant", "alice"]
     ok = apply_cli(exported, "--base_ckpt", str(root / "base.pt"), "--key_file", str(root / "key.hex"), *common)
     assert ok.returncode == 0 and "tenant alice" in ok.stdout, ok.stderr
     wrong_key = tmp_path / "wrong.hex"
-    fem.generate_key_file(wrong_key)
+    pk.generate_key_file(wrong_key)
     for args, code, words in [  # (tampering, truncation, swaps: in process above, and decrypt_failure_test.py)
             (["--base_ckpt", str(root / "base.pt"), "--key_file", str(wrong_key), *common], 3, "wrong key"),
             (["--base_ckpt", str(root / "other.pt"), "--key_file", str(root / "key.hex"), *common], 4, "another base")]:

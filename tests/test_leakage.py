@@ -48,7 +48,9 @@ def build_employees(folder, n_train=40, n_val=20, canary_reps=(16, 16, 4, 0, 0, 
                     for s, ps in (("train", train_records), ("val", val))}
     people_files["canaries.json"] = json.dumps(dict(secret_format=emp.SECRET_FORMAT, field=emp.CANARY_FIELD,
                                                     canaries=canaries)).encode()
-    write_records(str(folder), texts, ByteTokenizer(), {"seed": seed, "source_sha256": None}, spans, people_files)
+    schema = emp.SCHEMA.select(fields).to_json()
+    write_records(str(folder), texts, ByteTokenizer(), {"seed": seed, "source_sha256": None, "schema": schema},
+                  spans, people_files)
     return str(folder)
 
 
@@ -74,17 +76,19 @@ def save_base(path, seed=0):
 def memorized(tmp_path_factory):
     """A non-private fine-tune on data where one canary is inserted 16 times, one 4 times, two never;
     its checkpoint, and the same fine-tune as a sealed patch over the base with a key and a wrong key."""
-    import finetune_encrypt_memmap as fem
-    from utils import sealed_patch as sp
+    from utils.delta_tracker import DeltaTracker
+    from utils.patch_apply import base_fingerprint
+    from utils.patch_cipher import seal
+    from utils.patch_keys import generate_key_file, load_key
     root = tmp_path_factory.mktemp("leak")
     data_dir = build_employees(root / "employees", canary_reps=(16, 4, 0, 0))
     base_ckpt = save_base(root / "base" / "ckpt.pt")
     base, _ = load_model_under_test(base_ckpt)
-    tracker = fem.DeltaTracker(base)
+    tracker = DeltaTracker(base)
     result = fine_tune(base_ckpt, data_dir, root / "ft", on_model_ready=tracker)
     plain, _ = tracker.build(result["model"])
-    key_file, wrong_key_file = sp.generate_key_file(root / "key.hex"), sp.generate_key_file(root / "wrong.hex")
-    sealed = sp.seal(plain, sp.load_key(key_file=key_file), tenant="acme", base_fingerprint=sp.base_fingerprint(base),
+    key_file, wrong_key_file = generate_key_file(root / "key.hex", "acme"), generate_key_file(root / "wrong.hex", "acme")
+    sealed = seal(plain, load_key(key_file=key_file), tenant="acme", base_fingerprint=base_fingerprint(base),
                      structure=tracker.structure)
     sealed.export(root / "acme.patch")
     return dict(data_dir=data_dir, base=base_ckpt, ft=str(root / "ft" / "ckpt.pt"), patch=str(root / "acme.patch"),
@@ -183,7 +187,7 @@ def test_patched_with_key_equals_fine_tuned_and_wrong_key_fails_closed(report):
 def test_exposure_threshold_fails_the_run_naming_the_model(memorized, tmp_path):
     m = memorized
     r = leakage_cli(f"--data_dir={m['data_dir']}", f"--base_ckpt={m['base']}", f"--ckpt={m['ft']}",
-                    "--n_candidates=1000", "--fields=", "--max_exposure=8", f"--out={tmp_path / 'r.json'}")
+                    "--n_candidates=1000", "--extraction=False", "--max_exposure=8", f"--out={tmp_path / 'r.json'}")
     assert r.returncode == 1
     fails = [line for line in r.stderr.splitlines() if line.startswith("FAIL")]
     assert len(fails) == 1 and "fine-tuned (ft)" in fails[0]  # the base row is a reference, not tested

@@ -1,0 +1,258 @@
+"""
+Applying a sealed patch to a base model, and reverting it exactly (PATCH_FORMAT.md sections 5 and 6).
+
+- Every chunk is authenticated and decrypted (patch_cipher.open_patch) before the model is touched: all
+  or nothing. The base tensors are never written: patched tensors are swapped in and revert() swaps the
+  base tensors back, so the base comes back bit for bit.
+- The patched tensors ARE the fine-tuned model, so on the CPU they live in one SecureBuffer (torch
+  tensors made over it: locked where RLIMIT_MEMLOCK allows, excluded from core dumps), zeroed on revert
+  and, if still applied, at interpreter exit. CUDA tensors cannot live there; their host-side payload
+  still does.
+- Applying hardens the process (secure_memory.harden_process): whoever holds the key and the plaintext
+  gets no core dumps and cannot be attached to.
+"""
+import hashlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from utils.patch_cipher import open_patch
+from utils.patch_errors import PatchFormatError, WrongBaseError
+from utils.patch_format import DEFAULT_MAX_FILE_BYTES, SealedPatch, dtype_name
+from utils.patch_keys import LABEL
+from utils.patch_payload import bits, set_bits
+from utils.secure_memory import harden_process, secure_empty_like
+
+
+def tensor_bytes(t):
+    """A tensor's raw little-endian bytes in C order (a copy only for non-contiguous or non-CPU tensors)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def base_fingerprint(model):
+    """SHA-256 over the model's state_dict (PATCH_FORMAT.md section 6)."""
+    h = hashlib.sha256(f"{LABEL} base-fingerprint\n".encode())
+    seen = {}
+    for name, t in sorted(model.state_dict().items()):
+        ident = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and ident in seen:
+            h.update(f"alias {name} {seen[ident]}\n".encode())
+            continue
+        seen[ident] = name
+        h.update(f"tensor {name} {dtype_name(t.dtype)} {','.join(map(str, t.shape))}\n".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+class PatchedStorage:
+    """Locked, dump-excluded memory for the patched tensors of one layout; a registry keeps one and reuses
+    it from tenant to tenant."""
+
+    def __init__(self):
+        self.layout, self.buffer, self.tensors = None, None, []
+
+    def tensors_like(self, bases):
+        layout = tuple((tuple(b.shape), b.dtype) for b in bases)
+        if layout != self.layout:
+            self.close()
+            self.buffer, self.tensors = secure_empty_like(bases)
+            self.layout = layout
+        return self.tensors
+
+    def zero(self):
+        if self.buffer is not None:
+            self.buffer.zero()
+
+    def close(self):
+        if self.buffer is not None:
+            self.buffer.close()
+        self.layout, self.buffer, self.tensors = None, None, []
+
+    @property
+    def nbytes(self):
+        return self.buffer.nbytes if self.buffer is not None else 0
+
+
+@dataclass
+class AppliedPatch:
+    """What apply_sealed_patch did to a model, so that revert() restores the base exactly."""
+    model: object
+    header: dict
+    swapped: list  # (parameter, base tensor it held, patched tensor now in it)
+    structure: dict  # {"untie": bool, "lora": [(parent module, attr, original Linear)], "requires_grad": {...}}
+    storage: PatchedStorage
+    owns_storage: bool
+    apply_s: float = 0.0
+    plain_status: dict = None
+    active: bool = True
+
+    @property
+    def tenant(self):
+        return self.header["tenant"]
+
+    @property
+    def storage_status(self):
+        return self.storage.buffer.status() if self.storage.buffer is not None else {"bytes": 0}
+
+    def revert(self):
+        """Put the base tensors (never written to) back, undo untie / LoRA, zero the patched tensors."""
+        if not self.active:
+            return
+        with torch.no_grad():
+            for param, base, patched in reversed(self.swapped):
+                param.data = base
+                if patched.device.type != "cpu":
+                    patched.zero_()
+            _undo_structure(self.model, self.structure)
+        self.storage.zero()
+        if self.owns_storage:
+            self.storage.close()
+        self.model.__dict__.pop("_sealed_patch_storage", None)
+        self.swapped = []
+        self.active = False
+
+
+def _prepare_structure(model, structure):
+    """Untie / add LoRA as the patch needs; return what undoing takes. The global RNG is left as it was."""
+    lora = structure.get("lora")
+    if lora and model.lora_config:
+        raise PatchFormatError("the model already carries LoRA adapters: revert the other patch first")
+    undo = {"untie": False, "lora": [], "lora_config": model.lora_config, "tie_config": model.config.tie_weights,
+            "requires_grad": {id(p): p.requires_grad for p in model.parameters()}}
+    if structure.get("untie_weights") and model.weights_tied:
+        model.untie_weights()
+        undo["untie"] = True
+    if lora:
+        from model import LoRALinear
+        before = dict(model.named_modules())
+        with torch.random.fork_rng(devices=[]):  # add_lora's random init must not move the caller's RNG
+            model.add_lora(lora["rank"], lora["alpha"], tuple(lora["targets"]))
+        for name, m in model.named_modules():
+            if isinstance(m, LoRALinear):
+                parent_name, attr = name.rsplit(".", 1)
+                undo["lora"].append((before[parent_name], attr, m.base))
+                m.to(device=m.base.weight.device, dtype=m.base.weight.dtype)
+    return undo
+
+
+def _undo_structure(model, undo):
+    for parent, attr, linear in reversed(undo["lora"]):
+        setattr(parent, attr, linear)
+    model.lora_config = undo["lora_config"]
+    if undo["untie"]:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.config.tie_weights = undo["tie_config"]
+    for p in model.parameters():
+        if id(p) in undo["requires_grad"]:
+            p.requires_grad_(undo["requires_grad"][id(p)])
+
+
+def _check_fits(param, e):
+    base = param.data
+    if list(base.shape) != e["shape"] or dtype_name(base.dtype) != e["dtype"]:
+        raise WrongBaseError(f"tensor {e['name']}: model has {dtype_name(base.dtype)}{list(base.shape)}, "
+                             f"patch {e['dtype']}{e['shape']}")
+
+
+def _patch_into(out, base, e, segs):
+    """Write the patched values of one parameter into `out`; base is only read."""
+    rows, values, bitmap = segs
+    dev, dt = base.device, base.dtype
+    vals = values.to(device=dev).to(dt)  # no copy when the dtype and device already match
+    exc = set_bits(bitmap).to(dev) if e["exceptions"] else None  # indices of values that replace
+    if e["kind"] == "whole":
+        out.copy_(vals.view(base.shape))
+    elif e["kind"] == "delta":
+        torch.add(base, vals.view(base.shape), out=out)
+        if exc is not None:
+            out.view(-1)[exc] = vals[exc]
+    else:
+        out.copy_(base)
+        r = rows.to(dev)
+        patched_rows = base[r].add_(vals.view(len(rows), *base.shape[1:]))
+        if exc is not None:
+            patched_rows.view(-1)[exc] = vals[exc]
+        out.index_copy_(0, r, patched_rows)
+        patched_rows.zero_()
+    if vals.data_ptr() != values.data_ptr():
+        vals.zero_()
+
+
+def apply_sealed_patch(model, patch, key, tenant, *, base_fp=None, scratch=None, storage=None, before_swap=None,
+                       max_bytes=DEFAULT_MAX_FILE_BYTES):
+    """Apply a sealed patch (a path, the file's bytes or a SealedPatch) of `tenant` to `model` in place,
+    with the key from patch_keys.load_key(). Any failure raises a PatchError subclass and leaves the model
+    bit-exactly as it was. `tenant` is required: a patch of any other tenant is refused (there is no
+    "accept any tenant"). `base_fp`: the model's base_fingerprint() when already known. Registries pass
+    `scratch` (a SecureBuffer for the plaintext), `storage` (a PatchedStorage reused for the patched
+    tensors) and `before_swap` (called after verification, before the model changes). Returns an
+    AppliedPatch: .revert()."""
+    harden_process()
+    t0 = time.perf_counter()
+    sealed, owned = SealedPatch.coerce(patch, max_bytes)
+    try:
+        if base_fp is None:
+            base_fp = base_fingerprint(model)
+        opened = open_patch(sealed, key, tenant=tenant, base_fp=base_fp, scratch=scratch)
+    finally:
+        if owned:
+            sealed.close()
+    plain_status = opened.plain.status()
+    owns_storage = storage is None
+    storage = PatchedStorage() if storage is None else storage
+    undo, swapped = None, []
+    try:
+        if before_swap is not None:
+            before_swap()
+        with torch.no_grad():
+            undo = _prepare_structure(model, opened.header["structure"])
+            params = dict(model.named_parameters())
+            entries = opened.header["tensors"]
+            for e in entries:
+                if e["name"] not in params:
+                    raise WrongBaseError(f"tensor {e['name']} is not a parameter of this model")
+                _check_fits(params[e["name"]], e)
+            bases = [params[e["name"]].data for e in entries]
+            on_cpu = [b for b in bases if b.device.type == "cpu"]
+            secure = iter(storage.tensors_like(on_cpu))
+            outs = [next(secure) if b.device.type == "cpu" else torch.empty_like(b) for b in bases]
+            for i, (e, base, out) in enumerate(zip(entries, bases, outs)):
+                _patch_into(out, base, e, opened.segments(i))
+            for e, base, out in zip(entries, bases, outs):  # nothing above wrote to the model's tensors
+                param = params[e["name"]]
+                swapped.append((param, base, out))
+                param.data = out
+    except BaseException:
+        with torch.no_grad():
+            for param, base, patched in reversed(swapped):
+                param.data = base
+            if undo is not None:
+                _undo_structure(model, undo)
+        storage.zero()
+        if owns_storage:
+            storage.close()
+        raise
+    finally:
+        if opened.plain is scratch:
+            opened.plain.zero()
+        else:
+            opened.plain.close()
+    # the model holds its patched storage: dropping the AppliedPatch must not zero the weights in use
+    model.__dict__["_sealed_patch_storage"] = storage
+    return AppliedPatch(model, opened.header, swapped, undo, storage, owns_storage, time.perf_counter() - t0,
+                        plain_status)
+
+
+@torch.no_grad()
+def compare(patched, trained):
+    """(parameters compared, names that differ bitwise, max |difference|): a round trip check."""
+    mine = dict(patched.named_parameters())
+    differ, worst = [], 0.0
+    for name, p in trained.named_parameters():
+        q = mine.get(name)
+        if q is None or q.shape != p.shape or not torch.equal(bits(q.to(p.dtype)), bits(p)):
+            differ.append(name)
+            if q is not None and q.shape == p.shape:
+                worst = max(worst, float((q.to(p.dtype) - p).abs().max()))
+    return len(mine), differ, worst

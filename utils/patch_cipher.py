@@ -1,0 +1,212 @@
+"""
+Sealing and opening patches: AES-256-GCM per chunk under per-tensor HKDF subkeys, a key-check value and a
+header MAC (PATCH_FORMAT.md sections 3, 7, 8).
+
+open_patch() runs the checks in the order of PATCH_FORMAT.md section 8 (integrity before identity: a
+damaged patch is exit 3 even when it belongs to another tenant) and decrypts into one SecureBuffer; any
+failure zeroes what was decrypted. Nothing here touches a model.
+"""
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from utils.patch_errors import (PatchFormatError, SwappedBlobError, TamperedError, WrongBaseError, WrongKeyError,
+                                WrongTenantError)
+from utils.patch_format import (DEFAULT_CHUNK_BYTES, DTYPES, FORMAT_VERSION, MAC_BYTES, MAX_CHUNK_BYTES,
+                                NONCE_BYTES, SALT_BYTES, TAG_BYTES, SealedPatch, check_header, check_tenant,
+                                chunk_ad, encode_header, lay_out, payload_layout, record_sizes, valid_name)
+from utils.patch_keys import header_mac, master_key, new_key_spec, subkey, tensor_key
+from utils.patch_payload import set_bits
+from utils.secure_memory import SecureBuffer, aligned
+
+
+def seal(tensors, key, *, tenant, base_fingerprint, structure=None, meta=None, generation=None,
+         chunk_bytes=DEFAULT_CHUNK_BYTES, scrypt_params=None):
+    """Encrypt PlainTensors into a SealedPatch (the sealed file's bytes, in anonymous memory).
+    structure: {"untie_weights": bool, "lora": None | {"rank", "alpha", "targets"}}, what applying must do
+    to the base before the tensors fit. meta: non-secret JSON shown at apply time (authenticated).
+    generation: the tenant's patch counter (a registry refuses one older than it has seen); default the
+    creation time in nanoseconds, which grows from patch to patch on one clock without any state."""
+    check_tenant(tenant)
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise PatchFormatError(f"chunk size must be in 1..{MAX_CHUNK_BYTES} bytes")
+    generation = time.time_ns() if generation is None else generation
+    if type(generation) is not int or generation < 0:
+        raise PatchFormatError("generation must be a non-negative integer")
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names) or not all(valid_name(n) for n in names):
+        raise ValueError("tensor names must be unique and made of A-Z a-z 0-9 _ .")
+    salt = secrets.token_bytes(SALT_BYTES)
+    key_spec = new_key_spec(key, scrypt_params)
+    master = master_key(key, key_spec)
+    header = {
+        "format": "private-nanogpt sealed patch", "version": FORMAT_VERSION, "patch_id": secrets.token_hex(16),
+        "tenant": tenant, "generation": generation, "cipher": "AES-256-GCM", "kdf": "HKDF-SHA256",
+        "salt": salt.hex(), "key": key_spec, "key_check": subkey(master, salt, "key-check").hex(),
+        "base_fingerprint": base_fingerprint, "structure": {"untie_weights": False, "lora": None, **(structure or {})},
+        "chunk_bytes": chunk_bytes, "meta": meta or {},
+        "tensors": [{**t.descriptor(), "plain_bytes": t.nbytes} for t in tensors],
+    }
+    header["blob_bytes"] = lay_out(header["tensors"], chunk_bytes)
+    signed = encode_header(header)
+    header_sha = hashlib.sha256(signed).hexdigest()
+    blob_start = len(signed) + MAC_BYTES
+    image = SecureBuffer(blob_start + header["blob_bytes"], lock=False)  # ciphertext: out of dumps, not locked
+    out = image.view()
+    out[:len(signed)] = signed
+    out[len(signed):blob_start] = header_mac(subkey(master, salt, "header-mac"), signed)
+    for t, entry in zip(tensors, header["tensors"]):
+        cipher_key = tensor_key(master, salt, t.name)
+        pos, src = blob_start + entry["offset"], 0
+        plain = t.buffer.view(0, t.nbytes)
+        for i, n in enumerate(record_sizes(t.nbytes, chunk_bytes)):
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            enc = Cipher(algorithms.AES(cipher_key), modes.GCM(nonce)).encryptor()
+            enc.authenticate_additional_data(chunk_ad(header, header_sha, entry, i))
+            out[pos:pos + NONCE_BYTES] = nonce
+            enc.update_into(plain[src:src + n], out[pos + NONCE_BYTES:pos + NONCE_BYTES + n])
+            enc.finalize()
+            out[pos + NONCE_BYTES + n:pos + NONCE_BYTES + n + TAG_BYTES] = enc.tag
+            pos, src = pos + NONCE_BYTES + n + TAG_BYTES, src + n
+        del plain
+    del out
+    return SealedPatch(image, header, len(signed))
+
+
+@dataclass
+class OpenPatch:
+    """A patch whose key, header and every chunk have been verified, decrypted into `plain`."""
+    header: dict
+    plain: SecureBuffer
+    offsets: list  # byte offset of each tensor's payload in `plain`
+
+    def segments(self, i):
+        """(row indices int64, values, exception bitmap uint8) tensors viewing `plain`."""
+        e = self.header["tensors"][i]
+        sizes = payload_layout(e["kind"], e["dtype"], e["stored_dtype"], e["shape"], e["rows"], e["exceptions"])
+        out, off = [], self.offsets[i]
+        for size, dt in zip(sizes, (torch.int64, DTYPES[e["stored_dtype"]], torch.uint8)):
+            out.append(self.plain.tensor(dt, off, size // dt.itemsize))
+            off += size
+        return out
+
+
+def authenticate(sealed, key):
+    """Derive the keys and verify the header (PATCH_FORMAT.md 8.2-8.4). Returns the master key."""
+    h = sealed.header
+    master = master_key(key, h["key"])
+    salt = bytes.fromhex(h["salt"])
+    if not hmac.compare_digest(subkey(master, salt, "key-check"), bytes.fromhex(h["key_check"])):
+        raise WrongKeyError("wrong key: this patch was sealed with another key")
+    signed = sealed.image.view(0, sealed.signed_len)
+    mac = sealed.image.view(sealed.signed_len, MAC_BYTES)
+    if not hmac.compare_digest(header_mac(subkey(master, salt, "header-mac"), signed), bytes(mac)):
+        raise TamperedError("patch header was modified (its MAC does not verify)")
+    check_header(h)
+    return master
+
+
+def check_target(header, base_fp, tenant):
+    """PATCH_FORMAT.md 8.7: the expected tenant (None only for callers that check it themselves) and base."""
+    if tenant is not None and header["tenant"] != tenant:
+        raise WrongTenantError(f"patch belongs to tenant {header['tenant']!r}, not {tenant!r}")
+    if base_fp is not None and header["base_fingerprint"] != base_fp:
+        raise WrongBaseError(f"patch was made for another base model (fingerprint {header['base_fingerprint'][:12]}..., "
+                             f"this model {base_fp[:12]}...)")
+
+
+def payload_offsets(header):
+    """Where each tensor's payload goes in the plaintext buffer (64-byte aligned), and the total."""
+    offsets, pos = [], 0
+    for e in header["tensors"]:
+        offsets.append(pos)
+        pos += aligned(e["plain_bytes"])
+    return offsets, pos
+
+
+def plaintext_bytes(header):
+    return payload_offsets(header)[1]
+
+
+def open_patch(sealed, key, tenant, base_fp=None, scratch=None):
+    """Authenticate, decrypt every chunk into locked anonymous memory (`scratch` when it is a large enough
+    SecureBuffer, else a new one), check payloads, then tenant and base. Any failure zeroes what was
+    decrypted and raises; the caller touches its model only after this returns."""
+    master = authenticate(sealed, key)
+    h = sealed.header
+    offsets, total = payload_offsets(h)
+    plain = scratch if scratch is not None and scratch.nbytes >= total else SecureBuffer(total)
+    header_sha = hashlib.sha256(sealed.image.view(0, sealed.signed_len)).hexdigest()
+    salt = bytes.fromhex(h["salt"])
+    keys = [tensor_key(master, salt, e["name"]) for e in h["tensors"]]
+    data, out = sealed.image.view(), plain.view()
+    records = []  # (tensor index, chunk index, file position, plaintext length, plaintext position)
+    for ti, e in enumerate(h["tensors"]):
+        pos, dst = sealed.blob_start + e["offset"], offsets[ti]
+        for ci, n in enumerate(record_sizes(e["plain_bytes"], h["chunk_bytes"])):
+            records.append((ti, ci, pos, n, dst))
+            pos, dst = pos + NONCE_BYTES + n + TAG_BYTES, dst + n
+    try:
+        for ti, ci, pos, n, dst in records:
+            if not _decrypt_record(data, pos, n, keys[ti], chunk_ad(h, header_sha, h["tensors"][ti], ci), out[dst:dst + n]):
+                raise _diagnose(h, header_sha, keys, records, data, (ti, ci, pos, n), out[dst:dst + n])
+        result = OpenPatch(h, plain, offsets)
+        _check_payloads(result)
+        check_target(h, base_fp, tenant)
+        return result
+    except BaseException:
+        del data, out
+        if plain is scratch:
+            plain.zero()
+        else:
+            plain.close()
+        raise
+
+
+def _decrypt_record(data, pos, n, key, ad, dst):
+    """Decrypt one chunk record into dst; False (dst zeroed) when the tag does not verify."""
+    nonce = bytes(data[pos:pos + NONCE_BYTES])
+    tag = bytes(data[pos + NONCE_BYTES + n:pos + NONCE_BYTES + n + TAG_BYTES])
+    dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
+    dec.authenticate_additional_data(ad)
+    dec.update_into(data[pos + NONCE_BYTES:pos + NONCE_BYTES + n], dst)
+    try:
+        dec.finalize()
+        return True
+    except InvalidTag:
+        dst[:] = bytes(n)
+        return False
+
+
+def _diagnose(h, header_sha, keys, records, data, failed, dst):
+    """A chunk failed: if it authenticates as another (tensor, chunk) of this patch, blobs were swapped or
+    reordered; otherwise its bytes were modified."""
+    ti, ci, pos, n = failed
+    name = h["tensors"][ti]["name"]
+    for tj, cj, _, m, _ in records:
+        if m == n and (tj, cj) != (ti, ci):
+            if _decrypt_record(data, pos, n, keys[tj], chunk_ad(h, header_sha, h["tensors"][tj], cj), dst):
+                dst[:] = bytes(n)
+                return SwappedBlobError(f"blob of tensor {name} chunk {ci} was replaced by the blob of "
+                                        f"{h['tensors'][tj]['name']} chunk {cj} (swapped or reordered)")
+    return TamperedError(f"tensor {name} chunk {ci} does not authenticate (nonce, ciphertext or tag modified)")
+
+
+def _check_payloads(opened):
+    """PATCH_FORMAT.md 8.6: row indices in range and strictly increasing, bitmap popcount = exceptions and
+    no bit past the last value (authentic, but an apply must never index out of bounds)."""
+    for i, e in enumerate(opened.header["tensors"]):
+        rows, values, bitmap = opened.segments(i)
+        if e["kind"] == "rows" and rows.numel() and (rows[0] < 0 or rows[-1] >= e["shape"][0]
+                                                     or (rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()))):
+            raise PatchFormatError(f"tensor {e['name']}: row indices out of range or not increasing")
+        if e["exceptions"]:
+            idx = set_bits(bitmap)
+            if idx.numel() != e["exceptions"] or int(idx[-1]) >= values.numel():
+                raise PatchFormatError(f"tensor {e['name']}: exception bitmap does not match its count")

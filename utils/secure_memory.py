@@ -1,0 +1,165 @@
+"""
+Memory for secrets: plaintext deltas, decrypted payloads and the patched (fine-tuned) parameters.
+
+SecureBuffer is anonymous private memory (never backed by a file), excluded from core dumps
+(MADV_DONTDUMP), zero in a forked child (MADV_WIPEONFORK), mlock'ed where RLIMIT_MEMLOCK allows (the soft
+limit is raised to the hard one first), zeroed before it is released and, for buffers still alive, at
+interpreter exit. Fresh buffers ask for transparent huge pages and are pre-faulted in one call
+(MADV_HUGEPAGE + MADV_POPULATE_WRITE, Linux >= 5.14): faulting 4 KiB pages one by one cost as much as
+the AES-GCM pass over them (BENCHMARKS.md, "Sealed patches"). memfd_secret would also hide the pages from
+the kernel's own mappings, but it cannot be mapped by torch tensors we hand to other code, so it is not
+used.
+
+harden_process() is for every process that holds a key or plaintext: no core dumps, and not
+ptrace-attachable (nor /proc/PID/mem-readable) by other processes of the same user.
+"""
+import atexit
+import ctypes
+import errno
+import mmap
+import resource
+import weakref
+
+import torch
+
+MADV_HUGEPAGE, MADV_WIPEONFORK, MADV_POPULATE_WRITE = 14, 18, 23  # Linux values; absent from older mmap modules
+PR_SET_DUMPABLE, PR_GET_DUMPABLE = 4, 3
+ALIGN = 64  # byte alignment of tensor views laid out in one buffer
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mlock.argtypes = _libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_live = weakref.WeakSet()  # buffers to zero at exit
+
+
+def raise_memlock_limit():
+    """Raise RLIMIT_MEMLOCK's soft limit to the hard one; return the soft limit in bytes (None = unlimited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def harden_process():
+    """No core dumps (RLIMIT_CORE 0) and PR_SET_DUMPABLE 0. Idempotent; returns whether both hold."""
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass
+    try:
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (AttributeError, OSError):
+        pass
+    return process_is_hardened()
+
+
+def process_is_hardened():
+    return resource.getrlimit(resource.RLIMIT_CORE)[0] == 0 and _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
+
+
+def aligned(nbytes):
+    return -(-int(nbytes) // ALIGN) * ALIGN
+
+
+class SecureBuffer:
+    """`nbytes` of anonymous, dump-excluded memory; mlock'ed when `lock` and the limit allow (else
+    `lock_error` says why), zeroed on close()."""
+
+    def __init__(self, nbytes, lock=True):
+        self.nbytes = int(nbytes)
+        self._size = max(1, self.nbytes)
+        self.mm = mmap.mmap(-1, self._size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._madvise(MADV_HUGEPAGE)  # before the first touch, so that faults can take 2 MiB pages
+        self.dontdump = self._madvise(getattr(mmap, "MADV_DONTDUMP", 16))
+        self.wipeonfork = self._madvise(MADV_WIPEONFORK)
+        probe = (ctypes.c_char * self._size).from_buffer(self.mm)
+        self.address = ctypes.addressof(probe)
+        del probe  # a live export would keep the mmap from closing
+        self.locked, self.lock_error = False, "not requested"
+        if lock:
+            limit = raise_memlock_limit()
+            if _libc.mlock(self.address, self._size) == 0:  # mlock faults every page in itself
+                self.locked, self.lock_error = True, None
+            else:
+                err = ctypes.get_errno()
+                self.lock_error = (f"mlock refused ({errno.errorcode.get(err, err)}; RLIMIT_MEMLOCK "
+                                   f"{'unlimited' if limit is None else f'{limit:,} bytes'} for {self._size:,})")
+        if not self.locked:
+            self._madvise(MADV_POPULATE_WRITE)  # older kernels refuse it: pages then fault on first use
+        _live.add(self)
+
+    def _madvise(self, option):
+        try:
+            self.mm.madvise(option)
+            return True
+        except (AttributeError, OSError, ValueError, TypeError):
+            return False
+
+    def view(self, offset=0, nbytes=None):
+        nbytes = self.nbytes - offset if nbytes is None else nbytes
+        return memoryview(self.mm)[offset:offset + nbytes]
+
+    def tensor(self, dtype, offset, count, shape=None):
+        """A torch view of `count` elements at byte `offset` (no copy), optionally reshaped. It holds a
+        buffer export, so the mapping cannot be unmapped under it: close() then only zeroes it."""
+        if count == 0:
+            t = torch.empty(0, dtype=dtype)
+        else:
+            t = torch.frombuffer(memoryview(self.mm), dtype=dtype, count=count, offset=offset)
+        return t if shape is None else t.view(shape)
+
+    def zero(self, offset=0, nbytes=None):
+        if self.mm is not None and not self.mm.closed:
+            ctypes.memset(self.address + offset, 0, self._size - offset if nbytes is None else nbytes)
+
+    def close(self):
+        """Zero, unlock and unmap. Views still alive keep the mapping until they go, already zeroed."""
+        if self.mm is None or self.mm.closed:
+            return
+        self.zero()
+        if self.locked:
+            _libc.munlock(self.address, self._size)
+            self.locked = False
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+        _live.discard(self)
+
+    def status(self):
+        return {"bytes": self.nbytes, "anonymous": True, "dontdump": self.dontdump, "wipeonfork": self.wipeonfork,
+                "mlocked": self.locked, "mlock_error": self.lock_error}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def secure_empty_like(tensors, lock=True):
+    """(SecureBuffer, [empty tensors shaped like `tensors`, laid out in it]) for CPU tensors."""
+    sizes = [aligned(t.numel() * t.element_size()) for t in tensors]
+    buf = SecureBuffer(sum(sizes), lock=lock)
+    out, off = [], 0
+    for t, size in zip(tensors, sizes):
+        out.append(buf.tensor(t.dtype, off, t.numel(), t.shape))
+        off += size
+    return buf, out
+
+
+@atexit.register
+def wipe_all():
+    """Zero every SecureBuffer still alive (patched parameters of a model still in use, say)."""
+    for buf in list(_live):
+        buf.zero()
