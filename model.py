@@ -361,6 +361,19 @@ class GPT(nn.Module):
                     setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
         self.lora_config = {"rank": rank, "alpha": alpha, "targets": list(targets)}
 
+    @torch.no_grad()
+    def merge_lora(self):
+        """Fold every adapter into its linear (W += (alpha / r) * B @ A) and drop the adapters: a plain
+        GPT with the same outputs, e.g. for export. A no-op without LoRA."""
+        for block in self.transformer.h:
+            for parent in (block.attn, block.mlp):
+                for child, module in list(parent.named_children()):
+                    if isinstance(module, LoRALinear):
+                        base = module.base
+                        base.weight += module.scaling * (module.lora_B.weight @ module.lora_A.weight)
+                        setattr(parent, child, base)
+        self.lora_config = None
+
     # ---------------------------------------------------------------- training helpers
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; decay only >=2-D weights (matmuls, embeddings), never biases or LayerNorm gains."""
