@@ -71,8 +71,10 @@ class _LinearUse:
     def clipped_sum(self, c):
         if self.per_record is not None:
             return torch.tensordot(c.to(self.per_record.dtype), self.per_record, dims=1)
-        gc = self.g * c.to(self.g.dtype)[:, None, None]
-        return gc.flatten(0, 1).t() @ self.a.flatten(0, 1)
+        c = c.to(self.g.dtype)[:, None, None]
+        if self.a.size(2) <= self.g.size(2):  # scale the narrower side (the head: A, not its V-wide G)
+            return self.g.flatten(0, 1).t() @ (self.a * c).flatten(0, 1)
+        return (self.g * c).flatten(0, 1).t() @ self.a.flatten(0, 1)
 
 
 class _EmbeddingUse:
