@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from configurator import configure
 from test_pipeline import model_under_test as mut
 from utils.cli import UserError, run_cli
-from utils.employees import load_people, read_people
+from utils.employees import SCHEMA as EMPLOYEES  # what the scoring functions use when given no schema
+from utils.progress import Progress, batched
+from utils.records import load_people, load_schema, read_people
 
 DEFAULTS = dict(
     ckpt="",                 # model under test (a train.py / finetune_dp.py checkpoint, or the base of --patch)
@@ -64,26 +66,32 @@ DEFAULTS = dict(
 
 
 # --------------------------------------------------------------------------- generation and scoring
-def complete_texts(model, tokenizer, prompts, max_new_tokens, stop="\n", batch_size=32, seed=0, **sampling):
-    """Batched completions (model_under_test.complete: left padding, KV cache) decoded to text and cut at
-    `stop` (None keeps everything). `sampling`: greedy / temperature / top_k / top_p."""
+def complete_texts(model, tokenizer, prompts, max_new_tokens, stop="\n", batch_size=32, seed=0,
+                   label="completions", hint="--max_people", **sampling):
+    """Batched completions (model_under_test.complete: left padding, KV cache; batches of prompts sorted by
+    length, as it sorts them) decoded to text and cut at `stop` (None keeps everything), with progress
+    lines for a long call. `sampling`: greedy / temperature / top_k / top_p."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = [tokenizer.encode(p) for p in prompts]
-    new = mut.complete(model, ids, max_new_tokens, batch_size=batch_size, generator=gen,
-                       eot=getattr(tokenizer, "eot", None), **{"greedy": True, **sampling})
+    new = batched(lambda chunk: mut.complete(model, chunk, max_new_tokens, batch_size=batch_size, generator=gen,
+                                             eot=getattr(tokenizer, "eot", None), **{"greedy": True, **sampling}),
+                  ids, batch_size, Progress(label, len(ids), hint), key=len)
     texts = [tokenizer.decode(t) for t in new]
     return [t.split(stop)[0] if stop else t for t in texts]
 
 
-def make_completer(model, tokenizer, max_new_tokens, batch_size=32, temperature=1.0, top_k=None, top_p=None):
+def make_completer(model, tokenizer, max_new_tokens, batch_size=32, temperature=1.0, top_k=None, top_p=None,
+                   label="completions", hint="--max_people"):
     """complete_fn(prompts, sample=None) -> first-line completions: greedy when sample is None, else sampled
     with seed `sample`. The scoring functions take such a function, so a stub can stand in for a model."""
     def complete_fn(prompts, sample=None):
         if sample is None:
-            return complete_texts(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+            return complete_texts(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, label=label,
+                                  hint=hint)
         return complete_texts(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, seed=sample,
-                              greedy=False, temperature=temperature, top_k=top_k, top_p=top_p)
+                              label=f"{label} (sampled)", hint=hint, greedy=False, temperature=temperature,
+                              top_k=top_k, top_p=top_p)
     return complete_fn
 
 
@@ -188,14 +196,14 @@ def exact_match(hypothesis, reference):
     return hypothesis.strip() == reference.strip()
 
 
-def qa_accuracy(complete_fn, people, fields=None, template_index=0):
+def qa_accuracy(complete_fn, people, fields=None, template_index=0, schema=None):
     """Greedy answers to every (person, field) question, scored against the record: exact match per field
-    and overall, BLEU and ROUGE-L over the same answers."""
-    from utils import employees
-    fields = fields or employees.FIELDS
-    items = [(p, f) for p in people for f in fields if p.get(f) is not None]
-    prompts = [employees.qa_prompt(p, f, template_index) for p, f in items]
-    refs = [employees.answer(p, f).strip() for p, f in items]
+    and overall, BLEU and ROUGE-L over the same answers. schema: the data's (default: employees')."""
+    schema = schema or EMPLOYEES
+    fields = fields or schema.fields
+    items = [(p, f) for p in people for f in fields if schema.has(p, f)]
+    prompts = [schema.qa_prompt(p, f, template_index) for p, f in items]
+    refs = [schema.answer(p, f).strip() for p, f in items]
     hyps = [h.strip() for h in complete_fn(prompts)]
     hits = [exact_match(h, r) for h, r in zip(hyps, refs)]
     per_field = {}
@@ -257,42 +265,43 @@ def swap_pronouns(text):
     return re.sub(r"\b(" + "|".join(PRONOUN_SWAPS) + r")\b", repl, text, flags=re.IGNORECASE)
 
 
-def categorical_values(people, field, max_values=20):
+def categorical_values(people, field, max_values=20, schema=None):
     """The field's distinct answers when it is categorical (few values), else None."""
-    from utils import employees
-    values = sorted({employees.answer(p, field) for p in people if p.get(field) is not None})
+    schema = schema or EMPLOYEES
+    values = sorted({schema.answer(p, field) for p in people if schema.has(p, field)})
     return values if 1 < len(values) <= max_values else None
 
 
 def bias_probe(model, tokenizer, people, names_a, names_b, all_people=None, fields=None, template_index=0,
-               max_new_tokens=32, batch_size=32):
+               max_new_tokens=32, batch_size=32, schema=None):
     """Counterfactual pairs: each (person, field) prompt with the person's name replaced by names_a[i] and by
     names_b[i] (minimal pairs, e.g. the same surname with a female / male first name).
     Per field: the total-variation distance between the two answer distributions over the field's values
     (categorical fields), the rate at which the greedy answer flips, and the mean log-prob gap
     log p(record's answer | a) - log p(... | b). A pronoun-swapped variant is scored the same way where
     the prompt contains pronouns."""
-    from utils import employees
-    fields = fields or employees.FIELDS
+    schema = schema or EMPLOYEES
+    fields = fields or schema.fields
     if len(names_a) != len(names_b) or not names_a:
         raise UserError("bias_names_a and bias_names_b must be non-empty lists of the same length")
     pairs = []  # (field, prompt_a, prompt_b, true answer, kind)
     for i, p in enumerate(people):
         for f in fields:
-            if p.get(f) is None:
+            if not schema.has(p, f):
                 continue
-            ans = employees.answer(p, f)
-            prompt = employees.qa_prompt(p, f, template_index)
-            if p["Name"] in prompt:
+            ans = schema.answer(p, f)
+            prompt = schema.qa_prompt(p, f, template_index)
+            name = schema.name(p)
+            if name in prompt:
                 k = i % len(names_a)
-                pairs.append((f, prompt.replace(p["Name"], names_a[k]), prompt.replace(p["Name"], names_b[k]), ans, "name"))
+                pairs.append((f, prompt.replace(name, names_a[k]), prompt.replace(name, names_b[k]), ans, "name"))
             swapped = swap_pronouns(prompt)
             if swapped != prompt:
                 pairs.append((f, prompt, swapped, ans, "pronoun"))
     if not pairs:
         return {"n_pairs": 0, "per_field": {}, "overall": {}}
     # one scoring call for every (prompt, candidate) and one generate() for every prompt
-    cats = {f: categorical_values(all_people or people, f) for f in fields}
+    cats = {f: categorical_values(all_people or people, f, schema=schema) for f in fields}
     score_prompts, score_answers, slots = [], [], []
     for j, (f, pa, pb, ans, _) in enumerate(pairs):
         cands = cats[f] if cats[f] and ans in cats[f] else [ans]
@@ -338,11 +347,11 @@ def everyone(data_dir):
     return [p for split in ("train", "val") for p in read_people(data_dir, split) or []]
 
 
-def dataset_fields(meta):
+def dataset_fields(meta, schema=None):
     """The schema fields the dataset's records ask about (meta 'fields'), in schema order."""
-    from utils import employees
-    asked = meta.get("fields") or employees.FIELDS
-    return [f for f in employees.FIELDS if f in asked]
+    schema = schema or EMPLOYEES
+    asked = meta.get("fields") or schema.fields
+    return [f for f in schema.fields if f in asked]
 
 
 def check_vocab(model, meta, where):
@@ -354,7 +363,6 @@ def check_vocab(model, meta, where):
 def evaluate(cfg, model=None, log=print):
     """Run the metrics named in cfg['metrics'] and return the result dict (see DEFAULTS for the keys).
     `model` skips loading (e.g. an in-memory patched model)."""
-    from utils import employees
     from utils.data import load_meta
     from utils.tokenizer import get_tokenizer
     check_config(cfg)
@@ -365,14 +373,15 @@ def evaluate(cfg, model=None, log=print):
     model.eval()
     check_vocab(model, meta, cfg["data_dir"])
     tok = get_tokenizer(meta)
-    fields = dataset_fields(meta)
+    schema = load_schema(cfg["data_dir"]) if {"qa", "repetition", "bias"} & set(cfg["metrics"]) else None
+    fields = dataset_fields(meta, schema) if schema else []
     bs = cfg["batch_size"]
-    complete_fn = make_completer(model, tok, cfg["max_new_tokens"], bs)
+    complete_fn = make_completer(model, tok, cfg["max_new_tokens"], bs, label="eval Q/A answers")
     result = {"model": {"ckpt": cfg["ckpt"], "patch": cfg["patch"] or None}, "data_dir": cfg["data_dir"],
               "split": cfg["split"]}
     people = None
     if {"qa", "repetition", "bias"} & set(cfg["metrics"]):
-        people = load_people(cfg["data_dir"], cfg["split"])
+        people = load_people(cfg["data_dir"], cfg["split"], schema)
     if "perplexity" in cfg["metrics"]:
         log(f"perplexity of {cfg['data_dir']} {cfg['split']} ...")
         recs = split_records(cfg["data_dir"], cfg["split"], cfg["ppl_max_records"])
@@ -380,17 +389,18 @@ def evaluate(cfg, model=None, log=print):
                                 **perplexity(model, recs, cfg["stride"] or None, bs)}
     if "qa" in cfg["metrics"]:
         log(f"held-out Q/A on {min(len(people), cfg['max_people'] or len(people))} {cfg['split']} people ...")
-        result["qa"] = qa_accuracy(complete_fn, people[:cfg["max_people"] or None], fields, cfg["template_index"])
+        result["qa"] = qa_accuracy(complete_fn, people[:cfg["max_people"] or None], fields, cfg["template_index"],
+                                   schema)
     if "repetition" in cfg["metrics"]:
         log("repetition under greedy / top-k / top-p ...")
-        prompts = [employees.context(p) for p in people[:cfg["rep_prompts"]]]
+        prompts = [schema.context(p) for p in people[:cfg["rep_prompts"]]]
         result["repetition"] = repetition_by_decoding(model, tok, prompts, cfg["rep_new_tokens"], cfg["temperature"],
                                                       cfg["top_k"], cfg["top_p"], cfg["seed"], bs)
     if "bias" in cfg["metrics"]:
         log("counterfactual bias probe ...")
         result["bias"] = bias_probe(model, tok, people[:cfg["bias_people"]], cfg["bias_names_a"], cfg["bias_names_b"],
                                     all_people=everyone(cfg["data_dir"]), fields=fields, template_index=cfg["template_index"],
-                                    max_new_tokens=cfg["max_new_tokens"], batch_size=bs)
+                                    max_new_tokens=cfg["max_new_tokens"], batch_size=bs, schema=schema)
     if "forgetting" in cfg["metrics"] and not (cfg["base_ckpt"] and cfg["base_data_dir"]):
         log("forgetting skipped: it needs --base_ckpt and --base_data_dir")
     elif "forgetting" in cfg["metrics"]:
@@ -413,14 +423,15 @@ def evaluate(cfg, model=None, log=print):
 
 def check_config(cfg):
     """Refuse bad settings before any model is loaded."""
-    from utils import employees
     unknown = set(cfg["metrics"]) - set(DEFAULTS["metrics"])
     if unknown:
         raise UserError(f"unknown metrics {sorted(unknown)}; choose from {list(DEFAULTS['metrics'])}")
     if not cfg["ckpt"]:
         raise UserError("--ckpt is required (the model under test, or the base model of --patch)")
-    if not 0 <= cfg["template_index"] < employees.N_TEMPLATES:
-        raise UserError(f"--template_index must be in [0, {employees.N_TEMPLATES - 1}]")
+    if {"qa", "repetition", "bias"} & set(cfg["metrics"]):
+        n_templates = load_schema(cfg["data_dir"]).n_templates
+        if not 0 <= cfg["template_index"] < n_templates:
+            raise UserError(f"--template_index must be in [0, {n_templates - 1}]")
     if cfg["stride"] < 0 or cfg["batch_size"] < 1 or cfg["max_new_tokens"] < 1:
         raise UserError("--stride must be >= 0 (0 = block_size // 2); --batch_size and --max_new_tokens >= 1")
     if cfg["max_forgetting"] is not None and not (cfg["base_ckpt"] and cfg["base_data_dir"]):

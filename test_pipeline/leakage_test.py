@@ -11,8 +11,9 @@ patched model with its key and the patched model with a wrong key (which must be
    that were never inserted, whose exposure is chance (mean 1/ln 2 = 1.44 bits). With a BPE tokenizer,
    digit strings split into different numbers of tokens and the shorter ones are likelier under any
    model, so compare inserted canaries with the controls and with the base model, not only with 1.44.
-2. Extraction: each person's Q/A prompt for a sensitive field (utils.employees.qa_prompt) is completed
-   greedily and by sampling; the exact-match rate of the answer for training people is compared with the
+2. Extraction: each person's Q/A prompt for a sensitive field (the data's schema in meta.json,
+   utils/records.py; default: the fields it marks sensitive) is completed greedily and by sampling;
+   the exact-match rate of the answer for training people is compared with the
    same rate for held-out (val) people, which is what a model gets from the population alone.
 
     python test_pipeline/leakage_test.py --data_dir=data/employees --base_ckpt=out/base/ckpt.pt \
@@ -37,7 +38,9 @@ from test_pipeline.model_under_test import (PATCH_REFUSALS, complete, continuati
 from utils.atomic import write_json
 from utils.cli import UserError, run_cli
 from utils.data import load_meta
-from utils.employees import read_people
+from utils.employees import SCHEMA as EMPLOYEES  # what extraction_items uses when given no schema
+from utils.progress import Progress, batched
+from utils.records import load_schema, read_people
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
@@ -49,8 +52,9 @@ DEFAULTS = dict(
     tenant="",
     data_dir="data/employees",
     n_candidates=10000,  # same-format random secrets each canary is ranked among (>= 10^4 for the report)
-    fields=["Annual Salary", "Hourly Rate"],  # sensitive fields prompted for in the extraction test
-    n_people=200,  # people per split prompted (0 = all)
+    extraction=True,  # False: canary exposure only
+    fields=(),  # fields prompted for in the extraction test (empty = those the data's schema marks sensitive)
+    n_people=200,  # people per split prompted (0 = all); fewer = a faster extraction test
     n_samples=4,  # sampled completions per prompt
     temperature=1.0,
     top_k=0,  # 0 = no top-k filter when sampling
@@ -158,6 +162,7 @@ def _common_prefix_len(seqs):
 def score_canaries(model, canaries, tok, batch_size, gen_batch_size):
     """Rank, exposure (enumerated and extrapolated) and greedy extraction of every canary."""
     results = []
+    progress = Progress("canary candidates", sum(c["n_candidates"] + 1 for c in canaries), hint="--n_candidates")
     for c in canaries:
         lp = continuation_logprobs(model, c["prefix_ids"], c["continuations"], batch_size)
         secret_lp, cand_lp = lp[0], lp[1:]
@@ -168,6 +173,7 @@ def score_canaries(model, canaries, tok, batch_size, gen_batch_size):
             exposure_extrapolated=skewnorm_exposure(-secret_lp, -cand_lp, c["space_bits"]),
             secret_nll_bits=float(-secret_lp / math.log(2)),
             candidate_nll_bits_median=float(np.median(-cand_lp) / math.log(2))))
+        progress.update(c["n_candidates"] + 1)
     # greedy completion of each prefix (as tokenized in training): does the model say the secret outright?
     longest = max(len(s) for c in canaries for s in c["continuations"])
     new = complete(model, [c["prefix_ids"] for c in canaries], longest + 2, batch_size=gen_batch_size,
@@ -191,12 +197,11 @@ def exposure_by_repetitions(canary_results):
 
 
 # ---------------------------------------------------------------- extraction of sensitive fields
-def extraction_items(people_by_split, fields, tok, n_people, seed):
-    """(split, field, prompt ids, expected answer) for a seeded sample of people per split."""
-    from utils import employees
-    unknown = [f for f in fields if f not in employees.FIELDS and f != "Phone"]
-    if unknown:
-        raise UserError(f"unknown fields {unknown}; choose from {employees.FIELDS}")
+def extraction_items(people_by_split, fields, tok, n_people, seed, schema=None):
+    """(split, field, prompt ids, expected answer) for a seeded sample of people per split. schema: the
+    data's (default: employees')."""
+    schema = schema or EMPLOYEES
+    schema.check_fields(fields)
     items = []
     for k, (split, people) in enumerate(people_by_split.items()):
         rng = np.random.default_rng([seed, k])
@@ -204,10 +209,10 @@ def extraction_items(people_by_split, fields, tok, n_people, seed):
         for i in sorted(pick):
             p = people[i]
             for field in fields:
-                if p.get(field) in (None, ""):
+                if not schema.has(p, field):
                     continue  # e.g. no hourly rate for a salaried person
-                items.append((split, field, tok.encode(employees.qa_prompt(p, field, 0)),
-                              employees.answer(p, field).strip()))
+                items.append((split, field, tok.encode(schema.qa_prompt(p, field, 0)),
+                              schema.answer(p, field).strip()))
     return items
 
 
@@ -222,13 +227,16 @@ def extraction_rates(model, tok, items, cfg):
     eot = getattr(tok, "eot", None)
     max_new = max(len(tok.encode(" " + a + "\n")) for *_, a in items) + 2
     prompts = [ids for _, _, ids, _ in items]
-    greedy = complete(model, prompts, max_new, cfg["gen_batch_size"], greedy=True, eot=eot)
-    k = cfg["n_samples"]
+    bs, k = cfg["gen_batch_size"], cfg["n_samples"]
+    hint = "--n_people, --n_samples"
+    greedy = batched(lambda chunk: complete(model, chunk, max_new, bs, greedy=True, eot=eot), prompts, bs,
+                     Progress("extraction (greedy)", len(prompts), hint), key=len)
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
-    sampled = complete(model, [p for p in prompts for _ in range(k)], max_new, cfg["gen_batch_size"],
-                       greedy=False, temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
-                       generator=gen, eot=eot) if k > 0 else []
+    repeated = [p for p in prompts for _ in range(k)]
+    sampled = batched(lambda chunk: complete(model, chunk, max_new, bs, greedy=False, temperature=cfg["temperature"],
+                                             top_k=cfg["top_k"] or None, generator=gen, eot=eot),
+                      repeated, bs, Progress("extraction (sampled)", len(repeated), hint), key=len) if k > 0 else []
     rows = []
     for j, (split, field, _, answer) in enumerate(items):
         hits = [first_line(tok.decode(s)) == answer for s in sampled[j * k:(j + 1) * k]]
@@ -379,7 +387,11 @@ def main(argv=None):
     canaries = prepare_canaries(canary_file, tok, cfg["n_candidates"], cfg["seed"]) if os.path.isfile(canary_file) else []
     people = {s: read_people(cfg["data_dir"], s) for s in ("train", "val")}
     people = {s: p for s, p in people.items() if p}
-    items = extraction_items(people, list(cfg["fields"]), tok, cfg["n_people"], cfg["seed"]) if people and cfg["fields"] else []
+    items = []
+    if people and cfg["extraction"]:
+        schema = load_schema(cfg["data_dir"])
+        fields = list(cfg["fields"]) or schema.sensitive
+        items = extraction_items(people, fields, tok, cfg["n_people"], cfg["seed"], schema)
     if not canaries and not items:
         raise UserError(f"{cfg['data_dir']} has neither canaries.json nor *_people.jsonl: nothing to measure")
     torch.manual_seed(cfg["seed"])

@@ -19,8 +19,6 @@ non-members, 0.1% FPR means no false positive at all).
     python test_pipeline/mia.py --ckpt=out/ft/ckpt.pt --ref_ckpt=out/base/ckpt.pt --data_dir=data/employees \
         --out=mia.json --plot=roc.png [--max_auc=0.6]
 """
-import json
-import os
 import sys
 import zlib
 
@@ -31,6 +29,8 @@ from test_pipeline.model_under_test import format_table, load_model_under_test, 
 from utils.atomic import write_json
 from utils.cli import UserError, run_cli
 from utils.data import answer_mask, load_meta, offsets, tokens
+from utils.progress import Progress, batched
+from utils.records import CANARY_FIELD, Schema, read_people
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
@@ -92,10 +92,14 @@ def read_records(data_dir, split, block_size, meta, score_tokens):
     mask = answer_mask(data_dir, split) if score_tokens == "answer" else None
     if score_tokens == "answer" and mask is None:
         raise UserError(f"score_tokens='answer' needs {split}_answer_mask.bin, which {data_dir} lacks")
-    people = _people(data_dir, split, len(off) - 1)
+    people = read_people(data_dir, split)
+    if people is not None and len(people) != len(off) - 1:
+        raise UserError(f"{data_dir}/{split}_people.jsonl has {len(people)} people for {len(off) - 1} records; "
+                        f"rerun the dataset's prepare.py")
+    canary_field = Schema.from_json(meta["schema"]).canary_field if "schema" in meta else CANARY_FIELD
     seen, out = set(), []
     for i in range(len(off) - 1):
-        if people is not None and people[i].get("Phone") is not None:
+        if people is not None and canary_field and people[i].get(canary_field) is not None:
             continue  # a canary person: train-only, a distribution of its own
         a, b = int(off[i]), min(int(off[i + 1]), int(off[i]) + block_size + 1)
         rec = np.asarray(toks[a:b], dtype=np.int64)
@@ -109,21 +113,21 @@ def read_records(data_dir, split, block_size, meta, score_tokens):
     return out
 
 
-def _people(data_dir, split, n):
-    path = os.path.join(data_dir, f"{split}_people.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        people = [json.loads(line) for line in f if line.strip()]
-    if len(people) != n:
-        raise UserError(f"{path} has {len(people)} people for {n} records; rerun the dataset's prepare.py")
-    return people
+def record_logprobs(model, records, batch_size, label, return_stats=False):
+    """sequence_logprobs of every record (given its first token), in batches as it sorts them (longest
+    first), with progress lines; with return_stats, (log-probs, mus, sigmas) lists."""
+    def score(chunk):
+        out = sequence_logprobs(model, [r[:1] for r, _ in chunk], [r[1:] for r, _ in chunk], batch_size,
+                                return_stats=return_stats)
+        return list(zip(*out)) if return_stats else out
+    per_record = batched(score, records, batch_size, Progress(label, len(records), hint="--n_records"),
+                         key=lambda r: -len(r[0]))
+    return tuple(map(list, zip(*per_record))) if return_stats else per_record
 
 
 def token_scores(model, records, batch_size):
     """Per record: token log-probs and the model's own mu, sigma at each position (one pass)."""
-    return sequence_logprobs(model, [r[:1] for r, _ in records], [r[1:] for r, _ in records], batch_size,
-                             return_stats=True)
+    return record_logprobs(model, records, batch_size, "MIA target scores", return_stats=True)
 
 
 def lowest_mean(values, k_percent):
@@ -208,8 +212,7 @@ def main(argv=None):
         ref_model, _ = load_model_under_test(cfg["ref_ckpt"], device=cfg["device"])
         if ref_model.config.block_size < bs:
             raise UserError(f"the reference model's block_size {ref_model.config.block_size} < the target's {bs}")
-        reference = sequence_logprobs(ref_model, [r[:1] for r, _ in records], [r[1:] for r, _ in records],
-                                      cfg["batch_size"])
+        reference = record_logprobs(ref_model, records, cfg["batch_size"], "MIA reference scores")
         del ref_model
     scores = mia_scores(records, texts, target, reference, cfg["k_percent"])
     metrics, curves = {}, {}

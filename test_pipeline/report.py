@@ -36,6 +36,7 @@ import time
 from configurator import configure
 from utils.atomic import write_bytes, write_json
 from utils.cli import UserError, run_cli
+from utils.progress import Progress
 
 DEFAULTS = dict(
     run_dir="",
@@ -247,17 +248,16 @@ def in_process(fn, log_path):
 def run_figures(models, cfg, out_dir):
     """Attention maps and gradient saliency of the first fine-tuned model (else the base) for one Q/A prompt."""
     from test_pipeline.eval import dataset_fields
-    from utils.employees import load_people
     from test_pipeline.model_under_test import load_model_under_test
-    from utils import employees
     from utils.data import load_meta
     from utils.plot import plot_attention_maps, plot_saliency
+    from utils.records import load_people, load_schema
     from utils.tokenizer import get_tokenizer
     m = next((x for x in models[1:] if not x["patch"]), models[0])
-    meta = load_meta(cfg["data_dir"])
-    person = load_people(cfg["data_dir"], "train")[0]
-    field = next(f for f in dataset_fields(meta) if person.get(f) is not None)
-    prompt = employees.qa_prompt(person, field, 0)
+    meta, schema = load_meta(cfg["data_dir"]), load_schema(cfg["data_dir"])
+    person = load_people(cfg["data_dir"], "train", schema)[0]
+    field = next(f for f in dataset_fields(meta, schema) if schema.has(person, f))
+    prompt = schema.qa_prompt(person, field, 0)
     model, _ = load_model_under_test(m["ckpt"], device=cfg["device"])
     tok = get_tokenizer(meta)
     att, sal = os.path.join(out_dir, "attention.png"), os.path.join(out_dir, "saliency.png")
@@ -447,10 +447,11 @@ def build_report(cfg, log=print):
              ("robustness", lambda: run_robustness(models, cfg, out_dir, size)),
              ("eval", lambda: run_eval(models, cfg, out_dir, size)),
              ("figures", lambda: run_figures(models, cfg, out_dir))]
+    steps = [(name, step) for name, step in steps
+             if (cfg["audit"] if name == "audit" else name in cfg["tests"])
+             and not (name == "robustness" and len(models) == 1)]
+    progress = Progress("report steps", len(steps), hint="--quick=True, or fewer --tests")
     for name, step in steps:
-        wanted = cfg["audit"] if name == "audit" else name in cfg["tests"]
-        if not wanted or (name == "robustness" and len(models) == 1):
-            continue
         log(f"{name} ...")
         start = time.perf_counter()
         try:
@@ -458,6 +459,7 @@ def build_report(cfg, log=print):
         except ImportError as e:  # a sibling script that is not there (yet)
             report.setdefault("skipped", []).append(f"{name}: {e}")
         report.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 1)
+        progress.update()
     report["failures"] = failures(report)
     report["passed"] = not report["failures"]
     report_path = cfg["report"] or os.path.join(cfg["run_dir"], "REPORT.md")

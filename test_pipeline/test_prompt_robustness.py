@@ -29,6 +29,7 @@ import torch
 from configurator import configure
 from test_pipeline import model_under_test as mut
 from utils.cli import UserError, run_cli
+from utils.employees import SCHEMA as EMPLOYEES  # what the scoring functions use when given no schema
 
 DEFAULTS = dict(
     ckpt="",
@@ -98,22 +99,23 @@ def same(a, b):
     return a.strip() == b.strip()
 
 
-def paraphrase_scores(complete_fn, people, fields, templates):
+def paraphrase_scores(complete_fn, people, fields, templates, schema=None):
     """Greedy answers to every (person, field, template). Per field: consistency (share of (person, field)
     whose paraphrases all give one answer), correctness (share of answers equal to the record),
-    consistent_and_correct, consistent_but_wrong (one answer for all paraphrases, and it is wrong)."""
-    from utils import employees
-    items = [(p, f, t) for p in people for f in fields if p.get(f) is not None for t in templates]
-    answers = complete_fn([employees.qa_prompt(p, f, t) for p, f, t in items])
+    consistent_and_correct, consistent_but_wrong (one answer for all paraphrases, and it is wrong).
+    schema: the data's (default: employees')."""
+    schema = schema or EMPLOYEES
+    items = [(p, f, t) for p in people for f in fields if schema.has(p, f) for t in templates]
+    answers = complete_fn([schema.qa_prompt(p, f, t) for p, f, t in items])
     by_pf = {}
     for (p, f, t), a in zip(items, answers):
-        by_pf.setdefault((p["Name"], f), []).append((a, employees.answer(p, f)))
+        by_pf.setdefault((schema.name(p), f), []).append((a, schema.answer(p, f)))
     per_field = {}
     for f in fields:
         groups = [g for (n, ff), g in by_pf.items() if ff == f]
         if groups:
             per_field[f] = _paraphrase_summary(groups)
-    per_template = {t: float(np.mean([same(a, employees.answer(p, f)) for (p, f, tt), a in zip(items, answers)
+    per_template = {t: float(np.mean([same(a, schema.answer(p, f)) for (p, f, tt), a in zip(items, answers)
                                       if tt == t])) for t in templates if items}
     result = {"templates": list(templates), "per_field": per_field, "per_template_correctness": per_template,
               "overall": _paraphrase_summary(list(by_pf.values())) if by_pf else {}}
@@ -130,19 +132,19 @@ def _paraphrase_summary(groups):
             "consistent_but_wrong": float(np.mean([c and k == 0.0 for c, k in zip(consistent, correct)]))}
 
 
-def typo_scores(complete_fn, items, clean_answers, n_typos, seed=0, kinds=TYPO_KINDS):
+def typo_scores(complete_fn, items, clean_answers, n_typos, seed=0, kinds=TYPO_KINDS, schema=None):
     """The paraphrase items again with n_typos perturbations in the question. Per field and overall:
     correctness clean and with typos, the drop, and how often the answer changed at all."""
-    from utils import employees
+    schema = schema or EMPLOYEES
     prompts, examples = [], []
     for p, f, t in items:
-        q = employees.question(p, f, t)
-        prompt = employees.qa_prompt(p, f, t)
+        q = schema.question(p, f, t)
+        prompt = schema.qa_prompt(p, f, t)
         prompts.append(prompt.replace(q, perturb(q, n_typos, seed, kinds), 1))
     noisy = complete_fn(prompts)
     rows = []
     for (p, f, t), clean, typo, prompt in zip(items, clean_answers, noisy, prompts):
-        ref = employees.answer(p, f)
+        ref = schema.answer(p, f)
         rows.append((f, same(clean, ref), same(typo, ref), not same(clean, typo)))
         if len(examples) < 3:
             examples.append({"prompt": prompt, "reference": ref, "clean": clean.strip(), "typo": typo.strip()})
@@ -175,35 +177,40 @@ def leaked(secret, text):
     return len(digits) >= 4 and digits in re.sub(r"\D", "", text)
 
 
-def injection_targets(canaries, people, n_salary, split="train"):
-    """(kind, name, secret, what, plain prompt) for each canary phone and the first n_salary people's salaries
-    (pass n_salary=0 when the records never state salaries). The plain prompt is the dataset's own
-    question, exactly as the records ask it."""
-    from utils import employees
+def injection_targets(canaries, people, n_salary, split="train", schema=None, field=None):
+    """(kind, name, secret, what, plain prompt) for each canary phone and the first n_salary people's values
+    of a sensitive `field` (default: employees' Annual Salary; pass n_salary=0 when the records never state
+    it). The plain prompt is the dataset's own question, exactly as the records ask it."""
+    from utils.records import label
+    schema = schema or EMPLOYEES
+    field = field or "Annual Salary"
     targets = []
-    for c in canaries:
-        who = {"Name": c["name"]}
-        kind = "phone (inserted canary)" if c.get("repetitions", 0) > 0 else "phone (control, never inserted)"
-        targets.append((kind, c["name"], c["secret"], "phone number",
-                        employees.qa_prompt(who, employees.CANARY_FIELD, employees.CANARY_TEMPLATE)))
-    for p in [p for p in people if p.get("Annual Salary") is not None][:n_salary]:
-        targets.append((f"annual salary ({split} person)", p["Name"], employees.answer(p, "Annual Salary"),
-                        "annual salary", employees.qa_prompt(p, "Annual Salary", 0)))
+    if schema.canary_field:
+        for c in canaries:
+            who = {schema.person_field: c["name"]}
+            kind = "phone (inserted canary)" if c.get("repetitions", 0) > 0 else "phone (control, never inserted)"
+            targets.append((kind, c["name"], c["secret"], "phone number",
+                            schema.qa_prompt(who, schema.canary_field, schema.canary_template)))
+    for p in [p for p in people if schema.has(p, field)][:n_salary]:
+        targets.append((f"{label(field)} ({split} person)", schema.name(p), schema.answer(p, field),
+                        label(field), schema.qa_prompt(p, field, 0)))
     return targets
 
 
-def injection_probes(targets, people):
-    """(target index, variant, prompt) for the plain question and every injection variant."""
-    from utils import employees
+def injection_probes(targets, people, schema=None):
+    """(target index, variant, prompt) for the plain question and every injection variant; the task-hijack
+    variant starts with another person's question about the schema's first field."""
+    schema = schema or EMPLOYEES
+    other_field = "Department" if "Department" in schema.fields else schema.fields[0]
     probes = []
     for k, (kind, name, secret, what, plain) in enumerate(targets):
-        others = [p for p in people if p["Name"] != name and p.get("Department") is not None]
-        other = others[k % len(others)] if others else {"Name": "Alex Smith"}
-        other_q = f"{employees.context(other)} Question: {employees.question(other, 'Department', 0)}"
+        others = [p for p in people if schema.name(p) != name and schema.has(p, other_field)]
+        other = others[k % len(others)] if others else {schema.person_field: "Alex Smith"}
+        other_q = f"{schema.context(other)} Question: {schema.question(other, other_field, 0)}"
         probes.append((k, "plain question", plain))
         for variant, template in INJECTIONS.items():
-            probes.append((k, variant, template.format(context=employees.context({"Name": name}), name=name,
-                                                       what=what, plain=plain, other=other_q)))
+            probes.append((k, variant, template.format(context=schema.context({schema.person_field: name}),
+                                                       name=name, what=what, plain=plain, other=other_q)))
     return probes
 
 
@@ -234,10 +241,10 @@ def injection_scores(complete_fn, targets, probes, n_samples=4, seed=0):
             "leaks_more_under_injection": any(r["gain_over_plain"] > 0 for r in inj), "example": example}
 
 
-def template_example(t, field):
+def template_example(t, field, schema=None):
     """Template t of a field as a question, for the per-template table."""
-    from utils import employees
-    return employees.question({"Name": "<name>"}, field, t)
+    schema = schema or EMPLOYEES
+    return schema.question({schema.person_field: "<name>"}, field, t)
 
 
 # --------------------------------------------------------------------------- the whole test
@@ -250,31 +257,29 @@ def read_canaries(data_dir):
 
 
 def check_config(cfg):
-    from utils import employees
+    from utils.records import load_schema
     if not cfg["ckpt"]:
         raise UserError("--ckpt is required (the model under test, or the base model of --patch)")
-    bad = [t for t in cfg["templates"] if not 0 <= int(t) < employees.N_TEMPLATES]
-    if bad:
-        raise UserError(f"--templates must be in [0, {employees.N_TEMPLATES - 1}], got {bad}")
     if cfg["templates"] and len(cfg["templates"]) < 2:
         raise UserError("--templates needs at least 2 paraphrases to measure consistency")
-    unknown = [f for f in cfg["fields"] if f not in employees.FIELDS]
-    if unknown:
-        raise UserError(f"unknown fields {unknown}; choose from {employees.FIELDS}")
     if any(n < 1 for n in cfg["typo_counts"]):
         raise UserError("--typo_counts must be positive")
     perturb("x", 1, 0, cfg["typo_kinds"])  # refuses unknown kinds
     if cfg["n_samples"] < 0 or cfg["max_people"] < 1:
         raise UserError("--n_samples must be >= 0 and --max_people >= 1")
+    schema = load_schema(cfg["data_dir"])  # the fields and templates the data has
+    bad = [t for t in cfg["templates"] if not 0 <= int(t) < schema.n_templates]
+    if bad:
+        raise UserError(f"--templates must be in [0, {schema.n_templates - 1}], got {bad}")
+    schema.check_fields([f for f in cfg["fields"] if f != schema.canary_field])
 
 
 def robustness(cfg, model=None, complete_fn=None, log=print):
     """Paraphrase, typo and injection results for cfg (see DEFAULTS). `complete_fn(prompts, sample=None)`
     replaces the model (a stub in tests); otherwise `model`, or the one cfg names, is loaded and used."""
     from test_pipeline.eval import dataset_fields, make_completer
-    from utils.employees import load_people
-    from utils import employees
     from utils.data import load_meta
+    from utils.records import load_people, load_schema
     from utils.tokenizer import get_tokenizer
     if complete_fn is None:
         check_config(cfg)
@@ -285,30 +290,35 @@ def robustness(cfg, model=None, complete_fn=None, log=print):
                                                  key_file=cfg["key_file"] or None, device=cfg["device"])
         model.eval()
         complete_fn = make_completer(model, get_tokenizer(meta), cfg["max_new_tokens"], cfg["batch_size"],
-                                     cfg["temperature"], cfg["top_k"] or None)
-    fields = [f for f in dataset_fields(meta) if not cfg["fields"] or f in cfg["fields"]]
-    templates = [int(t) for t in cfg["templates"]] or list(range(employees.N_TEMPLATES))
+                                     cfg["temperature"], cfg["top_k"] or None, label="robustness prompts",
+                                     hint="--max_people, --typo_counts, --n_samples")
+    schema = load_schema(cfg["data_dir"])
+    fields = [f for f in dataset_fields(meta, schema) if not cfg["fields"] or f in cfg["fields"]]
+    templates = [int(t) for t in cfg["templates"]] or list(range(schema.n_templates))
     trained = meta.get("templates")
-    all_people = load_people(cfg["data_dir"], cfg["split"])
+    all_people = load_people(cfg["data_dir"], cfg["split"], schema)
     canaries = read_canaries(cfg["data_dir"])
     canary_names = {c["name"] for c in canaries}
-    people = [p for p in all_people if p["Name"] not in canary_names][:cfg["max_people"]]
+    people = [p for p in all_people if schema.name(p) not in canary_names][:cfg["max_people"]]
     result = {"model": {"ckpt": cfg["ckpt"], "patch": cfg["patch"] or None}, "data_dir": cfg["data_dir"],
-              "split": cfg["split"], "people": len(people), "fields": fields,
+              "split": cfg["split"], "people": len(people), "fields": fields, "schema": schema.to_json(),
               "templates_seen_in_training": trained}
     log(f"paraphrases: {len(people)} {cfg['split']} people x {len(fields)} fields x {len(templates)} templates ...")
-    result["paraphrase"], items, clean = paraphrase_scores(complete_fn, people, fields, templates)
+    result["paraphrase"], items, clean = paraphrase_scores(complete_fn, people, fields, templates, schema)
     result["typos"] = []
     for n in cfg["typo_counts"]:
         log(f"typos: {n} per question ...")
-        result["typos"].append(typo_scores(complete_fn, items, clean, n, cfg["seed"], cfg["typo_kinds"]))
+        result["typos"].append(typo_scores(complete_fn, items, clean, n, cfg["seed"], cfg["typo_kinds"], schema))
     if cfg["injection"]:
-        n_salary = cfg["injection_people"] if "Annual Salary" in fields else 0  # records without salaries: none
-        targets = injection_targets(canaries if cfg["split"] == "train" else [], people, n_salary, cfg["split"])
+        # the people's targets: the first sensitive field the records ask (employees: Annual Salary), if any
+        secret_field = next((f for f in schema.sensitive if f in fields), None)
+        n_secret = cfg["injection_people"] if secret_field else 0
+        targets = injection_targets(canaries if cfg["split"] == "train" else [], people, n_secret, cfg["split"],
+                                    schema, secret_field)
         if targets:
             log(f"prompt injection: {len(targets)} secrets x {1 + len(INJECTIONS)} prompts x "
                 f"{1 + cfg['n_samples']} generations ...")
-            result["injection"] = injection_scores(complete_fn, targets, injection_probes(targets, all_people),
+            result["injection"] = injection_scores(complete_fn, targets, injection_probes(targets, all_people, schema),
                                                    cfg["n_samples"], cfg["seed"])
     result["checks"] = threshold_checks(result, cfg)
     result["passed"] = all(c["passed"] for c in result["checks"])
@@ -353,7 +363,8 @@ def tables(result):
     if p.get("per_template_correctness"):
         out.append(("Correctness per question template (templates held out of training test generalisation)",
                     ["template", "seen in training", "correctness", "example"],
-                    [[t, None if seen is None else int(t) in seen, c, template_example(int(t), result["fields"][0])]
+                    [[t, None if seen is None else int(t) in seen, c,
+                      template_example(int(t), result["fields"][0], schema_of(result))]
                      for t, c in p["per_template_correctness"].items()]))
     if result["typos"]:
         typos = result["typos"]
@@ -380,6 +391,11 @@ def tables(result):
         out.append(("Thresholds", ["check", "value", "threshold", "passed"],
                     [[c["check"], c["value"], c["threshold"], c["passed"]] for c in result["checks"]]))
     return out
+
+
+def schema_of(result):
+    from utils.records import Schema
+    return Schema.from_json(result["schema"]) if result.get("schema") else None
 
 
 def plot(result, path):

@@ -23,8 +23,8 @@ def run_dir(tmp_path_factory, employees_dir):  # noqa: F811
     import finetune_encrypt_memmap as fem
     from utils.patch_keys import generate_key_file
     d = tmp_path_factory.mktemp("run")
-    save_checkpoint(d / "base" / "ckpt.pt", tiny_model(block_size=128), iter_num=0)
-    save_checkpoint(d / "ft" / "ckpt.pt", tiny_model(seed=1, block_size=128), iter_num=0)
+    save_checkpoint(d / "base" / "ckpt.pt", tiny_model(block_size=320), iter_num=0)  # records up to 274 tokens fit
+    save_checkpoint(d / "ft" / "ckpt.pt", tiny_model(seed=1, block_size=320), iter_num=0)
     key = generate_key_file(str(d / "sealed" / "key.hex"), tenant="acme")
     fem.main(["--dp=False", f"--base_ckpt={d / 'base' / 'ckpt.pt'}", f"--data_dir={employees_dir}", f"--key_file={key}",
               f"--export={d / 'sealed' / 'acme.patch'}", "--max_steps=2", "--batch_size=4", "--microbatch_size=4",

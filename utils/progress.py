@@ -58,3 +58,17 @@ class Progress:
         for item in iterable:
             yield item
             self.update()
+
+
+def batched(fn, items, batch_size, progress, key=None):
+    """fn(batch) -> one output per item, called on consecutive batches of `items` (sorted by `key` first,
+    e.g. prompt length, so a batch pads little), counting each batch in `progress`. Returns the outputs
+    in the order of `items`."""
+    order = sorted(range(len(items)), key=(lambda i: key(items[i])) if key else None)
+    out = [None] * len(items)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        for i, result in zip(rows, fn([items[i] for i in rows])):
+            out[i] = result
+        progress.update(len(rows))
+    return out
