@@ -304,60 +304,6 @@ def test_registry_switches_tenants_and_a_failed_switch_changes_nothing(full, lor
     reg.close()
 
 
-# ----------------------------------------------------------------------------- storage
-def vm_flags(address):
-    """(pathname, VmFlags) of the mapping holding `address`, from /proc/self/smaps."""
-    with open("/proc/self/smaps") as f:
-        lines = f.read().splitlines()
-    for i, line in enumerate(lines):
-        parts = line.split()
-        if "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= address < hi:
-                flags = next(ln for ln in lines[i + 1:] if ln.startswith("VmFlags:")).split()[1:]
-                return (parts[5] if len(parts) > 5 else ""), flags
-
-
-def test_plaintext_buffers_are_anonymous_undumpable_and_wiped():
-    buf = sm.SecureBuffer(1 << 16)
-    buf.view()[:4] = b"abcd"
-    path, flags = vm_flags(buf.address)
-    assert path == "" and "dd" in flags  # no file behind it; excluded from core dumps
-    assert ("lo" in flags) == buf.locked and (buf.locked or "RLIMIT_MEMLOCK" in buf.lock_error)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # a forked child (a DataLoader worker, say) must not see the plaintext
-        os.write(write, bytes(buf.view()[:4]))
-        os._exit(0)
-    os.waitpid(pid, 0)
-    assert os.read(read, 4) == b"\0\0\0\0" and "wf" in flags
-    view = buf.tensor(torch.uint8, 0, 4)
-    buf.close()  # zeroes even while a view is still alive
-    assert view.tolist() == [0, 0, 0, 0]
-
-
-# ----------------------------------------------------------------------------- keys
-def test_key_sources(tmp_path, monkeypatch, capsys):
-    key = os.urandom(32)
-    hex_file, raw_file, bad = tmp_path / "k.hex", tmp_path / "k.bin", tmp_path / "bad"
-    hex_file.write_text(key.hex() + "\n")
-    raw_file.write_bytes(key)
-    bad.write_text("00" * 31)
-    for f in (hex_file, raw_file, bad):
-        os.chmod(f, 0o600)
-    assert pk.load_key(key_file=str(hex_file)) == key and pk.load_key(key_file=str(raw_file)) == key
-    monkeypatch.setenv("PATCH_KEY", key.hex())
-    assert pk.load_key(env_var="PATCH_KEY") == key
-    assert pk.load_key(key_hex=key.hex()) == key
-    assert "process list" in capsys.readouterr().err
-    with pytest.raises(pe.KeyInputError) as info:
-        pk.load_key(key_file=str(bad))
-    assert "00" * 8 not in str(info.value)
-    with pytest.raises(pe.KeyInputError):
-        pk.load_key(key_file=str(hex_file), env_var="PATCH_KEY")
-    assert isinstance(pk.load_key(passphrase="pw"), pk.Passphrase) and "pw" not in repr(pk.load_key(passphrase="pw"))
-
-
 # ----------------------------------------------------------------------------- across processes, on disk
 @pytest.fixture(scope="module")
 def exported(data_dir, tmp_path_factory):
@@ -449,3 +395,89 @@ def test_unit_script_passes():
     r = subprocess.run([sys.executable, os.path.join(REPO, "test_pipeline", "decrypt_unit_test.py")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- the CLI: DP by default, errors before work
+def test_sealing_is_private_by_default_and_says_so(exported):
+    """No --dp given: finetune_dp's settings (target_epsilon 8). Header, progress line, summary and
+    privacy.json state it; the epsilon matches dp-accounting's RDP accountant for the run's q, sigma, steps."""
+    from dp_accounting import dp_event, rdp
+    import json
+    sealed = pf.SealedPatch.from_file(exported["patch"])
+    meta = sealed.header["meta"]
+    info = json.loads((exported["out"] / "alice.patch.privacy.json").read_text())
+    p = info["privacy"]
+    assert meta["dp"] is True and info["dp"] is True and 0 < meta["epsilon"] <= 8.0 and meta["epsilon"] == p["epsilon"]
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_event.PoissonSampledDpEvent(p["sample_rate"], dp_event.GaussianDpEvent(p["noise_multiplier"])),
+                p["steps"])
+    assert abs(acc.get_epsilon(p["delta"]) - p["epsilon"]) <= 0.05 * p["epsilon"]
+    assert "DP on (target epsilon 8.0" in exported["stdout"] and f"DP on, epsilon {meta['epsilon']:.3f}" in exported["stdout"]
+
+
+@pytest.fixture
+def no_finetune(monkeypatch):
+    """Fails the test if a fine-tune starts: the errors below must come before any work."""
+    def refuse(*a, **k):
+        raise AssertionError("the fine-tune started before the bad input was refused")
+    monkeypatch.setattr(ft_loop, "finetune", refuse)
+
+
+def seal_cli(data_dir, root, *extra):
+    import finetune_encrypt_memmap as fem
+    base = root / "base.pt"
+    if not base.exists():
+        save_checkpoint(base, tiny_model(), config={})
+    key = pk.generate_key_file(root / "key.hex", tenant="alice")
+    return fem.main(["--base_ckpt", str(base), "--data_dir", data_dir, "--key_file", str(key), "--max_steps", "1",
+                     "--batch_size", "4", "--microbatch_size", "4", "--eval_interval", "0", *extra])
+
+
+def test_privacy_settings_without_dp_are_an_error(data_dir, tmp_path, no_finetune):
+    from utils.cli import UserError
+    for extra in (["--target_epsilon", "3"], ["--noise_multiplier", "1.0"], ["--max_grad_norm", "0.5"]):
+        with pytest.raises(UserError, match="--dp=False but privacy settings were given"):
+            seal_cli(data_dir, tmp_path, "--dp=False", *extra)
+    config = tmp_path / "dp_config.py"
+    config.write_text("target_epsilon = 8.0\n")  # e.g. the README's config/finetune_dp_employees.py
+    with pytest.raises(UserError, match="target_epsilon"):
+        seal_cli(data_dir, tmp_path, str(config), "--dp=False")
+
+
+def test_bad_input_is_refused_before_the_fine_tune(data_dir, tmp_path, no_finetune):
+    from utils.cli import UserError
+    bad_prompts = tmp_path / "prompts.txt"
+    bad_prompts.write_bytes(b"Context: caf\xe9\n")  # latin-1, not UTF-8
+    for extra, words in [(["--export", str(tmp_path)], "is a directory"),
+                         (["--export", str(tmp_path / "base.pt" / "p.patch")], "not a directory"),
+                         (["--prompt_file", str(bad_prompts)], "not UTF-8"),
+                         (["--max_new_tokens", "-1"], "max_new_tokens"),
+                         (["--max_new_tokens", "10000000"], "max_new_tokens"),
+                         (["--tenant", "bob"], "bound to tenant alice")]:
+        with pytest.raises(UserError, match=words):
+            seal_cli(data_dir, tmp_path, *extra)
+
+
+def test_apply_refuses_bad_input_with_one_line(exported, tmp_path):
+    import finetune_encrypt_memmap as fem
+    from utils.cli import UserError
+    root = exported["root"]
+    bad_prompts = tmp_path / "prompts.txt"
+    bad_prompts.write_bytes(b"\xff\xfe bad\n")
+    common = ["--base_ckpt", str(root / "base.pt"), "--key_file", str(root / "key.hex"), "--patch", str(exported["patch"])]
+    for extra, words in [(["--tenant", "alice", "--prompt_file", str(bad_prompts)], "not UTF-8"),
+                         (["--tenant", "alice", "--prompt", "x", "--max_new_tokens", "-5"], "max_new_tokens"),
+                         (["--tenant", "alice", "--prompt", "x", "--max_new_tokens", "99999999"], "max_new_tokens"),
+                         (["--tenant", "alice", "--max_patch_mb", "0"], "max_patch_mb")]:
+        with pytest.raises(UserError, match=words) as info:
+            fem.main(["apply", *common, *extra])
+        assert info.value.exit_code == 2
+    huge = tmp_path / "huge.patch"
+    with open(huge, "wb") as f:
+        f.write(exported["patch"].read_bytes())
+        f.truncate(20 << 30)  # 20 GB sparse: refused from its size, nothing allocated
+    for extra, words in [(common, "give --tenant"),  # a key file bound to no tenant, no --tenant: never "any tenant"
+                         (common[:4] + ["--patch", str(huge), "--tenant", "alice"], "size limit")]:
+        r = apply_cli(exported, *extra)
+        assert r.returncode == 2 and words in r.stderr, (extra, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
