@@ -15,6 +15,8 @@ fresh `finetune_encrypt_memmap.py apply` process on a copy of the patch:
   two blobs swapped             exit 3, "swapped"
   other base model              exit 4, "another base model"
   other tenant (--tenant bob)   exit 4, "tenant"
+  damaged AND other tenant      exit 3 (integrity is checked before identity)
+  no --tenant, unbound key      exit 2, "give --tenant" (apply never accepts whichever tenant a patch names)
   not a patch                   exit 2
 and every refusal is one line on stderr, never a traceback.
 """
@@ -107,6 +109,8 @@ def cases(raw):
     swapped[a:a + size], swapped[b:b + size] = raw[b:b + size], raw[a:a + size]
     out["two blobs swapped"] = (bytes(swapped), [], 3, "swapped")
     out["other tenant"] = (raw, ["--tenant", "bob"], 4, "tenant")
+    out["damaged and other tenant"] = (flip(raw, blobs[-1][1] + 5), ["--tenant", "bob"], 3, "does not authenticate")
+    out["no tenant"] = (raw, ["--tenant", ""], 2, "give --tenant")
     out["not a patch"] = (b"\x89PNG\r\n\x1a\n" + raw[8:], [], 2, "not a sealed patch")
     return out
 
@@ -143,30 +147,31 @@ def main(argv=None):
         patch = os.path.join(work, "alice.patch")
         r = run(["--base_ckpt", base, "--data_dir", data, "--key_file", key, "--tenant", "alice", "--export", patch,
                  "--max_steps", str(cfg["max_steps"]), "--batch_size", "4", "--microbatch_size", "4",
-                 "--eval_interval", "0"], env)
+                 "--eval_interval", "0", "--dp=False"], env)  # non-private: 3 DP steps may not move greedy text
         ok = r.returncode == 0 and os.path.isfile(patch)
         report("process 1: fine-tune and export", ok, "" if ok else r.stderr.strip()[-300:])
         if r.returncode:
             sys.exit(1)
         raw = open(patch, "rb").read()
-        apply_args = ["apply", "--base_ckpt", base, "--key_file", key, "--prompt", cfg["prompt"], "--max_new_tokens", "12"]
+        apply_args = ["apply", "--base_ckpt", base, "--key_file", key, "--tenant", "alice", "--prompt", cfg["prompt"],
+                      "--max_new_tokens", "12"]
 
         r = run([*apply_args, "--patch", patch], env)
         lines = {ln.split("(")[0].strip(): ln.split(":", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("  ")}
         ok = r.returncode == 0 and "tenant alice" in r.stdout and lines.get("base") != lines.get("patched")
         report("right key in another process: exit 0, patched generation differs from the base", ok,
                "" if ok else f"exit {r.returncode}: {r.stderr.strip()[-200:]}")
-        r = run(["apply", "--base_ckpt", base, "--key_file", wrong, "--patch", patch], env)
+        r = run(["apply", "--base_ckpt", base, "--key_file", wrong, "--tenant", "alice", "--patch", patch], env)
         report("wrong key: exit 3", r.returncode == 3 and "wrong key" in r.stderr and one_line_error(r),
                f"exit {r.returncode}: {r.stderr.strip()}")
-        r = run(["apply", "--base_ckpt", other, "--key_file", key, "--patch", patch], env)
+        r = run(["apply", "--base_ckpt", other, "--key_file", key, "--tenant", "alice", "--patch", patch], env)
         report("other base model: exit 4", r.returncode == 4 and "another base model" in r.stderr and one_line_error(r),
                f"exit {r.returncode}: {r.stderr.strip()}")
         for label, (data_bytes, extra, code, words) in cases(raw).items():
             path = os.path.join(work, "case.patch")
             with open(path, "wb") as f:
                 f.write(data_bytes)
-            r = run(["apply", "--base_ckpt", base, "--key_file", key, "--patch", path, *extra], env)
+            r = run(["apply", "--base_ckpt", base, "--key_file", key, "--tenant", "alice", "--patch", path, *extra], env)
             report(f"{label}: exit {code}", r.returncode == code and words in r.stderr and one_line_error(r),
                    f"exit {r.returncode}: {r.stderr.strip()}")
     finally:

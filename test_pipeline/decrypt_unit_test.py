@@ -12,7 +12,10 @@ patch, LoRA adapters. Checked:
  3. key separation: one distinct subkey per tensor and purpose; no nonce repeats; sealing the same
     payload twice gives a new salt, patch id and ciphertext;
  4. the associated data binds every field: changing any one line of it makes the tag fail;
- 5. a wrong key is refused as WrongKeyError, and the sealed file contains none of the plaintext.
+ 5. a wrong key is refused as WrongKeyError, and the sealed file contains none of the plaintext;
+ 6. the test vectors in tests/vectors/ (small.patch, key.hex, expected.json): the independent reader reads
+    the key file, authenticates the patch, reproduces every payload, the base fingerprint (from the base
+    state_dict in expected.json, PATCH_FORMAT.md section 6) and every patched tensor.
 """
 import hashlib
 import json
@@ -110,6 +113,54 @@ def rebuild(e, payload, base):
         out[rows] = patched.view(len(rows), width).view(-1, *e["shape"][1:])
         return out
     return patched.view(e["shape"])
+
+
+def read_key_file(path):
+    """(key, tenant or None) per PATCH_FORMAT.md section 3: 32 raw bytes, or a hex line and a tenant= line."""
+    data = open(path, "rb").read()
+    if len(data) == 32:
+        return data, None
+    lines = [ln.strip(b" \t") for ln in data.replace(b"\r\n", b"\n").split(b"\n")]
+    if lines[-1] == b"":
+        lines.pop()
+    assert 1 <= len(lines) <= 2 and len(lines[0]) == 64, "not a key file"
+    tenant = lines[1].decode()[len("tenant="):] if len(lines) == 2 else None
+    assert tenant is None or lines[1].startswith(b"tenant="), "bad second line"
+    return bytes.fromhex(lines[0].decode()), tenant
+
+
+def fingerprint(state):
+    """PATCH_FORMAT.md section 6, from a list of state_dict entries sorted by name: tensors with their
+    little-endian bytes, and aliases (entries sharing memory with an earlier one)."""
+    h = hashlib.sha256(f"{LABEL} base-fingerprint\n".encode())
+    for e in sorted(state, key=lambda e: e["name"]):
+        if "alias_of" in e:
+            h.update(f"alias {e['name']} {e['alias_of']}\n".encode())
+        else:
+            h.update(f"tensor {e['name']} {e['dtype']} {','.join(map(str, e['shape']))}\n".encode())
+            h.update(bytes.fromhex(e["hex"]))
+    return h.hexdigest()
+
+
+def check_vectors(results, folder):
+    expected = json.load(open(os.path.join(folder, "expected.json")))
+    key, tenant = read_key_file(os.path.join(folder, "key.hex"))
+    header, payloads, _ = read_sealed(open(os.path.join(folder, "small.patch"), "rb").read(), key)
+    check(results, "vectors: key file bound to the patch's tenant, generation as expected",
+          tenant == header["tenant"] == expected["tenant"] and header["generation"] == expected["generation"])
+    check(results, "vectors: every payload reproduced",
+          {n: p.hex() for n, p in payloads.items()} == {n: t["payload_hex"] for n, t in expected["tensors"].items()})
+    check(results, "vectors: base fingerprint reproduced from the base state_dict",
+          fingerprint(expected["base_state_dict"]) == header["base_fingerprint"] == expected["base_fingerprint"])
+    state = {e["name"]: e for e in expected["base_state_dict"]}
+    ok = True
+    for e in header["tensors"]:
+        b = state[e["name"]]
+        b = state[b["alias_of"]] if "alias_of" in b else b
+        base = torch.frombuffer(bytearray.fromhex(b["hex"]), dtype=torch.float32).view(b["shape"])
+        patched = rebuild(e, payloads[e["name"]], base).contiguous()
+        ok &= patched.numpy().tobytes().hex() == expected["tensors"][e["name"]]["patched_hex"]
+    check(results, "vectors: every patched tensor reproduced, bit for bit", ok)
 
 
 # ----------------------------------------------------------------------------- the checks
@@ -236,6 +287,9 @@ def main(argv=None):
         check(results, "wrong key refused (WrongKeyError, exit code 3)", e.exit_code == 3)
     windows = [p[k:k + 16] for p in payloads.values() for k in range(0, len(p) - 16, 256) if any(p[k:k + 16])]
     check(results, f"none of {len(windows)} plaintext windows in the sealed file", not any(w in data for w in windows))
+
+    # 6. the shipped test vectors
+    check_vectors(results, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "vectors"))
 
     print(f"{sum(results)}/{len(results)} checks passed")
     sys.exit(0 if all(results) else 1)
