@@ -10,11 +10,16 @@ The GPT model: nanoGPT's decoder, made ready for Opacus, LoRA and KV-cached batc
   recomputes the whole context each token (nanoGPT) and gives the same tokens.
 """
 import math
+import pickle
 from dataclasses import dataclass, asdict, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+
+class UnsafeWeightsError(ValueError):
+    """Pretrained weights that cannot be loaded as plain tensors (a pickle carrying code)."""
 
 
 @dataclass
@@ -401,7 +406,12 @@ class GPT(nn.Module):
             from transformers import GPT2LMHeadModel
         except ImportError as e:
             raise RuntimeError("loading GPT-2 weights needs `transformers` (pip install -e .[test])") from e
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met code in a .bin pickle
+            refused = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "not plain tensors")
+            raise UnsafeWeightsError(f"the weights in {name_or_dir} are a pickle that would run code ({refused}); "
+                                     "refused: only plain tensors are loaded (use a model.safetensors you trust)") from None
         hc = hf.config
         if getattr(hc, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported activation {hc.activation_function!r}: this GPT uses GPT-2's tanh GELU")

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from model import GPT
+from model import GPT, UnsafeWeightsError
 from train import GPT2_NAMES, autocast_context, resolve_device, resolve_dtype
 from utils.checkpoint import load_model
 from utils.cli import UserError, run_cli
@@ -28,7 +28,7 @@ DEFAULTS = dict(
     init_from="resume",  # 'resume' = the checkpoint above, or a GPT-2 name / save_pretrained directory
     start="\n",  # prompt text, or FILE:path to read it from a file
     num_samples=3,
-    max_new_tokens=200,
+    max_new_tokens=200,  # tokens generated per sample, 0..MAX_NEW_TOKENS
     temperature=0.8,
     top_k=200,  # 0 = off
     top_p=1.0,  # nucleus sampling; 1.0 = off
@@ -38,6 +38,10 @@ DEFAULTS = dict(
     device="auto",
     dtype="auto",
 )
+
+
+# one forward pass per token: past this a run takes hours on a CPU and the output is no longer "a sample"
+MAX_NEW_TOKENS = 100_000
 
 
 def checkpoint_tokenizer(ckpt):
@@ -63,6 +67,9 @@ def read_prompt(start):
                 return f.read()
         except OSError as e:
             raise UserError(f"cannot read the prompt file {path} ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"the prompt file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})"
+                            ) from None
     return start
 
 
@@ -76,6 +83,8 @@ def load(cfg, device):
                         "or a directory written by transformers' save_pretrained")
     try:
         model = GPT.from_pretrained(cfg["init_from"])
+    except UnsafeWeightsError as e:
+        raise UserError(f"--init_from={cfg['init_from']}: {e}") from None
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"could not load GPT-2 weights from {cfg['init_from']!r} "
@@ -99,15 +108,18 @@ def generate_texts(model, tokenizer, prompt, cfg, device, ctx=None):
 
 def main(argv=None):
     cfg = configure(DEFAULTS, argv or [])
-    if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 0:
-        raise UserError("--num_samples must be at least 1 and --max_new_tokens not negative")
+    if cfg["num_samples"] < 1:
+        raise UserError(f"--num_samples must be at least 1, got {cfg['num_samples']}")
+    if not 0 <= cfg["max_new_tokens"] <= MAX_NEW_TOKENS:
+        raise UserError(f"--max_new_tokens must be in 0..{MAX_NEW_TOKENS:,}, got {cfg['max_new_tokens']:,}")
     if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or cfg["top_k"] < 0:
         raise UserError("--temperature must be >= 0, --top_p in (0, 1] and --top_k >= 0")
     device = resolve_device(cfg["device"])
     ctx = autocast_context(device, resolve_dtype(cfg["dtype"], device))
+    prompt = read_prompt(cfg["start"])  # before the model loads: a bad file is refused at once
     torch.manual_seed(cfg["seed"])
     model, tokenizer = load(cfg, device)
-    for text in generate_texts(model, tokenizer, read_prompt(cfg["start"]), cfg, device, ctx):
+    for text in generate_texts(model, tokenizer, prompt, cfg, device, ctx):
         print(text)
         print("---------------")
 

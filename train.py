@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, UnsafeWeightsError
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.cli import UserError, run_cli
 from utils.data import REPO, get_batch, load_meta, tokens
@@ -216,6 +216,10 @@ def check_config(cfg):
         raise UserError(f"--pos_encoding must be 'learned' or 'sinusoidal', got {cfg['pos_encoding']!r}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"--n_embd ({cfg['n_embd']}) must be divisible by --n_head ({cfg['n_head']})")
+    if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
+        raise UserError(f"--out_dir={cfg['out_dir']} is a file, not a directory")
+    if cfg["log_file"] and os.path.isdir(cfg["log_file"]):
+        raise UserError(f"--log_file={cfg['log_file']} is a directory, not a file")
     init = cfg["init_from"]
     if init not in ("scratch", "resume") + GPT2_NAMES and not os.path.isdir(init):
         raise UserError(f"--init_from={init!r}: expected scratch, resume, one of {', '.join(GPT2_NAMES)} "
@@ -261,6 +265,8 @@ def pretrained_model(cfg, meta):
                         f"but the data uses {meta['tokenizer']!r}")
     try:
         model = GPT.from_pretrained(source, override_args={"dropout": cfg["dropout"]})
+    except UnsafeWeightsError as e:
+        raise UserError(f"--init_from={source}: {e}") from None
     except Exception as e:  # offline hub, missing files, a non-GPT-2 directory, ...
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"could not load GPT-2 weights from {source!r} ({type(e).__name__}: {first}); "
@@ -305,6 +311,20 @@ class RunLog:
 def format_eta(seconds):
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def is_out_of_memory(e):
+    """An allocation failure: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, Python's MemoryError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
+def remove_if_unused(paths):
+    """Remove the log and out_dir a run created before it failed, so that it leaves nothing half-written."""
+    for path in reversed(paths):  # the log file before its folder
+        if os.path.isfile(path):
+            os.remove(path)
+        elif os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
 
 
 def rng_states(device, world_size):
@@ -397,6 +417,7 @@ def train(cfg, log=print):
     if ddp:  # eval_model stays unwrapped: ranks run different numbers of eval batches
         model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
     log_path = cfg["log_file"] or os.path.join(cfg["out_dir"], "log.jsonl")
+    created = [p for p in (cfg["out_dir"], log_path) if not os.path.exists(p)]  # removed again after an OOM
     run_log = RunLog(log_path, append=resumed, enabled=master, echo=log)
     run_log.echo(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens per iteration | "
                  f"{world_size} process(es) on {device} ({dtype}) | iter {iter_num} -> {cfg['max_iters']}")
@@ -426,6 +447,7 @@ def train(cfg, log=print):
                                         sampler=sampler.get_state(),
                                         scaler=scaler.state_dict() if scaler.is_enabled() else None)
                     saved = f" | saved {ckpt_path}"
+                    created = []  # a checkpoint exists now: keep everything
                 run_log.event(f"eval {iter_num}: train {losses['train']:.4f} (ppl {record['train_ppl']:.2f}) | val "
                               f"{losses['val']:.4f} (ppl {record['val_ppl']:.2f}) | best {best_val_loss:.4f}{saved}",
                               **record)
@@ -472,6 +494,14 @@ def train(cfg, log=print):
                               event="train", iter=iter_num, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu,
                               ms_per_iter=1000 * dt)
         finished = True
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        run_log.close()
+        remove_if_unused(created)
+        raise UserError(f"out of memory at iter {iter_num} on {device}: a micro-batch of {cfg['batch_size']} x "
+                        f"{cfg['block_size']} tokens does not fit; lower --batch_size or --block_size (a larger "
+                        "--gradient_accumulation_steps keeps the tokens per step)") from None
     finally:
         run_log.close()
         if ddp:

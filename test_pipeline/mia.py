@@ -186,6 +186,8 @@ def main(argv=None):
         raise UserError(f"score_tokens must be 'all' or 'answer', got {cfg['score_tokens']!r}")
     if not 0 < cfg["k_percent"] <= 100:
         raise UserError("k_percent must be in (0, 100]")
+    if cfg["n_records"] < 0:
+        raise UserError(f"--n_records must be >= 0 (0 = all), got {cfg['n_records']}")
     meta = load_meta(cfg["data_dir"])
     tok = get_tokenizer(meta)
     model, _ = load_model_under_test(cfg["ckpt"], cfg["patch"] or None, cfg["key_file"] or None, cfg["device"],

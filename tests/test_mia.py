@@ -88,7 +88,8 @@ def test_auc_threshold_and_bad_input(models, tmp_path, capsys):
     assert r.returncode == 1 and "FAIL: loss: AUC" in r.stderr
     for argv, words in (([f"--ckpt={m['ft']}", f"--data_dir={tmp_path}"], "no prepared data"),
                         ([f"--data_dir={m['data_dir']}"], "--ckpt"),
-                        ([f"--ckpt={m['ft']}", f"--data_dir={m['data_dir']}", "--score_tokens=some"], "score_tokens")):
+                        ([f"--ckpt={m['ft']}", f"--data_dir={m['data_dir']}", "--score_tokens=some"], "score_tokens"),
+                        ([f"--ckpt={m['ft']}", f"--data_dir={m['data_dir']}", "--n_records=-5"], "--n_records")):
         with pytest.raises(SystemExit) as e:
             run_cli(mia.main, argv)
         err = capsys.readouterr().err

@@ -169,18 +169,22 @@ def test_early_stopping_after_patience_evals(data_dir, tmp_path):
     assert last == {"event": "stop", "iter": 4, "reason": "patience"}
 
 
+def gpt2_records(folder):
+    """A GPT-2-tokenized records dataset (ids only: no BPE ranks needed)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        records = [rng.integers(0, 50256, 60).tolist() + [50256] for _ in range(10)]
+        write_split(folder, split, records, 50257)
+    write_meta(folder, {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "splits": {}})
+    return folder
+
+
 def test_init_from_huggingface_dir(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64))
     hf.save_pretrained(tmp_path / "hf")
-    gpt2_data = tmp_path / "gpt2_data"  # a GPT-2-tokenized stream (ids only: no BPE ranks needed)
-    rng = np.random.default_rng(0)
-    meta = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "splits": {}}
-    for split in ("train", "val"):
-        records = [rng.integers(0, 50256, 60).tolist() + [50256] for _ in range(10)]
-        write_split(gpt2_data, split, records, 50257)
-    write_meta(gpt2_data, meta)
+    gpt2_data = gpt2_records(tmp_path / "gpt2_data")
     result = run(str(gpt2_data), tmp_path / "ft", init_from=str(tmp_path / "hf"), max_iters=2, n_layer=4)
     ckpt = load_checkpoint(tmp_path / "ft" / "ckpt.pt")
     assert ckpt["model_args"]["vocab_size"] == 50257 and ckpt["model_args"]["block_size"] == 64
@@ -334,3 +338,73 @@ def test_plot_cli_writes_png(trained, tmp_path, capsys):
     code, err = cli_error(plot.main, argv, capsys)
     assert_one_line_error(code, err, "nope.jsonl does not exist")
     assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------- clear errors before the work
+OOM_RUNNER = r'''
+import resource, sys
+import torch
+torch.set_num_threads(1)
+import train
+from utils.cli import run_cli
+# the address space in use now plus 1 GiB: the tiny model fits, a micro-batch of 20,000 windows does not
+in_use = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (in_use + 2 ** 30, resource.RLIM_INFINITY))
+run_cli(train.main, sys.argv[1:])
+'''
+
+
+def test_a_batch_too_large_for_memory_is_one_line_and_leaves_nothing(data_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = [f"--{k}={v}" for k, v in TINY.items() if k != "batch_size"]
+    r = subprocess.run([sys.executable, "-c", OOM_RUNNER, *argv, f"--data_dir={data_dir}", f"--out_dir={out}",
+                        "--batch_size=20000"], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert_one_line_error(r.returncode, r.stderr, "out of memory", "--batch_size")
+    assert not out.exists()  # no log, no folder, no checkpoint
+
+
+def pickled_weights_dir(folder, marker):
+    """A GPT-2 save_pretrained-looking folder whose pytorch_model.bin is a pickle that would run code."""
+    transformers = pytest.importorskip("transformers")
+    transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=32).save_pretrained(folder)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"transformer.wte.weight": Payload()}, os.path.join(folder, "pytorch_model.bin"))
+    return str(folder)
+
+
+def test_init_from_a_pickle_that_runs_code_is_refused_in_one_line(data_dir, tmp_path, capsys):
+    import finetune_dp
+    marker = tmp_path / "code-ran"
+    weights_dir = pickled_weights_dir(tmp_path / "evil", marker)
+    out, gpt2_data = tmp_path / "out", gpt2_records(tmp_path / "gpt2_data")
+    for main, argv in ((train.main, [f"--data_dir={gpt2_data}", f"--out_dir={out}", "--device=cpu"]),
+                       (finetune_dp.main, [f"--data_dir={gpt2_data}", f"--out_dir={out}", "--base_ckpt="]),
+                       (sample.main, ["--start=x"])):
+        code, err = cli_error(main, argv + [f"--init_from={weights_dir}"], capsys)
+        assert_one_line_error(code, err, "pickle that would run code", "refused")
+    assert not marker.exists() and not out.exists()
+
+
+def test_out_dir_that_is_a_file_is_refused_before_work(data_dir, tmp_path, capsys):
+    import finetune_dp
+    a_file = tmp_path / "not_a_dir"
+    a_file.write_text("mine")
+    for main, extra in ((train.main, []), (finetune_dp.main, ["--base_ckpt=/no/such.pt"])):
+        code, err = cli_error(main, [f"--data_dir={data_dir}", f"--out_dir={a_file}", *extra], capsys)
+        assert_one_line_error(code, err, f"--out_dir={a_file} is a file")
+    assert a_file.read_text() == "mine"
+
+
+def test_sample_refuses_a_non_utf8_prompt_and_absurd_lengths_before_loading(tmp_path, capsys):
+    latin1 = tmp_path / "prompt.txt"
+    latin1.write_bytes("Jos\xe9 Pe\xf1a".encode("latin-1"))
+    missing = f"--ckpt={tmp_path / 'missing.pt'}"  # never read: the prompt is refused first
+    code, err = cli_error(sample.main, [missing, f"--start=FILE:{latin1}"], capsys)
+    assert_one_line_error(code, err, "is not UTF-8")
+    for n in (-1, 10 ** 9):
+        code, err = cli_error(sample.main, [missing, f"--max_new_tokens={n}"], capsys)
+        assert_one_line_error(code, err, "--max_new_tokens must be in 0..")

@@ -125,6 +125,8 @@ SUPPORTED_ACCOUNTANTS = ("rdp", "prv")
 # ----------------------------------------------------------------------------- checks and setup
 def check_config(cfg):
     """Refuse bad settings before anything is loaded or written."""
+    if cfg["save"] and os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
+        raise UserError(f"--out_dir={cfg['out_dir']} is a file, not a directory")
     choices = dict(loss_on=("all", "answer"), sampling=("poisson", "shuffle"), grad_sample_mode=("ghost", "hooks", "bk"),
                    noise_quantization=("none", "int8"), optimizer=("adamw", "sgd"),
                    dtype=("float32", "float64", "bfloat16"))
