@@ -120,7 +120,8 @@ def test_update_equals_naive_clipped_mean(records_dir, case, mode):
 
 def test_ghost_with_trainable_tie_falls_back_to_hooks(records_dir):
     lines = []
-    run = build_run(base_cfg(records_dir, untie_weights=False), tiny_model(**TINY), log=lines.append)
+    run = build_run(base_cfg(records_dir, untie_weights=False, grad_sample_mode="ghost"), tiny_model(**TINY),
+                    log=lines.append)
     assert run.gpt.weights_tied and run.trainer.mode == "hooks"
     assert any("falling back to grad_sample_mode=hooks" in line for line in lines)
 

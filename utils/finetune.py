@@ -15,13 +15,13 @@ What is private, and how:
   noise_multiplier, with target_epsilon as a cap (None = no cap). Training stops before any step that
   would take epsilon past target_epsilon, and says so. target_delta defaults to min(1e-5, 1/(10 N));
   delta >= 1/N is refused.
-- grad_sample_mode='ghost' (default; Opacus's ghost clipping, two backward passes) refuses a weight
-  shared by the embedding and the head, so untie_weights=True (default, private or not, so both train
-  the same parameters) gives lm_head its own copy before anything is frozen: the head then trains even
-  with freeze_embeddings. With 'hooks',
-  --untie_weights=False keeps the tie (Opacus sums both uses into one per-sample gradient); ghost with a
-  trainable tie falls back to hooks and says so. LoRA and train_last_blocks freeze both ends, so they
-  leave the tie alone.
+- grad_sample_mode='bk' (default; book-keeping clipping, utils/bk_clipping.py: per-record norms and
+  the clipped sum from one backward pass) and 'hooks' clip a weight shared by the embedding and the head
+  exactly, so --untie_weights=False keeps the tie. 'ghost' (Opacus's ghost clipping, two backward
+  passes) refuses it: untie_weights=True (default, private or not, so both train the same parameters)
+  gives lm_head its own copy before anything is frozen (the head then trains even with
+  freeze_embeddings), and ghost with a trainable tie falls back to hooks and says so. LoRA and
+  train_last_blocks freeze both ends, so they leave the tie alone.
 - noise_quantization='int8' quantizes each gradient tensor that reaches the optimizer (after noise and,
   under torchrun, after the all-reduce) to int8 with a per-tensor scale and unbiased stochastic
   rounding: post-processing of the private gradient, so the guarantee is unchanged.
@@ -87,7 +87,7 @@ DEFAULTS = dict(
     noise_multiplier=None,  # None: calibrated from target_epsilon for the planned steps
     max_grad_norm=1.0,
     accountant="rdp",  # 'rdp' | 'prv'
-    grad_sample_mode="ghost",  # 'ghost' | 'hooks'
+    grad_sample_mode="bk",  # 'bk' (book-keeping, one backward) | 'ghost' | 'hooks'
     secure_mode=False,
     noise_quantization="none",  # 'none' | 'int8'
     # batches and length
