@@ -24,19 +24,19 @@ from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
     ckpt="",  # "" = out_dir/ckpt.pt
-    out_dir="out/base",
+    out_dir="out/base",  # the folder of ckpt.pt (train.py's out_dir)
     init_from="resume",  # 'resume' = the checkpoint above, or a GPT-2 name / save_pretrained directory
     start="\n",  # prompt text, or FILE:path to read it from a file
-    num_samples=3,
+    num_samples=3,  # continuations of the prompt
     max_new_tokens=200,  # tokens generated per sample, 0..MAX_NEW_TOKENS
-    temperature=0.8,
+    temperature=0.8,  # softmax temperature; 0 = greedy
     top_k=200,  # 0 = off
     top_p=1.0,  # nucleus sampling; 1.0 = off
-    greedy=False,
-    use_kv_cache=True,
-    seed=1337,
-    device="auto",
-    dtype="auto",
+    greedy=False,  # always the most likely token (temperature, top_k and top_p ignored)
+    use_kv_cache=True,  # False recomputes the whole context each token (same tokens, slower)
+    seed=1337,  # sampling seed: the same seed gives the same samples
+    device="auto",  # 'auto' = cuda if available, else cpu
+    dtype="auto",  # 'auto' = bfloat16 on CUDA, float32 on CPU
 )
 
 
@@ -68,8 +68,8 @@ def read_prompt(start):
         except OSError as e:
             raise UserError(f"cannot read the prompt file {path} ({e.strerror})") from None
         except UnicodeDecodeError as e:
-            raise UserError(f"the prompt file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})"
-                            ) from None
+            bad = e.object[e.start:e.start + 1]
+            raise UserError(f"the prompt file {path} is not UTF-8 text (byte {e.start}: {bad!r})") from None
     return start
 
 

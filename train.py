@@ -31,47 +31,47 @@ from utils.distributed import leave_process_group
 
 DEFAULTS = dict(
     # I/O
-    out_dir="out/base",
+    out_dir="out/base",  # checkpoint (ckpt.pt) and log folder
     log_file="",  # JSONL, one line per log/eval event; "" = out_dir/log.jsonl
-    eval_interval=250,
-    log_interval=10,
-    eval_iters=20,
-    eval_only=False,
+    eval_interval=250,  # evaluate (and maybe save) every this many iterations
+    log_interval=10,  # print a progress line every this many iterations
+    eval_iters=20,  # batches per split in each evaluation
+    eval_only=False,  # evaluate once and exit, without training
     always_save_checkpoint=True,  # save at every eval; False = only when val loss improves (keeps the best)
     init_from="scratch",  # 'scratch' | 'resume' (out_dir/ckpt.pt) | gpt2, gpt2-medium, ... | a save_pretrained dir
     # data
-    dataset="pydocs",
+    dataset="pydocs",  # data/<dataset> holds train.bin, val.bin and meta.json (data/<name>/prepare.py)
     data_dir="",  # "" = data/<dataset>
     gradient_accumulation_steps=1,  # in total over all DDP ranks, as in nanoGPT
     batch_size=16,  # per rank and micro step
-    block_size=256,
+    block_size=256,  # context length in tokens (training windows; the model's position table for scratch)
     # model (ignored for GPT-2 weights, which carry their own shape)
-    n_layer=4,
-    n_head=4,
-    n_embd=256,
-    dropout=0.0,
-    bias=True,
-    pos_encoding="learned",
-    tie_weights=True,
+    n_layer=4,  # transformer blocks
+    n_head=4,  # attention heads (n_embd must be divisible by it)
+    n_embd=256,  # width of the residual stream
+    dropout=0.0,  # dropout rate in [0, 1); 0 for small data is usually fine
+    bias=True,  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    pos_encoding="learned",  # 'learned' (GPT-2) | 'sinusoidal' (fixed, Vaswani et al.)
+    tie_weights=True,  # lm_head shares the token embedding (GPT-2); False gives it its own weights
     # AdamW
-    learning_rate=1e-3,
-    max_iters=2000,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.99,
+    learning_rate=1e-3,  # peak AdamW learning rate (after warmup)
+    max_iters=2000,  # total optimizer steps (a resumed run continues up to it)
+    weight_decay=0.1,  # AdamW decay of matmul and embedding weights (never biases or LayerNorm)
+    beta1=0.9,  # AdamW first-moment decay
+    beta2=0.99,  # AdamW second-moment decay
     grad_clip=1.0,  # 0 = off
     # learning rate: linear warmup, then cosine down to min_lr at lr_decay_iters (independent of max_iters,
     # so a resumed run follows the same schedule)
-    decay_lr=True,
-    warmup_iters=100,
-    lr_decay_iters=2000,
-    min_lr=1e-4,
+    decay_lr=True,  # False = constant learning_rate
+    warmup_iters=100,  # linear warmup steps
+    lr_decay_iters=2000,  # the cosine reaches min_lr here (usually = max_iters)
+    min_lr=1e-4,  # learning rate at and after lr_decay_iters
     patience=0,  # stop after this many evals without a better val loss; 0 = never
     # system
     device="auto",  # 'auto' = cuda if available, else cpu
     dtype="auto",  # 'auto' = bfloat16 on CUDA (float16 + GradScaler where bf16 is missing), float32 on CPU
-    compile=False,
-    seed=1337,
+    compile=False,  # torch.compile the model (GPU; slower to start)
+    seed=1337,  # seeds init, batches and dropout: reproducible (pretraining has no DP guarantee to void)
     peak_flops=0.0,  # for MFU; 0 = known GPU peak (bf16), or on CPU the matmul FLOP/s measured at start
 )
 

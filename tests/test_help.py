@@ -132,7 +132,7 @@ def test_help_lists_every_key_and_runs_nothing(help_runs, script, command):
         wrong_default = [k for k, v in run["keys"].items() if v["listed"] and not v["reads_back"]]
         assert not unlisted, f"{script} {flag}: keys missing from the help: {unlisted}"
         assert not undescribed, f"{script} {flag}: keys without a trailing comment in their DEFAULTS: {undescribed}"
-        assert not wrong_default, f"{script} {flag}: defaults shown that do not read back as the default: {wrong_default}"
+        assert not wrong_default, f"{script} {flag}: shown defaults that do not read back: {wrong_default}"
 
 
 @pytest.mark.parametrize("argv", [["train.py", "-h"], ["-m", "utils.tiktoken_cache", "--help"]])

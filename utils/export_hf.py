@@ -45,7 +45,7 @@ DEFAULTS = dict(
     key_file="",  # the patch's key file
     tenant="",  # the patch's tenant ('' = the tenant the key file is bound to)
     out="",  # the directory to write; must not exist yet (or be empty)
-    allow_plaintext_export=False,  # export a non-DP patched model anyway: its fine-tuned weights land on disk in plaintext
+    allow_plaintext_export=False,  # export a non-DP patched model anyway: its fine-tuned weights go to disk in clear
     tokenizer_files=True,  # write the GPT-2 tokenizer files when the model uses GPT-2 BPE
 )
 
