@@ -1,29 +1,41 @@
 """
-One-run privacy audit (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1) Training Run").
+One-run privacy audits of a fine-tune (Steinke, Nasr & Jagielski 2023, "Privacy Auditing with One (1)
+Training Run"), white-box and black-box in the same run, each scored with two estimators
+(utils.audit_bounds: Steinke et al.'s bound, valid for any (eps, delta)-DP run, and Mahloujifar et al.
+2024's f-DP estimator with the Gaussian tradeoff, tighter).
 
-m random canary records are drawn; each is included in the training set independently with probability
-1/2 (seeded). One fine-tune runs through utils.finetune.finetune with your config (DP or not) on the
-dataset's training records plus the included canaries. Each canary is scored by how much training raised
-its log-likelihood (mean token log-prob after - before, the "before" taken from the prepared model just
-ahead of the first step). The auditor guesses "included" for the k_plus highest scores and "excluded"
-for the k_minus lowest, abstaining on the rest: r = k_plus + k_minus guesses, v of them correct.
+- White-box (DP runs): m gradient canaries (utils.gradient_canaries): Dirac canaries, each included with
+  probability 1/2 and then Poisson-sampled at the records' rate q each step, added as already-clipped
+  contributions (norm max_grad_norm) just before the noise, for any grad_sample_mode (ghost, hooks, bk).
+  Scores come from the per-step privatized gradient sums, not from the released model.
+- Black-box: m_input new-token canaries (Panda et al., ICLR 2025): records made of token ids that never
+  occur in the dataset, so only the canary itself moves their embeddings and predictions; each included
+  with probability 1/2 as one more training record. Scores come from the released model: how much
+  training raised the canary's mean token log-prob. Also reported: AUC and TPR at 1% and 0.1% FPR, with
+  bootstrap intervals (utils.bootstrap).
 
-If training is (eps, delta)-DP, v is stochastically dominated by Binomial(r, q), q = e^eps / (1 + e^eps),
-up to a delta term (the paper's Theorem; p-value as in its reference algorithm):
+Guesses: "in" for the k highest scores and "out" for the k lowest, k = k_fractions x canaries, fixed
+before the run: 0.05 maximizes the bound in simulations of the Gaussian mechanism at claims 4 and 8;
+0.4 (guesses on 80% of the canaries, fewer than either side holds) lets a gross bug certify more than 8
+(with m = 2000, k = 0.05 m can show at most 6). The best of the two is reported, each at half the
+significance (Bonferroni).
+max_certifiable is the bound if every guess were right: the most this m can show. A one-run audit of a Gaussian mechanism reaches about half its epsilon at best
+(simulations in tests/test_audit_bounds.py), so read the bound as "at least", never as the truth.
 
-    p(eps) = P[Binomial(r, q) >= v] + 2 m delta * max_{i=1..v} P[v - i <= Binomial(r, q) < v] / i
+Full batch (full_batch=True, default): batch_size = every training record, q = 1, where the run's
+tradeoff is exactly Gaussian (mu = sqrt(steps) / sigma) and the audit is at its most powerful; any q
+works (full_batch=False keeps your batch_size). The claim is the accountant's epsilon for the CALIBRATED
+noise: noise_bug_factor < 1 runs with that much less noise while claiming the same epsilon (a planted
+bug: the power check). Any bound above the claim exits 1: the implementation or its accounting is broken.
 
-The reported lower bound is the largest eps with p(eps) <= 1 - confidence: "training is not
-(eps, delta)-DP" holds at that confidence. delta is the claimed delta of the run (0 for a non-private
-run, or --audit_delta). A correct DP implementation gives a bound above its claimed epsilon with
-probability at most 1 - confidence, so a bound above the claim is reported as an implementation failure
-(exit 1). A one-run audit is weak by design: perfect guesses on r = 100 certify only eps ~ 3.5.
+    python test_pipeline/privacy_audit.py config/finetune_dp_employees.py --target_epsilon=8 --m=2000 \
+        --accountant=prv --max_steps=50 --out=audit.json --plot=audit.png
+    python test_pipeline/privacy_audit.py ... --noise_bug_factor=0.1     # must exit 1
 
-    python test_pipeline/privacy_audit.py config/finetune_dp_employees.py --m=1000 --k_plus=100 --k_minus=100 \
-        --out=audit.json --plot=audit.png
-
-Every finetune_dp key is accepted (--target_epsilon, --noise_multiplier, --max_steps, ...); this script
-changes only data_dir (the audit dataset, in a temporary folder), and save defaults to False here.
+Every finetune_dp key is accepted; this script changes data_dir (the dataset plus the included input
+canaries, in a temporary folder), batch_size (full_batch) and save (False). audit_seed < 0 draws the
+canaries' coins from OS entropy; a fixed audit_seed makes the audit reproducible, which is fine for
+testing an implementation and void as a guarantee (the same holds for the run's own seed).
 """
 import math
 import os
@@ -32,73 +44,47 @@ import tempfile
 
 import numpy as np
 import torch
-from scipy.stats import binom
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from configurator import configure
 from test_pipeline.model_under_test import format_table, pyplot, save_figure, sequence_logprobs
-from utils.atomic import write_json
+from utils import audit_bounds, bootstrap
+from utils.atomic import json_safe, write_json
 from utils.cli import UserError, run_cli
 from utils.data import answer_mask, load_meta, offsets, tokens, write_meta, write_split
+from utils.gradient_canaries import GradientCanaries
+from utils.progress import Progress
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
-    m=1000,  # canaries, each included with probability 1/2
-    k_plus=100,  # guesses "included" for the k_plus highest scores
-    k_minus=100,  # guesses "excluded" for the k_minus lowest
+    m=2000,  # white-box gradient canaries (DP runs), each included with probability 1/2
+    m_input=200,  # black-box new-token canary records, each included with probability 1/2; 0 = none
+    input_length=8,  # tokens per new-token canary (+ end of text)
+    k_fractions=(0.05, 0.4),  # guesses per side, as fractions of the canaries (fixed before the run)
     confidence=0.95,
-    audit_delta=-1.0,  # delta of the null hypothesis; < 0 = the run's claimed delta (0 without DP)
-    canary_digits=12,  # random digits in each canary's secret
-    audit_seed=0,  # draws the canaries and which of them are included
+    audit_delta=-1.0,  # delta of the null hypothesis; < 0 = the run's claimed delta (1e-5 without DP)
+    audit_seed=-1,  # < 0: OS entropy; >= 0: reproducible coins (testing only)
+    full_batch=True,  # batch_size = every training record (q = 1): the audit's most powerful setting
+    noise_bug_factor=1.0,  # < 1 plants a bug: that much less noise than the claim is calibrated for
     score_batch_size=64,
     out="",  # JSON report
-    plot="",  # PNG: score histograms of included vs excluded canaries with the guess cut-offs
+    plot="",  # PNG: score histograms of included vs excluded canaries, both audits
     # finetune_dp keys this script sets differently from finetune_dp.py
-    save=False,  # True: the audited model goes to out_dir/ckpt.pt (+ privacy.json)
+    save=False,
     out_dir="out/audit",
 )
+FPRS = (0.01, 0.001)
 
 
-# ---------------------------------------------------------------- the bound
-def audit_p_value(eps, r, v, delta=0.0, m=None):
-    """P-value of "training is (eps, delta)-DP" after v correct guesses out of r (m canaries)."""
-    if not 0 <= v <= r:
-        raise ValueError(f"need 0 <= v <= r, got v={v}, r={r}")
-    q = 1.0 / (1.0 + math.exp(-eps))  # accuracy of eps-DP randomized response
-    p = float(binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
-    if delta > 0 and v > 0:
-        if m is None or m < r:
-            raise ValueError("the delta term needs m, the number of canaries (m >= r)")
-        below = np.cumsum(binom.pmf(np.arange(v - 1, -1, -1), r, q))  # P[v - i <= B < v], i = 1..v
-        p += 2 * m * delta * float(np.max(below / np.arange(1, v + 1)))
-    return min(p, 1.0)
-
-
+# ---------------------------------------------------------------- the bound (old interface, Steinke)
 def epsilon_lower_bound(r, v, confidence=0.95, delta=0.0, m=None):
-    """The largest eps rejected at `confidence`: p(eps) <= 1 - confidence (0 when nothing is rejected)."""
-    alpha = 1.0 - confidence
-    if not 0 < alpha < 1:
-        raise ValueError("confidence must be in (0, 1)")
-    if r == 0 or audit_p_value(0.0, r, v, delta, m) > alpha:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while audit_p_value(hi, r, v, delta, m) <= alpha:  # p grows with eps (q -> 1)
-        lo, hi = hi, 2 * hi
-        if hi > 1e3:
-            return math.inf  # unreachable for finite r: p(eps) -> 1
-    for _ in range(60):  # bisection: p(lo) <= alpha < p(hi)
-        mid = (lo + hi) / 2
-        if audit_p_value(mid, r, v, delta, m) <= alpha:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    """Steinke et al.'s bound after v correct of r guesses (m canaries; m = r when there is no delta)."""
+    if delta > 0 and m is None:
+        raise ValueError("the delta term needs m, the number of canaries (m >= r)")
+    return audit_bounds.steinke_epsilon(r, v, m or r, delta, confidence)
 
 
-def guesses(scores, included, k_plus, k_minus):
-    """(r, v): guess "in" for the k_plus highest scores, "out" for the k_minus lowest; count the correct."""
-    order = np.argsort(scores, kind="stable")
-    top, bottom = order[len(order) - k_plus:] if k_plus else order[:0], order[:k_minus]
-    return k_plus + k_minus, int(included[top].sum() + (~included[bottom]).sum())
+guesses = audit_bounds.guesses
 
 
 # ---------------------------------------------------------------- canaries and the audit dataset
@@ -152,66 +138,167 @@ def canary_logprob(model, canary_records, batch_size):
     return np.array([lp.mean() for lp in lps])
 
 
+def unused_tokens(data_dir):
+    """Token ids of the tokenizer's vocabulary that occur in no split of the dataset (end of text
+    excluded): the alphabet of new-token canaries."""
+    meta = load_meta(data_dir)
+    used = np.zeros(meta["vocab_size"], bool)
+    for split in ("train", "val"):
+        if os.path.isfile(os.path.join(data_dir, f"{split}_offsets.bin")):
+            used[np.unique(np.asarray(tokens(data_dir, split, meta)))] = True
+    used[get_tokenizer(meta).eot] = True
+    return np.flatnonzero(~used)
+
+
+def draw_new_token_canaries(alphabet, m, length, eot, rng):
+    """m canary records of `length` random tokens from `alphabet` + end of text (answer mask: all but the
+    first token and the end), and each one's inclusion coin."""
+    if len(alphabet) < 2:
+        raise UserError(f"new-token canaries need >= 2 token ids the dataset never uses; it leaves {len(alphabet)}")
+    records = []
+    for _ in range(m):
+        ids = rng.choice(alphabet, length).tolist()
+        records.append((ids + [eot], [0] + [1] * (length - 1) + [0]))
+    return records, rng.random(m) < 0.5
+
+
+# ---------------------------------------------------------------- the run
+def train_with_canaries(ft_cfg, cfg, input_records, log):
+    """One DP-SGD (or plain) run with gradient canaries on its optimizer; returns (model, claim, canaries,
+    input scores before training)."""
+    from utils import finetune as ft_loop
+    before = {}
+
+    def score_before(model):  # the prepared model, just ahead of the first step
+        before["lp"] = canary_logprob(model, input_records, cfg["score_batch_size"]) if input_records else None
+
+    run = ft_loop.build_run(ft_cfg, on_model_ready=score_before, log=log)
+    tr, plan = run.trainer, run.plan
+    canaries = None
+    if ft_cfg["dp"] and cfg["m"]:
+        seed = None if cfg["audit_seed"] < 0 else cfg["audit_seed"]
+        canaries = GradientCanaries(tr.optimizer, cfg["m"], plan["sample_rate"], plan["noise_multiplier"],
+                                    ft_cfg["max_grad_norm"], seed)
+    if cfg["noise_bug_factor"] != 1.0:
+        if not ft_cfg["dp"]:
+            raise UserError("noise_bug_factor needs a DP run")
+        tr.optimizer.noise_multiplier = plan["noise_multiplier"] * cfg["noise_bug_factor"]
+        log(f"PLANTED BUG: noise multiplier {tr.optimizer.noise_multiplier:.4g} instead of "
+            f"{plan['noise_multiplier']:.4g}; the claim stays the calibrated one")
+    progress = Progress("audit training steps", plan["steps"], hint="--max_steps")
+    with BatchMemoryManager(data_loader=tr.loader, max_physical_batch_size=ft_cfg["microbatch_size"],
+                            optimizer=tr.optimizer) as batches:
+        while tr.steps < plan["steps"]:
+            for x, y in batches:
+                done = tr.steps
+                tr.train_microbatch(x, y)
+                progress.update(tr.steps - done)
+                if tr.steps >= plan["steps"]:
+                    break
+    claim = None
+    if ft_cfg["dp"]:
+        claim = dict(epsilon=ft_loop.epsilon_after(tr.steps, plan["noise_multiplier"], plan["sample_rate"],
+                                                   plan["delta"], plan["accountant"]),
+                     delta=plan["delta"], noise_multiplier=plan["noise_multiplier"], sample_rate=plan["sample_rate"],
+                     steps=tr.steps, accountant=plan["accountant"], grad_sample_mode=tr.mode,
+                     max_grad_norm=ft_cfg["max_grad_norm"], noise_bug_factor=cfg["noise_bug_factor"])
+    return tr.close(), claim, canaries, before["lp"]
+
+
+def score_audit(scores, included, delta, cfg):
+    """Both estimators at the one planned k, plus AUC and TPR at FPRS with bootstrap intervals."""
+    m = len(scores)
+    ks = sorted({max(1, int(round(f * m))) for f in cfg["k_fractions"]})
+    out = {name: audit_bounds.audit(scores, included, delta, cfg["confidence"], name, ks)
+           for name in audit_bounds.ESTIMATORS}
+    pos, neg = scores[included], scores[~included]
+    rates = dict(auc=audit_bounds.roc_auc(pos, neg),
+                 auc_interval=bootstrap.interval(audit_bounds.roc_auc, pos, neg))
+    for fpr in FPRS:
+        def tpr(p, n, fpr=fpr):
+            return audit_bounds.tpr_at_fpr(p, n, fpr)
+        rates[f"tpr_at_{fpr:g}"] = tpr(pos, neg)
+        rates[f"tpr_at_{fpr:g}_interval"] = bootstrap.interval(tpr, pos, neg)
+    return dict(m=m, included=int(included.sum()), k=out["fdp"]["k"], ks=ks, epsilon_lower=out["fdp"]["epsilon"],
+                epsilon_lower_steinke=out["steinke"]["epsilon"], max_certifiable=out["fdp"]["max_certifiable"],
+                max_certifiable_steinke=out["steinke"]["max_certifiable"], r=out["fdp"]["r"], v=out["fdp"]["v"],
+                resamples=bootstrap.RESAMPLES, **rates, scores=scores.tolist(), included_mask=included.tolist())
+
+
 def run_audit(cfg, log=print):
     """Draw, train once, score, guess, bound. Returns the report dict."""
     from utils import finetune as ft_loop
-    m, kp, km = cfg["m"], cfg["k_plus"], cfg["k_minus"]
-    if m < 2 or kp < 0 or km < 0 or kp + km == 0 or kp + km > m:
-        raise UserError(f"need m >= 2 and 0 < k_plus + k_minus <= m; got m={m}, k_plus={kp}, k_minus={km}")
+    for key in ("m", "m_input"):
+        if cfg[key] < 0 or cfg[key] == 1:
+            raise UserError(f"{key} must be 0 or >= 2; got {cfg[key]}")
+    if not cfg["m_input"] and not (cfg["dp"] and cfg["m"]):
+        raise UserError("nothing to audit: gradient canaries need dp=True and m >= 2; or set m_input >= 2")
+    if not cfg["k_fractions"] or not all(0 < f <= 0.5 for f in cfg["k_fractions"]):
+        raise UserError(f"k_fractions must be fractions in (0, 0.5]; got {cfg['k_fractions']}")
     if not 0 < cfg["confidence"] < 1:
         raise UserError("confidence must be in (0, 1)")
-    tok = get_tokenizer(load_meta(cfg["data_dir"]))
-    texts, included = draw_canaries(m, cfg["canary_digits"], cfg["audit_seed"])
-    canary_records = [encode_canary(tok, p, s) for p, s in texts]
-    before = {}
-
-    def score_before(model):  # the prepared model, just before the first step
-        before["lp"] = canary_logprob(model, canary_records, cfg["score_batch_size"])
-
+    if not 0 < cfg["noise_bug_factor"] <= 1:
+        raise UserError(f"noise_bug_factor must be in (0, 1]; got {cfg['noise_bug_factor']}")
+    meta = load_meta(cfg["data_dir"])
+    rng = np.random.default_rng(None if cfg["audit_seed"] < 0 else cfg["audit_seed"] + 1)
+    input_records, input_included = [], np.zeros(0, bool)
+    if cfg["m_input"]:
+        input_records, input_included = draw_new_token_canaries(unused_tokens(cfg["data_dir"]), cfg["m_input"],
+                                                                cfg["input_length"], get_tokenizer(meta).eot, rng)
     with tempfile.TemporaryDirectory(prefix="audit_data_") as tmp:
-        write_audit_dataset(cfg["data_dir"], tmp, canary_records, included)
+        write_audit_dataset(cfg["data_dir"], tmp, input_records, input_included)
         ft_cfg = {k: cfg[k] for k in ft_loop.DEFAULTS}
-        ft_cfg["data_dir"] = tmp
-        log(f"auditing: {m} canaries, {int(included.sum())} included; fine-tuning "
-            + (f"with DP (target epsilon {cfg['target_epsilon']})" if cfg["dp"] else "without DP"))
-        result = ft_loop.finetune(ft_cfg, on_model_ready=score_before, log=log)
-    scores = canary_logprob(result["model"], canary_records, cfg["score_batch_size"]) - before["lp"]
-    r, v = guesses(scores, included, kp, km)
-    privacy = result["privacy"]
-    claimed_eps = privacy["epsilon"] if privacy else math.inf
-    claimed_delta = privacy["delta"] if privacy else 0.0
-    delta = claimed_delta if cfg["audit_delta"] < 0 else cfg["audit_delta"]
-    bound = epsilon_lower_bound(r, v, cfg["confidence"], delta, m)
-    return dict(m=m, included=int(included.sum()), k_plus=kp, k_minus=km, r=r, v=v, accuracy=v / r,
-                confidence=cfg["confidence"], delta=delta, epsilon_lower_bound=bound,
-                claimed_epsilon=claimed_eps, claimed_delta=claimed_delta, dp=bool(cfg["dp"]),
-                max_certifiable=epsilon_lower_bound(r, r, cfg["confidence"], delta, m),
-                p_value_at_claim=audit_p_value(claimed_eps, r, v, delta, m) if math.isfinite(claimed_eps) else None,
-                privacy=privacy, scores=scores.tolist(), included_mask=included.tolist())
+        ft_cfg.update(data_dir=tmp, save=False)
+        if cfg["full_batch"]:
+            ft_cfg["batch_size"] = load_meta(tmp)["splits"]["train"]["records"]
+            ft_cfg["microbatch_size"] = min(ft_cfg["microbatch_size"], ft_cfg["batch_size"])
+        log(f"auditing: {cfg['m'] if cfg['dp'] else 0} gradient canaries, {cfg['m_input']} new-token canaries "
+            f"({int(input_included.sum())} included); "
+            + (f"DP-SGD, target epsilon {cfg['target_epsilon']}" if cfg["dp"] else "without DP"))
+        model, claim, grad_canaries, before = train_with_canaries(ft_cfg, cfg, input_records, log)
+    delta = cfg["audit_delta"] if cfg["audit_delta"] >= 0 else (claim["delta"] if claim else 1e-5)
+    report = dict(dp=bool(cfg["dp"]), claimed_epsilon=claim["epsilon"] if claim else math.inf,
+                  claimed_delta=claim["delta"] if claim else None, delta=delta, confidence=cfg["confidence"],
+                  privacy=claim, white_box=None, black_box=None)
+    if grad_canaries is not None:
+        report["white_box"] = dict(route="already-clipped contribution just before the noise",
+                                   scored_from="per-step privatized gradient sums",
+                                   **score_audit(grad_canaries.scores(), grad_canaries.included, delta, cfg))
+    if input_records:
+        gain = canary_logprob(model, input_records, cfg["score_batch_size"]) - before
+        report["black_box"] = dict(canaries="new-token (ids the dataset never uses)", scored_from="released model",
+                                   **score_audit(gain, input_included, delta, cfg))
+    bounds = [report[a][k] for a in ("white_box", "black_box") if report[a]
+              for k in ("epsilon_lower", "epsilon_lower_steinke")]
+    report["epsilon_lower_bound"] = max(bounds)
+    report["passed"] = report["epsilon_lower_bound"] <= report["claimed_epsilon"]
+    return report
 
 
 def plot_scores(report, path):
     plt = pyplot()
-    s, inc = np.array(report["scores"]), np.array(report["included_mask"])
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    bins = np.linspace(s.min(), s.max(), 40) if s.max() > s.min() else 10
-    ax.hist(s[inc], bins=bins, alpha=0.6, label="included")
-    ax.hist(s[~inc], bins=bins, alpha=0.6, label="excluded")
-    order = np.sort(s)
-    if report["k_minus"]:
-        ax.axvline(order[report["k_minus"] - 1], c="k", ls=":", lw=1, label="guess cut-offs")
-    if report["k_plus"]:
-        ax.axvline(order[len(order) - report["k_plus"]], c="k", ls=":", lw=1)
-    claim = "no DP" if not report["dp"] else f"claimed {report['claimed_epsilon']:.2f}"
-    ax.set_title(f"One-run audit: {report['v']}/{report['r']} correct, eps >= {report['epsilon_lower_bound']:.2f} ({claim})")
-    ax.set_xlabel("log-likelihood gain from training (mean per token)")
-    ax.set_ylabel("canaries")
-    ax.legend(fontsize=8)
+    audits = [(name, report[name]) for name in ("white_box", "black_box") if report[name]]
+    fig, axes = plt.subplots(1, len(audits), figsize=(6.5 * len(audits), 4), squeeze=False)
+    claim = "no DP" if not report["dp"] else f"claimed eps {report['claimed_epsilon']:.2f}"
+    for ax, (name, a) in zip(axes[0], audits):
+        s, inc = np.array(a["scores"]), np.array(a["included_mask"])
+        bins = np.linspace(s.min(), s.max(), 40) if s.max() > s.min() else 10
+        ax.hist(s[inc], bins=bins, alpha=0.6, label="included")
+        ax.hist(s[~inc], bins=bins, alpha=0.6, label="excluded")
+        order = np.sort(s)
+        ax.axvline(order[a["k"] - 1], c="k", ls=":", lw=1, label=f"guess cut-offs (k={a['k']} per side)")
+        ax.axvline(order[len(order) - a["k"]], c="k", ls=":", lw=1)
+        ax.set_title(f"{name.replace('_', '-')}: {a['v']}/{a['r']} right, eps >= {a['epsilon_lower']:.2f} "
+                     f"(max {a['max_certifiable']:.2f}; {claim})", fontsize=9)
+        ax.set_xlabel("log-likelihood ratio (per-step updates)" if name == "white_box"
+                      else "log-likelihood gain from training (released model)")
+        ax.set_ylabel("canaries")
+        ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
-def _finite(x):
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+def _fmt_interval(x, ci):
+    return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def main(argv=None):
@@ -220,24 +307,26 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     report = run_audit(cfg)
     claim = report["claimed_epsilon"]
-    print(f"\nOne-run privacy audit (Steinke, Nasr, Jagielski 2023), {report['confidence']:.0%} confidence")
-    print(format_table(
-        ["m", "included", "k+", "k-", "guesses r", "correct v", "accuracy", "delta", "eps lower bound",
-         "claimed eps", "max certifiable"],
-        [[report["m"], report["included"], report["k_plus"], report["k_minus"], report["r"], report["v"],
-          report["accuracy"], report["delta"], report["epsilon_lower_bound"],
-          claim if math.isfinite(claim) else "none (no DP)", report["max_certifiable"]]]))
-    failed = report["epsilon_lower_bound"] > claim
-    report["passed"] = not failed
+    print(f"\nOne-run privacy audits, {report['confidence']:.0%} confidence, delta {report['delta']:.3g}; "
+          f"intervals: bootstrap 95%, {bootstrap.RESAMPLES} resamples")
+    rows = []
+    for name in ("white_box", "black_box"):
+        a = report[name]
+        if a:
+            rows.append([name.replace("_", "-"), a["m"], a["included"], a["k"], f"{a['v']}/{a['r']}",
+                         a["epsilon_lower"], a["epsilon_lower_steinke"], a["max_certifiable"],
+                         claim if math.isfinite(claim) else "none (no DP)", _fmt_interval(a["auc"], a["auc_interval"]),
+                         _fmt_interval(a["tpr_at_0.01"], a["tpr_at_0.01_interval"]),
+                         _fmt_interval(a["tpr_at_0.001"], a["tpr_at_0.001_interval"])])
+    print(format_table(["audit", "m", "included", "k/side", "correct", "eps lower (f-DP)", "eps lower (Steinke)",
+                        "max certifiable", "claimed eps", "AUC", "TPR@1%FPR", "TPR@0.1%FPR"], rows))
     if cfg["out"]:
-        write_json(cfg["out"], {**{k: _finite(v) if isinstance(v, float) else v for k, v in report.items()},
-                                "config": {k: _finite(v) if isinstance(v, float) else v for k, v in cfg.items()},
-                                "privacy": report["privacy"] or None})
+        write_json(cfg["out"], json_safe({**report, "config": cfg}))
         print(f"wrote {cfg['out']}")
     if cfg["plot"]:
         plot_scores(report, cfg["plot"])
         print(f"wrote {cfg['plot']}")
-    if failed:
+    if not report["passed"]:
         print(f"FAIL: the audit's lower bound {report['epsilon_lower_bound']:.3f} exceeds the claimed epsilon "
               f"{claim:.3f}: the DP implementation or its accounting is broken", file=sys.stderr)
         sys.exit(1)
