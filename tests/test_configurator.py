@@ -125,3 +125,35 @@ def test_yaml_is_loaded_safely(tmp_path):
     with pytest.raises(UserError, match="not valid YAML"):
         configure(DEFAULTS, [str(path)])
     assert not marker.exists()
+
+
+def test_help_lists_each_key_with_its_default_and_comment_then_exits_0(tmp_path, capsys):
+    script = tmp_path / "tool.py"
+    script.write_text('"""A tool that does one thing."""\n'
+                      "from configurator import configure\n"
+                      "DEFAULTS = dict(\n"
+                      "    out_dir='out/x',  # where results go\n"
+                      "    steps=3,  # how many steps\n"
+                      "    tags=('a', 'b'),\n"
+                      ")\n"
+                      "OTHER = {'steps': 9}  # a namesake in another dict is not its description\n"
+                      "def main(argv):\n"
+                      "    configure(DEFAULTS, argv)\n"
+                      "    raise AssertionError('help must stop before the work')\n")
+    import runpy
+    namespace = runpy.run_path(str(script))
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as e:
+            namespace["main"](["--steps=5", flag])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: python ") and "A tool that does one thing." in out
+        assert "  --out_dir=out/x" in out and "# where results go" in out
+        assert "  --steps=3" in out and "# how many steps" in out
+        tags_line = next(line for line in out.splitlines() if line.startswith("  --tags="))
+        assert tags_line.strip() == "--tags=a,b"  # listed, with no description to show
+
+
+def test_unknown_bare_option_is_refused_as_unknown():
+    with pytest.raises(UserError, match="unknown option --bogus; valid keys: .*batch_size"):
+        configure(DEFAULTS, ["--bogus"])

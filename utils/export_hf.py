@@ -228,8 +228,9 @@ def export(cfg, log=print):
     files = ", ".join(sorted(os.listdir(out)))
     log(f"wrote {out}: {files}")
     if not write_tokenizer:
-        log(f"note: no Hugging Face tokenizer files: the model uses the {name or 'unrecorded'} tokenizer "
-            "(see private_nanogpt.json; byte = UTF-8 bytes 0-255, 256 = end of text)")
+        how = {"byte": "UTF-8 bytes 0-255, 256 = end of text", "word": "its word list is in private_nanogpt.json, "
+               "id 0 = end of text"}.get(name, "see private_nanogpt.json")
+        log(f"note: no Hugging Face tokenizer files: the model uses the {name or 'unrecorded'} tokenizer ({how})")
     return out
 
 
