@@ -445,6 +445,7 @@ def robustness_tenant(cfg, paths, steps):
                for s, ps in people.items()}
     write_records(data, {s: [text for _, text, _ in r] for s, r in records.items()}, get_tokenizer(meta),
                   {"fields": fields, "templates": wordings, "source": paths.employees,
+                   "schema": employees.SCHEMA.select(fields).to_json(),  # what the robustness test reads
                    "note": "check 3's tenant: one record per person and question wording"},
                   answer_spans={s: [[(a, b) for _, _, a, b in ex] for _, _, ex in r] for s, r in records.items()},
                   extra_files={f"{s}_people.jsonl": "".join(json.dumps(p) + "\n" for p, _, _ in r).encode()

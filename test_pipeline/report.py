@@ -255,8 +255,9 @@ def run_figures(models, cfg, out_dir):
     from utils.tokenizer import get_tokenizer
     m = next((x for x in models[1:] if not x["patch"]), models[0])
     meta, schema = load_meta(cfg["data_dir"]), load_schema(cfg["data_dir"])
-    person = load_people(cfg["data_dir"], "train", schema)[0]
-    field = next(f for f in dataset_fields(meta, schema) if schema.has(person, f))
+    fields = dataset_fields(meta, schema)
+    person, field = next((p, f) for p in load_people(cfg["data_dir"], "train", schema) for f in fields
+                         if schema.has(p, f))  # a canary has no field of the schema: the first person who has
     prompt = schema.qa_prompt(person, field, 0)
     model, _ = load_model_under_test(m["ckpt"], device=cfg["device"])
     tok = get_tokenizer(meta)

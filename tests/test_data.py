@@ -387,3 +387,64 @@ def test_encode_record_spans_and_budget():
     cut = take_tokens(iter(recs), 8, tok.eot)
     assert sum(len(r) for r, _ in cut) == 8 and cut[1][0] == list(b"ef") + [tok.eot]
     assert take_tokens(iter(recs), 0, tok.eot) == recs
+
+
+# ----------------------------------------------------------------------------------------- records (your own)
+VISITS_CSV = ("patient_id,ward,drug,note\n"
+              "p1,cardio,aspirin,chest pain\n"
+              "p2,neuro,none,headache\n"
+              "p1,cardio,statin,follow-up\n"  # p1 again: another drug, same ward
+              "p3,ortho,ibuprofen,\n"
+              "p4,neuro,none,dizzy\n"
+              "p5,cardio,aspirin,\n")
+
+
+def test_records_csv_one_record_per_person_deterministic(tmp_path):
+    src = tmp_path / "visits.csv"
+    src.write_text(VISITS_CSV)
+    args = (f"--input={src}", "--person_column=patient_id", "--fields=ward,drug", "--text_column=note",
+            "--tokenizer=byte", "--val_frac=0.2", "--canary_reps=2,", "--canaries_per_rep=1", "--n_control_canaries=1")
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = prepare("records", a, *args)
+    prepare_in_process("records", b, *args)
+    assert folder_bytes(a) == folder_bytes(b)
+    assert "6 rows, 5 people" in proc.stdout
+    meta = load_meta(a)
+    assert meta["schema"]["person_field"] == "patient_id" and meta["schema"]["sensitive"] == ["ward", "drug"]
+    assert meta["people"] == {"train": 4, "val": 1} and meta["rows"] == 6
+    rows = people(a, "train") + people(a, "val")
+    real = [p for p in rows if "Phone" not in p]
+    assert sorted(p["patient_id"] for p in real) == ["p1", "p2", "p3", "p4", "p5"]  # p1's two rows: one record
+    p1 = next(p for p in real if p["patient_id"] == "p1")
+    assert p1["ward"] == "cardio" and p1["drug"] == ["aspirin", "statin"] and p1["note"] == ["chest pain", "follow-up"]
+    texts = [t for s in ("train", "val") for t, _ in decoded_records(a, s)]
+    (p1_text,) = [t for t in texts if "Context: p1." in t]
+    assert "Answer: aspirin; statin\n" in p1_text and p1_text.endswith("chest pain\nfollow-up\n")
+    assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    canaries = json.loads((a / "canaries.json").read_text())["canaries"]
+    assert sum(c["secret"] in t for c in canaries for t in texts) == 2  # the canary inserted twice, the control never
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--person_column=who"], "no column(s) ['who']; its columns are patient_id, ward, drug, note"),
+    (["--sensitive=dose"], "--sensitive ['dose'] are not among --fields"),
+    (["--fields=patient_id"], "cannot be fields"),
+    (["--input=visits.txt"], ".csv or .jsonl"),
+    (["--person_column="], "--person_column COL is required"),
+])
+def test_records_bad_input_one_line_error_before_writing(tmp_path, extra, message):
+    (tmp_path / "visits.csv").write_text(VISITS_CSV)
+    out = tmp_path / "out"
+    base = ["--input=visits.csv", "--person_column=patient_id", "--fields=ward,drug", "--tokenizer=byte"]
+    proc = prepare("records", out, *base, *extra, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert not out.exists()
+
+
+def test_records_jsonl_malformed_line_named(tmp_path):
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"name": "a", "x": 1}\nnot json\n')
+    with pytest.raises(UserError, match="line 2 is not JSON"):
+        load_script("records").main([f"--input={src}", "--person_column=name", "--fields=x", f"--out_dir={tmp_path / 'o'}"])
+    assert not (tmp_path / "o").exists()

@@ -142,11 +142,12 @@ def make_canaries(cfg, rng, new_people, canary_field):
 
 
 def write_people(out_dir, schema, people, canaries, tokenizer, cfg, extra_meta):
-    """One record per person (people: unique by schema.person_field), split by person; each canary
-    inserted as `repetitions` identical train records (a group of that size for DP), the train records
-    shuffled so the copies scatter. Writes the splits, {split}_people.jsonl (one line per record, in
-    record order), canaries.json and meta.json (with the schema). cfg: seed, val_frac, templates,
-    secret_format, canary_reps, canaries_per_rep, n_control_canaries. Returns meta."""
+    """One record per person (people: unique by schema.person_field), split by person; each canary (a
+    record of its secret's Q/A line alone) inserted as `repetitions` identical train records (a group of
+    that size for DP), the train records shuffled so the copies scatter. Writes the splits,
+    {split}_people.jsonl (one line per record, in record order), canaries.json and meta.json (with
+    the schema). cfg: seed, val_frac, templates, secret_format, canary_reps, canaries_per_rep,
+    n_control_canaries. Returns meta."""
     seed = cfg["seed"]
     by_person = {schema.name(p): p for p in people}
     if len(by_person) != len(people):
@@ -154,15 +155,15 @@ def write_people(out_dir, schema, people, canaries, tokenizer, cfg, extra_meta):
     train_names, val_names = split_train_val(by_person, cfg["val_frac"], seed)
     template_rng = random.Random(f"templates:{seed}")
 
-    def record(person):  # (person, text, answer spans)
-        text, examples = schema.render_examples(person, template_rng, None, cfg["templates"])
+    def record(person, fields=None):  # (person, text, answer spans)
+        text, examples = schema.render_examples(person, template_rng, fields, cfg["templates"])
         return person, text, [(a, b) for _, _, a, b in examples]
 
     records = {split: [record(by_person[name]) for name in names]
                for split, names in (("train", train_names), ("val", val_names))}
     canary_list = []
     for i, (reps, p) in enumerate(canaries):
-        _, text, spans = rec = record(p)
+        _, text, spans = rec = record(p, fields=())  # the canary line alone: it fits wherever the records fit
         records["train"] += [rec] * reps
         canary_list.append({"id": f"canary-{i:03d}", "name": schema.name(p),
                             "prefix": text[:spans[0][0] + 1],  # the canary line comes first; its span starts at the space

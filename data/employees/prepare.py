@@ -10,13 +10,15 @@ One person = one record = the privacy unit; the train/val split is by person (no
 CSV has people with several rows (the same name; some with conflicting salaries): their rows become one
 person, whose differing values are all in the one record (utils/records.py), never two records.
 
-Records that fit: the default asks one field (Annual Salary), so a byte-level record (with a canary's
-phone line, ~200 bytes) fits the README's 256-token block. All seven fields make byte records of up to
-~800 tokens: use them with BPE (--tokenizer gpt2) and a 1024 block, or finetune refuses them.
+Records that fit: the default asks two fields (Department, Annual Salary): a byte-level record is at
+most ~245 tokens and fits the README's 256-token block; one field fits a 128 block (demo, reproduce).
+All seven fields make byte records of up to ~800 tokens: use them with BPE (--tokenizer gpt2) and a
+1024 block, or finetune refuses them.
 Every record is the person's Q/A examples (utils/employees.py), and the answer mask marks the answers
 (" " + answer + "\\n") so fine-tuning with loss_on='answer' learns only those.
 
-Canaries: extra people with a random-digit Phone secret. A canary with repetitions k is inserted as k
+Canaries: extra people with a random-digit Phone secret; a canary's record is its Phone line alone (so
+it fits wherever the people's records fit). A canary with repetitions k is inserted as k
 identical train records, so for DP it is a group of k records: (eps, delta)-DP per record gives it only
 (k*eps, k*e^((k-1)*eps)*delta). Controls (repetitions 0) are drawn the same way and never inserted.
 canaries.json lists them all with the exact text the model sees before each secret.
@@ -47,7 +49,7 @@ DEFAULTS = dict(
     val_frac=0.1,                   # fraction of people in val
     seed=1337,
     tokenizer="gpt2",               # 'gpt2' or 'byte'
-    fields=("Annual Salary",),      # schema fields each record asks about (all 7 need BPE and a 1024 block)
+    fields=("Department", "Annual Salary"),  # schema fields each record asks about (all 7 need BPE and a 1024 block)
     templates=tuple(range(N_TEMPLATES)),  # question templates drawn for training (hold some out for robustness tests)
     canary_reps=(1, 2, 4, 8, 16),   # each inserted canary appears this many times in train
     canaries_per_rep=2,
@@ -160,7 +162,8 @@ def csv_people(cfg, rng):
     if not cfg["keep_names"]:  # one pseudonym per distinct real name, in order of appearance
         real = [p["Name"] for p in people]
         if len(real) > name_capacity() // 2:
-            raise UserError(f"{len(real)} distinct names are too many to pseudonymize; use --keep_names or --csv_people")
+            raise UserError(f"{len(real)} distinct names are too many to pseudonymize; "
+                            f"use --keep_names or --csv_people")
         alias = dict(zip(real, unique_names(rng, len(real), taken=real)))  # no alias is a real name here
         people = [{**p, "Name": alias[p["Name"]]} for p in people]
     return people, sha256_hex(data)
@@ -201,7 +204,9 @@ def main(argv=None):
     people, source_sha256 = load_people(cfg)
     canary_rng = random.Random(f"canaries:{seed}")
     taken = {p["Name"] for p in people}
-    canaries = make_canaries(cfg, canary_rng, lambda n: generate_people(canary_rng, n, taken), CANARY_FIELD)
+    # made-up people (drawn like the others, so the seeds' secrets stay the same) who hold only a phone secret
+    canaries = make_canaries(cfg, canary_rng, lambda n: [{"Name": p["Name"]}
+                                                          for p in generate_people(canary_rng, n, taken)], CANARY_FIELD)
     extra_meta = {"seed": seed, "source": os.path.basename(cfg["csv"]) if cfg["csv"] else "synthetic",
                   "source_sha256": source_sha256}
     return write_people(cfg["out_dir"], SCHEMA.select(cfg["fields"]), people, canaries, tokenizer, cfg, extra_meta)
