@@ -57,7 +57,7 @@ def seal(tensors, key, *, tenant, base_fingerprint, structure=None, meta=None, g
     signed = encode_header(header)
     header_sha = hashlib.sha256(signed).hexdigest()
     blob_start = len(signed) + MAC_BYTES
-    image = SecureBuffer(blob_start + header["blob_bytes"], lock=False)  # ciphertext: out of dumps, not locked
+    image = SecureBuffer(blob_start + header["blob_bytes"], lock=False, wipe=False)  # ciphertext: not secret
     out = image.view()
     out[:len(signed)] = signed
     out[len(signed):blob_start] = header_mac(subkey(master, salt, "header-mac"), signed)

@@ -217,7 +217,7 @@ class SealedPatch:
                 head = f.read(PREFIX.size)
                 head += f.read(max(0, read_prefix(head, size)) + MAC_BYTES)
                 header, signed_len = parse_header(head, size)
-                image = SecureBuffer(size, lock=False)  # ciphertext: out of dumps, not locked
+                image = SecureBuffer(size, lock=False, wipe=False)  # ciphertext: not secret, not locked
                 view = image.view()
                 view[:len(head)] = head
                 got = len(head) + (f.readinto(view[len(head):]) if size > len(head) else 0)
@@ -237,7 +237,7 @@ class SealedPatch:
     def from_bytes(cls, data):
         data = memoryview(data).cast("B")
         header, signed_len = parse_header(data[:PREFIX.size + MAX_HEADER_BYTES + MAC_BYTES], len(data))
-        image = SecureBuffer(len(data), lock=False)
+        image = SecureBuffer(len(data), lock=False, wipe=False)
         image.view()[:] = data
         return cls(image, header, signed_len)
 

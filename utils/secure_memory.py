@@ -66,10 +66,11 @@ def aligned(nbytes):
 
 class SecureBuffer:
     """`nbytes` of anonymous, dump-excluded memory; mlock'ed when `lock` and the limit allow (else
-    `lock_error` says why), zeroed on close()."""
+    `lock_error` says why), zeroed on close() when `wipe` (ciphertext need not be: wipe=False saves a
+    pass over it)."""
 
-    def __init__(self, nbytes, lock=True):
-        self.nbytes = int(nbytes)
+    def __init__(self, nbytes, lock=True, wipe=True):
+        self.nbytes, self.wipe = int(nbytes), wipe
         self._size = max(1, self.nbytes)
         self.mm = mmap.mmap(-1, self._size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -90,7 +91,8 @@ class SecureBuffer:
                                    f"{'unlimited' if limit is None else f'{limit:,} bytes'} for {self._size:,})")
         if not self.locked:
             self._madvise(MADV_POPULATE_WRITE)  # older kernels refuse it: pages then fault on first use
-        _live.add(self)
+        if wipe:
+            _live.add(self)
 
     def _madvise(self, option):
         try:
@@ -120,7 +122,8 @@ class SecureBuffer:
         """Zero, unlock and unmap. Views still alive keep the mapping until they go, already zeroed."""
         if self.mm is None or self.mm.closed:
             return
-        self.zero()
+        if self.wipe:
+            self.zero()
         if self.locked:
             _libc.munlock(self.address, self._size)
             self.locked = False
