@@ -1,33 +1,42 @@
 # DP synthetic employee records by private prediction, from the public base model.
-#   python data/employees/prepare.py && python train.py config/train_pydocs.py
-#   python synthesize_dp.py config/synthesize_employees.py [--epsilon 3] [--utility_check=True]
+#   python data/pydocs/prepare.py --tokenizer byte && python train.py config/train_pydocs.py
+#   python data/employees/prepare.py --tokenizer byte --fields "Department,Full or Part-Time,Salary or Hourly,Annual Salary"
+#   python synthesize_dp.py config/synthesize_employees.py --epsilon 8
 # The base must not have seen data/employees (pretrained on pydocs: fine; a fine-tuned model: not DP).
-# A canary inserted k times is k identical records: they hash to the same batch, so it is protected
-# as a group of k (k * epsilon), exactly as under DP-SGD.
+# The privacy unit is a person: the prompts are people (a canary inserted k times is one person), and
+# the canary's Phone is never a synthesized field, so no canary can come out.
 ckpt = "out/base/ckpt.pt"
 data_dir = "data/employees"
 out = "out/synthetic/employees.jsonl"
 
-epsilon = 1.0
-delta = 1e-6  # well below 1 / (about 960 train records)
+epsilon = 8.0
+delta = 1e-6  # well below 1 / (910 people)
 
-# ~962 train records (900 people + 62 canary copies) in 4 disjoint batches: s = expected size.
-# n_batches and s are fixed here, never read off the data.
+# ~910 train people (900 + 10 canary people) in 4 disjoint batches: s = the expected size, fixed here,
+# never read off the data. Fewer, larger batches give more private tokens in all (r grows as s^2).
 n_batches = 4
-s = 240
-c = 10.0
-tau = 2.0
+s = 225
+# 2c/tau sets how sharply a batch's majority wins (the exponential mechanism puts log-odds 2c/tau * f on a
+# value held by a fraction f of the batch); ~6 fits these marginals best, and rho per token is (c/(s tau))^2/2.
+c = 3.0
+tau = 1.0
+# The template is free and forced tokens too: what is left is value tokens the drafter cannot know, so
+# the sparse vector technique would mostly answer "private" and cost 2/(s sigma)^2 more per token.
+svt = False
+max_examples_per_batch = 75  # 300 records at most: the 20-minute goal on 2 CPU cores
 
-# Structured records: most tokens (the Q/A template, the repeated name) are predictable without the
-# data, so the public drafter + SVT pays only for the rest (see bench/results_synthesis.md).
-svt = True
-sigma = 0.5
-theta = 0.8
-tau_pub = 1.0
+structured = True
+fields = ("Department", "Full or Part-Time", "Salary or Hourly", "Annual Salary")
+# Public domains (the City of Chicago's department abbreviations and codes), never read off the records.
+domains = {
+    "Department": ["POLICE", "FIRE", "STREETS & SAN", "WATER MGMNT", "AVIATION", "OEMC", "TRANSPORTN",
+                   "PUBLIC LIBRARY", "HEALTH", "FAMILY & SUPPORT", "FINANCE", "BUILDINGS", "LAW", "ANIMAL CONTRL"],
+    "Full or Part-Time": ["F", "P"],
+    "Salary or Hourly": ["Salary", "Hourly"],
+}
+digits = {"Annual Salary": (4, 6)}  # 1000.00 .. 999999.99 (two decimals: the schema's)
+record_header = "Employee record:\n"
+drafter_steps = 200
 
-# A base model pretrained on a stream of documents separated by end-of-text: show it one record and
-# let it write the next one; the public prompt is the bare document boundary.
-prompt_template = "{record}{eot}"
-public_prompt = "{eot}"
-max_new_tokens = 140          # a record is ~130 GPT-2 tokens; block_size 256 leaves 114 for the shown one
-max_examples_per_batch = 8
+utility_check = True
+histogram_bins = {"Annual Salary": (0.0, 200000.0, 40)}

@@ -1,0 +1,243 @@
+"""
+Structured records as structure, for private prediction (synthesize_dp.py): the program writes the
+template (a header, each field's label, the newlines) for free, and the mechanism pays only for the
+tokens of field values, and only where they are not forced.
+
+A record in the prompts and in the output is the compact form
+
+    Employee record:
+    Department: POLICE
+    Full or Part-Time: F
+    Annual Salary: 95028.00
+
+Each value follows a public grammar: a categorical field takes one of its listed values (the public
+domain, from the config, never read off the records), a numeric field `lo`..`hi` integer digits (no
+leading zero) and the schema's decimals. At each step the allowed tokens are those that keep the value
+a valid prefix: a mask from public information, applied to every row before clipping
+(utils/private_prediction.py); a step with one allowed token is forced and costs nothing. So every
+finished record parses back into its fields, and an unfinished one (budget ran out mid-record, length
+cap) is discarded and counted, never written.
+
+Names are not private fields: each synthetic person gets a name drawn from the public name generator
+(utils/employees' first names, middle initials and last names, always with a middle initial), so a
+name never comes from the records. The canary field is never synthesized, so no canary can be reproduced.
+
+The public drafter: the small base model knows no record format and cannot copy in context (measured:
+p(own Department letter) 0.11 vs 0.10 by chance), so a few hundred steps teach it the format on
+*public* records only: values drawn uniformly from the grammars, each record shown twice
+("record, record"), so it learns to continue a prompt's record and, alone, to draft a uniform one.
+It learns nothing of the private distribution.
+"""
+import random
+from collections import Counter
+
+import torch
+
+from utils import employees
+
+NUMERIC_CHARS = set("0123456789.\n")
+
+
+def numeric_prefix_ok(text, lo, hi, decimals):
+    """Is `text` a prefix of `<lo..hi digits, no leading zero>[.<decimals digits>]\\n`?"""
+    done = text.endswith("\n")
+    body = text[:-1] if done else text
+    if "\n" in body:
+        return False
+    whole, dot, frac = body.partition(".")
+    if (whole and not whole.isdigit()) or whole[:1] == "0" or len(whole) > hi:
+        return False
+    if dot and (decimals == 0 or len(whole) < lo or (frac and not frac.isdigit()) or len(frac) > decimals):
+        return False
+    if done:
+        return len(whole) >= lo and (len(frac) == decimals if decimals else not dot)
+    return True
+
+
+class RecordTemplate:
+    """The compact record format of `fields` with their public value grammars, for one tokenizer."""
+
+    def __init__(self, schema, fields, domains, digits, tok, header="Record:\n"):
+        self.schema, self.fields, self.tok, self.header = schema, list(fields), tok, header
+        self.domains = {f: [str(v) for v in domains[f]] for f in self.fields if f in domains}
+        self.digits = {f: tuple(digits[f]) for f in self.fields if f in digits}
+        self.decimals = {f: int(schema.decimals.get(f, 0)) for f in self.digits}
+        missing = [f for f in self.fields if (f in self.domains) == (f in self.digits)]
+        if missing:
+            raise ValueError(f"each field needs exactly one grammar (a list of values or a digit range): {missing}")
+        self.vocab = tok.vocab_size
+        self.strings = [tok.decode([t]) if t != tok.eot else "" for t in range(self.vocab)]
+        self.id_of = {}
+        for t, s in enumerate(self.strings):
+            if s and s not in self.id_of:
+                self.id_of[s] = t
+        self.numeric_tokens = [t for t, s in enumerate(self.strings) if s and set(s) <= NUMERIC_CHARS]
+        self.label_ids = {f: tok.encode(f"{f}: ") for f in self.fields}
+        self._masks = {}
+
+    # ------------------------------------------------------------------ text
+    def render(self, values):
+        return self.header + "".join(f"{f}: {values.get(f, '')}\n" for f in self.fields)
+
+    def parse(self, text):
+        """{field: value string} of a compact record, or None when it does not follow the template."""
+        if not text.startswith(self.header):
+            return None
+        lines = text[len(self.header):].split("\n")
+        if len(lines) != len(self.fields) + 1 or lines[-1]:
+            return None
+        values = {}
+        for field, line in zip(self.fields, lines):
+            if not line.startswith(f"{field}: "):
+                return None
+            values[field] = line[len(field) + 2:]
+            if not self.value_ok(field, values[field] + "\n"):
+                return None
+        return values
+
+    def value_ok(self, field, text):
+        if field in self.digits:
+            return numeric_prefix_ok(text, *self.digits[field], self.decimals[field])
+        return any((v + "\n").startswith(text) for v in self.domains[field])
+
+    def real_values(self, person):
+        """A real person's values as the schema writes them ('' where absent), for a prompt."""
+        return {f: self.schema.answer(person, f) if self.schema.has(person, f) else "" for f in self.fields}
+
+    def prompt_ids(self, person, max_tokens):
+        """One private prompt: the person's record (cut to max_tokens - header) then a new header."""
+        record = self.tok.encode(self.render(self.real_values(person)) + "\n")
+        return record[:max(0, max_tokens - len(self.tok.encode(self.header)))] + self.tok.encode(self.header)
+
+    def public_ids(self):
+        return self.tok.encode(self.header)
+
+    def max_new_tokens(self):
+        """Tokens one synthetic record can take at most (every value at its longest, byte by byte)."""
+        longest = {f: max(len(v) for v in self.domains[f]) + 1 for f in self.domains}
+        longest.update({f: hi + 1 + (d + 1 if d else 0) for f, (lo, hi) in self.digits.items()
+                        for d in [self.decimals[f]]})
+        return sum(len(self.label_ids[f]) + longest[f] for f in self.fields)
+
+    # ------------------------------------------------------------------ the grammar as a token mask
+    def allowed(self, field, text):
+        """Token ids that keep `text` + token a valid prefix of the field's value (public: no data)."""
+        key = (field, text)
+        if key not in self._masks:
+            if field in self.digits:
+                ids = [t for t in self.numeric_tokens if self.value_ok(field, text + self.strings[t])]
+            else:
+                rest = [v + "\n" for v in self.domains[field] if (v + "\n").startswith(text)]
+                ids = sorted({self.id_of[r[len(text):len(text) + k]] for r in rest for k in range(1, len(r) - len(text) + 1)
+                              if r[len(text):len(text) + k] in self.id_of})
+            self._masks[key] = ids
+        return self._masks[key]
+
+    def mask(self, ids, device):
+        m = torch.zeros(self.vocab, dtype=torch.bool, device=device)
+        m[ids] = True
+        return m
+
+    # ------------------------------------------------------------------ people
+    def person(self, values, name):
+        """A schema person from synthetic values (numbers as floats), every other field absent."""
+        person = {self.schema.person_field: name, **{f: None for f in self.schema.fields}}
+        for f, v in values.items():
+            person[f] = float(v) if f in self.digits else v
+        return person
+
+    def random_values(self, rng):
+        """Public records for the drafter's warm-up: every value uniform over its grammar."""
+        values = {}
+        for f in self.fields:
+            if f in self.domains:
+                values[f] = rng.choice(self.domains[f])
+            else:
+                lo, hi = self.digits[f]
+                whole = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(lo, hi) - 1))
+                d = self.decimals[f]
+                values[f] = whole + ("." + "".join(str(rng.randint(0, 9)) for _ in range(d)) if d else "")
+        return values
+
+    def warmup_record(self, rng):
+        """'record, record': continuing a prompt's record (what a private row does) and drafting one."""
+        text = self.render(self.random_values(rng))
+        return self.tok.encode(text + "\n" + text) + [self.tok.eot]
+
+
+def public_names(rng, n):
+    """n names 'First M. Last' from the public generator's lists: never derived from the records."""
+    return [f"{rng.choice(employees.FIRST_NAMES)} {rng.choice(employees.MIDDLE_INITIALS)}. "
+            f"{rng.choice(employees.LAST_NAMES)}" for _ in range(n)]
+
+
+# ---------------------------------------------------------------------- decoding
+def decode_record(decoder, n_private, mech, template, gen, budget, max_value_tokens=40, public_only=False):
+    """One synthetic record: labels free, forced tokens free, other value tokens through the mechanism
+    (public_only: all from the public row, the epsilon-0 drafter). Rows 0..n_private-1 are private, row
+    n_private the public one. `budget` = private tokens left. Returns (values or None, why, counts)."""
+    counts = Counter()
+    decoder.reset()
+    values, last = {}, template.fields[-1]
+    for field in template.fields:
+        logits, text = decoder.extend(template.label_ids[field]), ""
+        for _ in range(max_value_tokens):
+            ids = template.allowed(field, text)
+            if len(ids) == 1:
+                token = ids[0]
+                counts["forced"] += 1
+            else:
+                mask = template.mask(ids, logits.device)
+                z_pub = logits[n_private, :template.vocab]
+                if public_only:
+                    token, private = mech.public_token(z_pub, gen, mask), False
+                elif counts["private"] >= budget:
+                    return None, "budget ran out mid-record", counts
+                else:
+                    token, private = mech.choose(logits[:n_private, :template.vocab], z_pub, gen, mask)
+                counts["private" if private else "public"] += 1
+            text += template.strings[token]
+            if text.endswith("\n"):
+                if field != last:
+                    decoder.step(token)
+                break
+            logits = decoder.step(token)
+        else:
+            return None, "length cap", counts
+        values[field] = text[:-1]
+    if template.parse(template.render(values)) != values:
+        return None, "parse failure", counts
+    return values, "", counts
+
+
+def synthesize_records(decoder, n_private, mech, template, r, gen, max_records, public_only=False,
+                       max_value_tokens=40, on_record=None):
+    """Records from one batch until r private tokens are spent or max_records are kept (at most
+    2 * max_records attempts). Returns (kept [(values, counts)], discards Counter(why), private spent)."""
+    kept, discards, spent = [], Counter(), 0
+    mech.start(gen)
+    for _ in range(2 * max_records):
+        if len(kept) >= max_records or (spent >= r and not public_only):
+            break
+        values, why, counts = decode_record(decoder, n_private, mech, template, gen, r - spent,
+                                            max_value_tokens, public_only)
+        spent += counts["private"]
+        if values is None:
+            discards[why] += 1
+        else:
+            kept.append((values, counts))
+        if on_record:
+            on_record()
+    return kept, discards, spent
+
+
+def qa_records(template, records, rng, names=None):
+    """Synthetic people (public names) and their records in the schema's Q/A form, for fine-tuning."""
+    names = names or public_names(rng, len(records))
+    people = [template.person(values, name) for values, name in zip(records, names)]
+    return people, [template.schema.render_record(p, rng, fields=template.fields) for p in people]
+
+
+def seeded(seed):
+    """A random.Random for the public parts (names, Q/A templates): from the OS unless seed >= 0."""
+    return random.Random(None if seed < 0 else seed)
