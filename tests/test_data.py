@@ -448,3 +448,18 @@ def test_records_jsonl_malformed_line_named(tmp_path):
     with pytest.raises(UserError, match="line 2 is not JSON"):
         load_script("records").main([f"--input={src}", "--person_column=name", "--fields=x", f"--out_dir={tmp_path / 'o'}"])
     assert not (tmp_path / "o").exists()
+
+
+def test_readme_own_records_flow_fits_the_block(tmp_path):
+    """The README's "Use your own records" commands on the shipped example: two fields fit the 256 block of
+    config/train_pydocs.py; the third is refused (the README says so)."""
+    import runpy
+    block = runpy.run_path(os.path.join(REPO, "config", "train_pydocs.py"))["block_size"]
+    example = os.path.join(REPO, "data", "records", "example_patients.csv")
+    args = [f"--input={example}", "--person_column=name", "--sensitive=diagnosis,medication", "--tokenizer=byte"]
+    prepare_in_process("records", tmp_path / "two", *args, "--fields=diagnosis,medication")
+    for split in ("train", "val"):
+        assert RecordDataset(str(tmp_path / "two"), split, block).check_fit() == 0
+    prepare_in_process("records", tmp_path / "three", *args, "--fields=diagnosis,medication,doctor")
+    with pytest.raises(UserError, match="longer than block_size"):
+        RecordDataset(str(tmp_path / "three"), "train", block).check_fit()
