@@ -17,6 +17,19 @@ def sha256_hex(data):
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+def read_source(path, what="file"):
+    """(the file's bytes, its UTF-8 text): what every prepare script reads its input with. Unreadable or
+    non-UTF-8 input is a one-line UserError naming `what` and the path."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data, data.decode("utf-8-sig")
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
+
+
 def split_train_val(units, val_frac, seed):
     """Shuffle units (people, documents) with `seed` and cut off the first val_frac of them as val.
     Each unit lands in exactly one split. Both splits must be non-empty."""

@@ -40,7 +40,7 @@ from configurator import configure
 from utils.cli import UserError, run_cli
 from utils.employees import (CANARY_FIELD, FIELDS, MONEY_FIELDS, N_TEMPLATES, SCHEMA, SECRET_FORMAT, complete,
                              generate_people, name_capacity, unique_names)
-from utils.prepare import check_canary_config, make_canaries, sha256_hex, write_people
+from utils.prepare import check_canary_config, make_canaries, read_source, sha256_hex, write_people
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
@@ -83,14 +83,7 @@ def display_name(raw):
 
 def read_chicago_csv(path):
     """(people with the CSV's names, the file's bytes). Any unreadable or malformed input is a UserError."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        text = data.decode("utf-8-sig")
-    except OSError as e:
-        raise UserError(f"cannot read CSV {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"CSV {path} is not UTF-8 text") from None
+    data, text = read_source(path, "CSV")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         rows = list(reader)

@@ -30,7 +30,7 @@ import random
 from configurator import configure
 from utils.cli import UserError, run_cli
 from utils.employees import unique_names
-from utils.prepare import check_canary_config, make_canaries, sha256_hex, write_people
+from utils.prepare import check_canary_config, make_canaries, read_source, sha256_hex, write_people
 from utils.progress import Progress
 from utils.records import CANARY_FIELD, CANARY_QUESTIONS, N_TEMPLATES, Schema, derived_questions
 from utils.tokenizer import get_tokenizer
@@ -87,14 +87,7 @@ def check_config(cfg):
 def read_rows(path):
     """(rows as {column: value or None}, columns, the file's bytes). Unreadable or malformed input is a
     UserError naming the line."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        text = data.decode("utf-8-sig")
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
+    data, text = read_source(path, "--input")
     if path.lower().endswith(".csv"):
         reader = csv.reader(io.StringIO(text, newline=""))
         try:
