@@ -108,8 +108,8 @@ def _entry_comments(path):
 
 def _source_files(frame):
     """The calling script's file, then the project modules it imports anywhere (e.g. utils.finetune, whose
-    DEFAULTS finetune_dp uses and finetune_encrypt_memmap merges): where the defaults are written."""
-    import importlib.util
+    DEFAULTS finetune_dp uses and finetune_encrypt_memmap merges): where the defaults are written. Found
+    by path under the repository, never imported (help must not run anything)."""
     root = os.path.dirname(os.path.abspath(__file__))
     own = frame.f_globals.get("__file__")
     if not own or not os.path.isfile(own):
@@ -122,13 +122,10 @@ def _source_files(frame):
             [node.module] + [f"{node.module}.{a.name}" for a in node.names] \
             if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
         for name in names:
-            try:
-                spec = importlib.util.find_spec(name)
-            except (ImportError, ValueError):
-                continue
-            origin = spec and spec.origin and os.path.abspath(spec.origin)
-            if origin and origin.startswith(root + os.sep) and ".venv" not in origin and origin.endswith(".py"):
-                files.append(origin)
+            path = os.path.join(root, *name.split("."))
+            for candidate in (path + ".py", os.path.join(path, "__init__.py")):
+                if os.path.isfile(candidate):
+                    files.append(candidate)
     return list(dict.fromkeys(files))
 
 
