@@ -131,7 +131,8 @@ def prepare_canaries(canary_file, tok, n_candidates, seed):
         raise UserError(f"{canary_file} lacks secret_format or canaries")
     n_slots = fmt.count("#")
     prepared = []
-    for k, c in enumerate(spec["canaries"]):
+    progress = Progress("canary candidate sets", len(spec["canaries"]), hint="--n_candidates")
+    for k, c in enumerate(progress.track(spec["canaries"])):
         rng = np.random.default_rng([seed, k])
         cands = candidate_secrets(fmt, c["secret"], n_candidates, rng)
         seqs = [tok.encode(c["prefix"] + s) for s in [c["secret"]] + cands]

@@ -167,6 +167,7 @@ def test_readme_cpu_flow_records_fit_the_block(tmp_path):
     block = runpy.run_path(os.path.join(REPO, "config", "train_pydocs.py"))["block_size"]
     out = tmp_path / "emp"
     prepare_in_process("employees", out, "--tokenizer=byte", "--n_people=300")
+    assert max(s["max_record_tokens"] for s in load_meta(out)["splits"].values()) <= block + 1
     for split in ("train", "val"):
         assert RecordDataset(str(out), split, block).check_fit() == 0
 
