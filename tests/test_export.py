@@ -105,13 +105,17 @@ def test_gpt2_tokenizer_files_come_from_the_tiktoken_cache(tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["eos_token_id"] == 50256
 
 
-def test_byte_models_export_without_tokenizer_files_and_say_so(tmp_path):
-    ckpt = write_ckpt(tmp_path / "ckpt.pt", tiny_model())
+def test_a_dp_checkpoint_exports_with_its_privacy_report_and_no_tokenizer_files_for_bytes(tmp_path):
+    privacy = {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp", "privacy_unit": "person"}
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, tiny_model(), config={"tokenizer": {"tokenizer": "byte", "vocab_size": 257}},
+                    privacy=privacy)  # as utils/finetune.py saves a DP run
     lines = []
-    out = export({**DEFAULTS, "ckpt": ckpt, "out": str(tmp_path / "hf")}, log=lines.append)
+    out = export({**DEFAULTS, "ckpt": path, "out": str(tmp_path / "hf")}, log=lines.append)
     assert "vocab.json" not in os.listdir(out)
     assert any("no Hugging Face tokenizer files" in line and "byte" in line for line in lines)
-    assert json.load(open(os.path.join(out, "private_nanogpt.json")))["tokenizer"]["tokenizer"] == "byte"
+    meta = json.load(open(os.path.join(out, "private_nanogpt.json")))
+    assert meta["tokenizer"]["tokenizer"] == "byte" and meta["privacy"] == privacy
 
 
 @pytest.fixture
