@@ -25,6 +25,9 @@ canaries.json lists them all with the exact text the model sees before each secr
 
 Writes {train,val}.bin, _offsets.bin, _answer_mask.bin, {train,val}_people.jsonl (one JSON object per
 record, in record order), canaries.json and meta.json. Same arguments -> byte-identical files.
+The seed is a reproducible mode: whoever knows it recomputes the split and the canary secrets, so
+canaries measure memorization and are no secret from such an adversary; the DP guarantee rests on the
+fine-tune's noise and sampling only, which must not run with a fixed seed to count.
 With --csv, names are replaced by deterministic pseudonyms unless --keep_names; an empty Annual Salary
 is hourly rate x typical hours x 52; every person is kept unless --csv_people N asks for a deterministic
 sample of N people (printed).

@@ -2,10 +2,10 @@
 Your own records of people, from a CSV or JSONL file, as Q/A records with canaries: the same contract
 as data/employees (utils/records.py), with a schema built from your columns.
 
-    python data/records/prepare.py --input patients.jsonl --person_column name \
-        --fields diagnosis,medication,doctor --sensitive diagnosis,medication --tokenizer byte
-    python data/records/prepare.py --input visits.csv --person_column patient_id --fields ward,drug \
-        --text_column note --out_dir data/visits
+    python data/records/prepare.py --input data/records/example_patients.csv --person_column name
+        --fields diagnosis,medication --sensitive diagnosis,medication --tokenizer byte --out_dir data/patients
+    python data/records/prepare.py --input visits.jsonl --person_column patient_id --fields ward,drug
+        --text_column note --out_dir data/visits          (each command on one line)
 
 One person = one record = the privacy unit. Every row of a person (the same --person_column value) goes
 into that person's one record: a field on which the rows agree keeps its value, one on which they
@@ -20,6 +20,9 @@ times is k records, a group of k for DP. Person values are used as written (name
 Every row and column is checked before anything is written; --max_people keeps a deterministic sample
 of people (printed). Writes what utils/data.py describes, {split}_people.jsonl, canaries.json and
 meta.json with the schema. Same arguments -> byte-identical files.
+The seed is a reproducible mode: whoever knows it recomputes the split and the canary secrets, so
+canaries measure memorization and are no secret from such an adversary; the DP guarantee rests on the
+fine-tune's noise and sampling only, which must not run with a fixed seed to count.
 """
 import csv
 import io
@@ -41,14 +44,14 @@ DEFAULTS = dict(
     fields=(),                      # columns each record asks about (fewer = shorter records)
     sensitive=(),                   # fields the leakage test extracts (default: every field)
     text_column="",                 # optional column of free text added to the person's record
-    out_dir=os.path.dirname(os.path.abspath(__file__)),
+    out_dir=os.path.dirname(os.path.abspath(__file__)),  # where the prepared dataset is written
     tokenizer="gpt2",               # 'gpt2' or 'byte'
     val_frac=0.1,                   # fraction of people in val
     max_people=0,                   # keep a deterministic sample of this many people (0 = all)
-    seed=1337,
+    seed=1337,                      # split, sample, canaries and field order (same seed -> same files)
     templates=tuple(range(N_TEMPLATES)),  # question templates drawn for training (hold some out for robustness tests)
     canary_reps=(1, 2, 4, 8, 16),   # each inserted canary appears this many times in train
-    canaries_per_rep=2,
+    canaries_per_rep=2,             # canaries per entry of canary_reps
     n_control_canaries=10,          # drawn like canaries, never inserted
     secret_format="###-####",       # '#' = a random digit
 )
