@@ -209,7 +209,8 @@ def test_noisy_steps_agree_across_modes_and_microbatches(records_dir):
     for mode, micro in (("bk", 1), ("bk", 4), ("hooks", 3)):
         cfg = dict(data_dir=records_dir, dp=True, noise_multiplier=0.8, target_epsilon=None, dtype="float64",
                    batch_size=4, microbatch_size=micro, max_steps=3, grad_sample_mode=mode, max_grad_norm=0.5,
-                   save=False, eval_interval=0, learning_rate=1e-2, untie_weights=False)
+                   save=False, eval_interval=0, learning_rate=1e-2, untie_weights=False,
+                   reproducible_noise_seed=0)  # the explicit opt-in to replayable DP randomness (issue 11)
         out = finetune(cfg, model=tiny_model(**TINY), **QUIET)
         assert out["privacy"]["grad_sample_mode"] == mode and out["privacy"]["steps"] == 3
         results.append(torch.cat([p.detach().flatten() for p in out["model"].parameters()]))

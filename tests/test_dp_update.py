@@ -5,9 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 from conftest import tiny_model
 from utils.finetune import build_run, finetune, quantize_int8_
+from utils.secure_rng import RunSecret
 
 
 
@@ -127,13 +129,14 @@ def test_ghost_with_trainable_tie_falls_back_to_hooks(records_dir):
 
 
 def test_microbatch_size_and_clipping_mode_do_not_change_the_update(records_dir):
-    """Same seed -> same Poisson batches and same noise (drawn once per logical batch): the weights after
-    a few noisy steps agree whatever the physical batch and whether ghost or hooks clipped them."""
+    """Same reproducible_noise_seed (the explicit opt-in) -> same Poisson batches and same noise (drawn once
+    per logical batch): the weights after a few noisy steps agree whatever the physical batch and whether
+    ghost or hooks clipped them."""
     results = []
     for mode, micro in (("ghost", 1), ("ghost", 4), ("hooks", 3)):
         cfg = dict(data_dir=records_dir, dp=True, noise_multiplier=0.8, target_epsilon=None, dtype="float64",
                    batch_size=4, microbatch_size=micro, max_steps=3, grad_sample_mode=mode, max_grad_norm=0.5,
-                   save=False, eval_interval=0, learning_rate=1e-2)
+                   save=False, eval_interval=0, learning_rate=1e-2, reproducible_noise_seed=0)
         out = finetune(cfg, model=tiny_model(**TINY), log=lambda *a: None)
         results.append(torch.cat([p.detach().flatten() for p in out["model"].parameters()]))
     base = tiny_model(**TINY)
@@ -159,7 +162,7 @@ def test_empty_poisson_batch_still_takes_a_noise_only_step(records_dir, mode):
 
 def test_int8_quantization_is_unbiased_on_a_255_level_grid():
     g = torch.linspace(-1.0, 0.3, 50, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(0)
+    gen = RunSecret.reproducible(0).stream("rounding")
     draws = []
     for _ in range(2000):
         q = g.clone()
@@ -213,3 +216,48 @@ def run_inputs(records_dir):
     from utils.data import RecordDataset
     ds = RecordDataset(records_dir, "train", TINY["block_size"])
     return [ds[i] for i in range(len(ds))]
+
+
+def noisy_runs(records_dir, **kw):
+    cfg = dict(data_dir=records_dir, dp=True, noise_multiplier=1.0, target_epsilon=None, batch_size=4,
+               microbatch_size=2, max_steps=2, save=False, eval_interval=0, **kw)
+    return [torch.cat([p.detach().flatten() for p in finetune(cfg, model=tiny_model(**TINY), log=lambda *a: None)
+                       ["model"].parameters()]) for _ in range(2)]
+
+
+def test_runs_draw_fresh_secret_randomness_unless_a_reproducible_seed_is_given(records_dir):
+    """Same config (and seed) twice: different batches and noise by default, bit-identical with the opt-in."""
+    a, b = noisy_runs(records_dir)
+    assert not torch.equal(a, b)
+    run1, run2 = (build_run(dict(data_dir=records_dir, noise_multiplier=1.0, target_epsilon=None, batch_size=4,
+                                 microbatch_size=2, max_steps=200, save=False), tiny_model(**TINY), log=lambda *a: None)
+                  for _ in range(2))
+    draws = [[tuple(i) for _, i in zip(range(20), r.trainer.loader.batch_sampler)] for r in (run1, run2)]
+    assert draws[0] != draws[1]  # the Poisson batches differ too
+    c, d = noisy_runs(records_dir, reproducible_noise_seed=7)
+    assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks"])
+def test_noise_is_secure_normal_with_std_sigma_c_over_b(records_dir, mode, monkeypatch):
+    """An empty logical batch under SGD at lr 1: the update is the noise on the averaged gradient, which must
+    be N(0, (sigma C / B)^2) (KS) and must not come from torch's generator (torch.normal is disabled), for
+    every Opacus optimizer class the modes use."""
+    sigma, clip, B = 1.3, 0.5, 4
+    cfg = base_cfg(records_dir, grad_sample_mode=mode, noise_multiplier=sigma, max_grad_norm=clip, batch_size=B,
+                   dtype="float32")
+    run = build_run(cfg, tiny_model(**TINY), log=lambda *a: None)
+    before = [p.detach().clone() for p in run.trainer.trainable]
+
+    def refuse(*a, **k):
+        raise AssertionError("noise drawn from torch.normal (a seedable, public generator)")
+    monkeypatch.setattr(torch, "normal", refuse)
+    x = torch.zeros(0, TINY["block_size"], dtype=torch.long)
+    run.trainer.optimizer.signal_skip_step(do_skip=False)
+    run.trainer.train_microbatch(x, x)
+    assert run.trainer.steps == 1
+    noise = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, run.trainer.trainable)]).double()
+    std = sigma * clip / B
+    assert noise.numel() > 20000
+    assert abs(float(noise.std()) / std - 1) < 0.03
+    assert stats.kstest((noise / std).numpy(), "norm").pvalue > 1e-3

@@ -53,9 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.optimizers import get_optimizer_class
 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -63,15 +61,18 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from model import GPT
 from utils.atomic import json_safe, write_bytes, write_json
 from utils.bk_clipping import BookKeeping
-from utils.checkpoint import load_model, save_checkpoint, unwrap
+from utils import privacy_ledger as ledger
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from utils.cli import UserError
 from utils.data import RecordDataset, load_meta
 from utils.distributed import leave_process_group
+from utils.dp_sampling import poisson_loader
+from utils.secure_rng import RunSecret, install_noise
 
 DEFAULTS = dict(
     # where from, where to
     base_ckpt="out/base/ckpt.pt",  # a train.py checkpoint...
-    init_from="",  # ...or GPT-2 weights: a transformers save_pretrained dir (or a hub name when online)
+    init_from="",  # ...or GPT-2 weights (a save_pretrained dir or hub name), or 'resume': continue out_dir/ckpt.pt
     data_dir="data/employees",
     out_dir="out/finetune_dp",
     save=True,  # False: nothing at all is written to disk
@@ -86,9 +87,11 @@ DEFAULTS = dict(
     target_delta=None,  # None: min(1e-5, 1/(10 N)); must be < 1/N
     noise_multiplier=None,  # None: calibrated from target_epsilon for the planned steps
     max_grad_norm=1.0,
-    accountant="rdp",  # 'rdp' | 'prv'
+    accountant="rdp",  # 'rdp' | 'prv' (Opacus, add_remove only) | 'pld' (dp-accounting, either adjacency)
+    adjacency="add_remove",  # neighbours differ by adding/removing one person | 'replace_one' (N public; needs pld)
     grad_sample_mode="bk",  # 'bk' (book-keeping, one backward) | 'ghost' | 'hooks'
-    secure_mode=False,
+    secure_mode=True,  # noise, sampling and rounding from a fresh OS secret (ChaCha20); False is refused
+    reproducible_noise_seed=None,  # int: replayable DP randomness for experiments; NO guarantee vs whoever knows it
     noise_quantization="none",  # 'none' | 'int8'
     # batches and length
     batch_size=32,  # expected logical batch (records)
@@ -117,9 +120,10 @@ DEFAULTS = dict(
     eval_interval=50,
     eval_records=0,  # 0 = the whole validation split
     log_interval=10,
+    checkpoint_interval=50,  # steps between atomic ckpt.pt writes in out_dir (a crash loses at most this); 0 = end only
 )
 
-SUPPORTED_ACCOUNTANTS = ("rdp", "prv")
+SUPPORTED_ACCOUNTANTS = ledger.ACCOUNTANTS
 
 
 # ----------------------------------------------------------------------------- checks and setup
@@ -139,8 +143,20 @@ def check_config(cfg):
     if cfg["accountant"] == "gdp":
         raise UserError("accountant='gdp' is refused: its Gaussian approximation can underestimate epsilon; "
                         "use 'rdp' (default) or 'prv'")
-    if cfg["accountant"] not in SUPPORTED_ACCOUNTANTS:
-        raise UserError(f"accountant must be 'rdp' or 'prv'; got {cfg['accountant']!r}")
+    try:
+        ledger.check_accountant(cfg["adjacency"], cfg["accountant"])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg["secure_mode"] is not True:
+        raise UserError("secure_mode=False is gone: DP randomness always comes from a secret; for replayable "
+                        "experiments set reproducible_noise_seed=<int> (no guarantee against whoever knows it)")
+    seed = cfg["reproducible_noise_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UserError(f"reproducible_noise_seed must be an integer or None; got {seed!r}")
+    if cfg["checkpoint_interval"] < 0:
+        raise UserError("checkpoint_interval must be >= 0")
+    if cfg["init_from"] == "resume" and not cfg["save"]:
+        raise UserError("init_from='resume' continues out_dir/ckpt.pt and writes there: it needs save=True")
     if cfg["batch_size"] <= 0 or cfg["microbatch_size"] <= 0:
         raise UserError("batch_size and microbatch_size must be positive")
     if cfg["microbatch_size"] > cfg["batch_size"]:
@@ -171,6 +187,7 @@ def derived_seed(seed, purpose, rank=0):
 
 
 def generator(seed, purpose, rank=0, device="cpu"):
+    """A seeded torch generator: for non-private runs only (DP randomness comes from utils.secure_rng)."""
     return torch.Generator(device=device).manual_seed(derived_seed(seed, purpose, rank))
 
 
@@ -200,15 +217,22 @@ def precision(cfg, device):
 
 
 def load_base(cfg):
+    """(GPT, the checkpoint dict or None). init_from='resume' reads out_dir/ckpt.pt."""
     if cfg["init_from"] and cfg["base_ckpt"] and cfg["base_ckpt"] != DEFAULTS["base_ckpt"]:
         raise UserError("give base_ckpt or init_from, not both")
+    if cfg["init_from"] == "resume":
+        path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        ckpt = load_checkpoint(path)
+        if "optimizer" not in ckpt or "privacy_history" not in ckpt:
+            raise UserError(f"{path} is not a periodic fine-tuning checkpoint (no optimizer/privacy history)")
+        return model_from_checkpoint(ckpt, path), ckpt
     if cfg["init_from"]:
         try:
-            return GPT.from_pretrained(cfg["init_from"])
+            return GPT.from_pretrained(cfg["init_from"]), None
         except (OSError, ValueError, RuntimeError) as e:
             raise UserError(f"cannot load GPT-2 weights from {cfg['init_from']!r}: {str(e).splitlines()[0]}") from None
-    model, _ = load_model(cfg["base_ckpt"])
-    return model
+    ckpt = load_checkpoint(cfg["base_ckpt"])
+    return model_from_checkpoint(ckpt, cfg["base_ckpt"]), ckpt
 
 
 def check_vocab(gpt, meta, cfg):
@@ -275,28 +299,26 @@ def make_optimizer(gpt, cfg):
 
 
 # ----------------------------------------------------------------------------- the privacy budget
-def epsilon_after(steps, noise_multiplier, sample_rate, delta, accountant):
-    """Epsilon of `steps` Poisson-sampled Gaussian steps, from a fresh Opacus accountant."""
-    if steps == 0:
-        return 0.0
-    if noise_multiplier == 0:
-        return math.inf
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [(noise_multiplier, sample_rate, steps)]
+def epsilon_after(steps, noise_multiplier, sample_rate, delta, accountant, prior=(), adjacency="add_remove"):
+    """Epsilon of `prior` segments then `steps` Poisson-sampled Gaussian steps (utils.privacy_ledger)."""
     try:
-        return float(acc.get_epsilon(delta=delta))
+        return ledger.epsilon(list(prior) + [(noise_multiplier, sample_rate, steps)], delta, adjacency, accountant)
+    except ValueError:
+        raise
     except Exception as e:  # prv's known failures ("cannot compute epsilon", memory)
         raise UserError(f"the {accountant} accountant failed ({type(e).__name__}: {str(e)[:80]}); "
                         "use accountant=rdp") from None
 
 
-def plan_budget(cfg, n_records):
-    """Sample rate, steps, delta and noise for the run; the steps the budget allows."""
+def plan_budget(cfg, n_records, prior=()):
+    """Sample rate, steps, delta and noise for the run; the steps the budget allows. `prior`: the segments
+    this model already spent on the same data (resume, or a DP base): the target covers them too."""
     q = cfg["batch_size"] / n_records
     if q > 1:
         raise UserError(f"batch_size ({cfg['batch_size']}) is larger than the dataset ({n_records} records)")
     steps = cfg["max_steps"] or max(1, round(cfg["epochs"] / q))
-    plan = dict(sample_rate=q, planned_steps=steps, steps=steps, dataset_size=n_records)
+    prior = [(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in prior]
+    plan = dict(sample_rate=q, planned_steps=steps, steps=steps, dataset_size=n_records, prior=prior)
     if not cfg["dp"]:
         return plan
     delta = cfg["target_delta"] if cfg["target_delta"] is not None else min(1e-5, 1 / (10 * n_records))
@@ -304,32 +326,35 @@ def plan_budget(cfg, n_records):
         raise UserError(f"target_delta={delta:g} must be in (0, 1/N = {1 / n_records:.3g}): a mechanism that "
                         f"publishes one random record in full already satisfies delta = 1/N; the default "
                         f"min(1e-5, 1/(10 N)) = {min(1e-5, 1 / (10 * n_records)):.3g} is safe")
-    target, accountant = cfg["target_epsilon"], cfg["accountant"]
+    target, accountant, adjacency = cfg["target_epsilon"], cfg["accountant"], cfg["adjacency"]
+    spent = epsilon_after(0, 1.0, q, delta, accountant, prior, adjacency)
+    if target is not None and spent >= target:
+        raise UserError(f"the model already spent epsilon {spent:.3f} of target_epsilon={target} on this data "
+                        f"({sum(s for _, _, s in prior)} earlier steps): raise target_epsilon or stop here")
     if cfg["noise_multiplier"] is None:
-        try:
-            sigma = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
-                                         accountant=accountant)
-        except ValueError:
+        if not prior and accountant != "pld" and adjacency == "add_remove":
+            try:
+                sigma = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
+                                             accountant=accountant)
+            except ValueError:
+                sigma = None
+        else:
+            sigma = ledger.calibrate_noise(target, prior, q, steps, delta, adjacency, accountant)
+        if sigma is None:
             raise UserError(f"target_epsilon={target} is unreachable for {steps} steps at sample rate {q:.3g} "
                             f"(delta={delta:.3g}) with the {accountant} accountant: raise target_epsilon, or "
-                            "lower max_steps/epochs or batch_size") from None
+                            "lower max_steps/epochs or batch_size")
     else:
         sigma = float(cfg["noise_multiplier"])
     budget_steps = steps
-    if target is not None and epsilon_after(steps, sigma, q, delta, accountant) > target:
-        lo, hi = 0, steps  # epsilon grows with steps: the last step count within the target
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if epsilon_after(mid, sigma, q, delta, accountant) <= target:
-                lo = mid
-            else:
-                hi = mid - 1
-        if lo == 0:
+    if target is not None:
+        budget_steps = ledger.steps_within(target, prior, sigma, q, steps, delta, adjacency, accountant)
+        if budget_steps == 0:
             raise UserError(f"target_epsilon={target} is unreachable: one step at noise_multiplier={sigma:g} and "
                             f"sample rate {q:.3g} already spends more; raise noise_multiplier or target_epsilon, "
                             "or lower batch_size")
-        budget_steps = lo
-    plan.update(delta=delta, noise_multiplier=sigma, steps=budget_steps, accountant=accountant, target_epsilon=target)
+    plan.update(delta=delta, noise_multiplier=sigma, steps=budget_steps, accountant=accountant, target_epsilon=target,
+                adjacency=adjacency)
     return plan
 
 
@@ -368,13 +393,14 @@ class PlainOptimizer:
             self.original_optimizer.zero_grad(set_to_none=set_to_none)
 
 
-def quantize_int8_(grad, gen):
+def quantize_int8_(grad, stream):
     """In place: grad <- scale * q with q int8 in [-127, 127], scale = max|grad| / 127, and stochastic
-    rounding q = floor(grad / scale + U), U ~ Uniform[0, 1), so E[scale * q] = grad (unbiased)."""
+    rounding q = floor(grad / scale + U), U ~ Uniform(0, 1) from the rounding keystream, so
+    E[scale * q] = grad (unbiased)."""
     scale = grad.abs().max() / 127
     if scale == 0 or not torch.isfinite(scale):
         return
-    u = torch.rand(grad.shape, generator=gen, device=grad.device, dtype=grad.dtype)
+    u = stream.uniform(grad.numel(), device=grad.device).view(grad.shape).to(grad.dtype)
     q = torch.floor(grad / scale + u).clamp_(-127, 127).to(torch.int8)
     grad.copy_(q.to(grad.dtype) * scale)
 
@@ -401,16 +427,21 @@ class Trainer:
         if world_size > 1:
             module = DPDDP(gpt)  # broadcasts rank 0's weights; gradients are reduced by the optimizer
         optimizer = make_optimizer(gpt, cfg)
-        sampling_gen = generator(cfg["seed"], "sampling", rank)
+        self.plan = plan
+        # The DP randomness: a fresh secret shared by the ranks (utils/secure_rng.py), or, only when asked, one
+        # derived from reproducible_noise_seed. Non-private runs are simply reproducible from `seed`.
+        self.reproducible = not self.dp or cfg["reproducible_noise_seed"] is not None
+        secret = RunSecret.shared(cfg["reproducible_noise_seed"] if self.dp else cfg["seed"], rank, world_size,
+                                  device if device.startswith("cuda") else "cpu")
+        sampling_stream = secret.stream("sampling")  # the same on every rank: one global draw per step
         self.engine, self.criterion = None, None
         if self.dp:
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Secure RNG turned off")
-                    self.engine = PrivacyEngine(accountant=plan["accountant"], secure_mode=cfg["secure_mode"])
-            except ImportError:
-                raise UserError("secure_mode=True needs torchcsprng (pip install torchcsprng)") from None
-            noise_gen = None if cfg["secure_mode"] else generator(cfg["seed"], "noise", rank, device)
+            with warnings.catch_warnings():
+                # Opacus's own secure_mode needs torchcsprng; our noise hook below replaces its generator
+                warnings.filterwarnings("ignore", message="Secure RNG turned off")
+                self.engine = PrivacyEngine(accountant="rdp" if plan["accountant"] == "pld" else plan["accountant"],
+                                            secure_mode=False)
+            noise_gen = None
             if self.mode == "bk":
                 # Book-keeping clipping (utils/bk_clipping.py) puts each physical batch's clipped sum in
                 # p.grad; Opacus's ghost-clipping optimizer then accumulates, noises, scales and accounts.
@@ -418,8 +449,7 @@ class Trainer:
                 optimizer_class = get_optimizer_class(clipping="flat", distributed=world_size > 1, grad_sample_mode="ghost")
                 self.optimizer = optimizer_class(optimizer, noise_multiplier=plan["noise_multiplier"],
                                                  max_grad_norm=cfg["max_grad_norm"], expected_batch_size=cfg["batch_size"],
-                                                 generator=self.engine.secure_rng if cfg["secure_mode"] else noise_gen,
-                                                 secure_mode=cfg["secure_mode"])
+                                                 generator=noise_gen, secure_mode=False)
             else:
                 placeholder = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch_size"])
                 out = self.engine.make_private(
@@ -435,25 +465,24 @@ class Trainer:
             # q = batch_size / N and batch_size instead: the loader, the divisor and the accountant agree.
             self.optimizer.expected_batch_size = cfg["batch_size"] / world_size  # per rank; ranks' sums add up
             self.optimizer.attach_step_hook(self.engine.accountant.get_optimizer_hook_fn(sample_rate=plan["sample_rate"]))
-            self.loader = DPDataLoader(train_set, sample_rate=plan["sample_rate"], distributed=world_size > 1,
-                                       generator=self.engine.secure_rng or sampling_gen)
+            install_noise(self.optimizer, secret.stream("noise", rank))  # whatever the optimizer class
+            self.loader = poisson_loader(train_set, plan["sample_rate"], sampling_stream, rank, world_size)
         else:
             self.model, self.optimizer = module, PlainOptimizer(optimizer, world_size)
             if cfg["sampling"] == "poisson":
-                self.loader = DPDataLoader(train_set, sample_rate=plan["sample_rate"], distributed=world_size > 1,
-                                           generator=sampling_gen)
+                self.loader = poisson_loader(train_set, plan["sample_rate"], sampling_stream, rank, world_size)
             else:
                 if world_size > 1:
                     raise UserError("sampling='shuffle' runs in one process only; use sampling='poisson' under torchrun")
                 self.loader = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch_size"], shuffle=True,
-                                                          generator=sampling_gen)
+                                                          generator=generator(cfg["seed"], "sampling"))
         # The wrapped optimizer calls the base optimizer's step once per logical batch, after noise and
         # the all-reduce: count steps there, and quantize there (post-processing of the private gradient).
         base = self.optimizer.original_optimizer
         self.steps, self._epsilon = 0, (None, None)
         base.register_step_post_hook(lambda *_: setattr(self, "steps", self.steps + 1))
         if cfg["noise_quantization"] == "int8":
-            rounding_gen = generator(cfg["seed"], "rounding", rank, device)
+            rounding_gen = secret.stream("rounding")  # shared: every rank rounds its copy identically
 
             def quantize_grads(opt, *_):
                 for group in opt.param_groups:
@@ -502,16 +531,13 @@ class Trainer:
         return loss_sum, n
 
     def epsilon(self, delta):
-        """Epsilon spent so far, from the engine's accountant (memoized per step: RDP takes a while)."""
+        """Epsilon spent so far, with the earlier segments on this data (memoized per step)."""
         if not self.dp:
             return None
         if self._epsilon[0] != self.steps:
-            if self.steps == 0:
-                eps = 0.0
-            elif self.optimizer.noise_multiplier == 0:
-                eps = math.inf
-            else:
-                eps = float(self.engine.get_epsilon(delta))
+            plan = self.plan
+            eps = epsilon_after(self.steps, self.optimizer.noise_multiplier, plan["sample_rate"], delta,
+                                plan["accountant"], plan["prior"], plan["adjacency"])
             self._epsilon = (self.steps, eps)
         return self._epsilon[1]
 
@@ -584,6 +610,109 @@ def finetune(cfg, model=None, on_model_ready=None, log=print):
             leave_process_group(finished)
 
 
+REPRODUCIBLE_WARNING = "reproducible_noise_seed set: NOT private against anyone who knows the seed"
+PRIVACY_UNIT = ("person: one record holds every row of one person (the prepare scripts group them), records are "
+                "Poisson-sampled over persons; a record's loss is the mean over its target tokens")
+
+
+class RunLog:
+    """log.jsonl, written as the run goes (a crash loses at most the line being written): one JSON object
+    per line, owner-only, appended to on resume."""
+
+    def __init__(self, path, append=False):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        self._file = os.fdopen(os.open(path, flags, 0o600), "a")
+
+    def write(self, entry):
+        self._file.write(json.dumps(json_safe(entry)) + "\n")
+        self._file.flush()
+
+    def sync(self):
+        os.fsync(self._file.fileno())
+
+    def close(self):
+        self.sync()
+        self._file.close()
+
+
+def planted_repetitions(data_dir):
+    """The repetition counts k >= 2 of the canaries planted in data_dir (canaries.json), if any."""
+    path = os.path.join(data_dir, "canaries.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return sorted({int(c["repetitions"]) for c in json.load(f).get("canaries", []) if int(c["repetitions"]) >= 2})
+
+
+def privacy_report(cfg, plan, segments, eps, delta, rank=0):
+    """privacy.json: the epsilon of the whole history on this data under the chosen adjacency, and beside it
+    what is public, the other relation's epsilon, this run alone, the group guarantee per planted canary
+    repetition count, the history, and the randomness. Rank 0 computes the extra PLD figures."""
+    fingerprint, adjacency = plan["lineage"]["fingerprint"], plan["adjacency"]
+    same = [s for s in segments if s["dataset_fingerprint"] == fingerprint]
+    report = dict(
+        epsilon=eps, delta=delta, target_epsilon=plan["target_epsilon"], adjacency=adjacency,
+        treated_as_public=ledger.public_quantities(adjacency),
+        epsilon_this_run=epsilon_after(same[-1]["steps"], plan["noise_multiplier"], plan["sample_rate"], delta,
+                                       plan["accountant"], (), adjacency),
+        noise_multiplier=plan["noise_multiplier"], sample_rate=plan["sample_rate"], accountant=plan["accountant"],
+        max_grad_norm=cfg["max_grad_norm"], privacy_unit=PRIVACY_UNIT, dataset_size=plan["dataset_size"],
+        dataset_size_counts="persons (one record each)", dataset_fingerprint=fingerprint,
+        truncated_records=plan["truncated_records"], expected_batch_size=cfg["batch_size"],
+        microbatch_size=cfg["microbatch_size"], loss_on=cfg["loss_on"], noise_quantization=cfg["noise_quantization"],
+        secure_mode=cfg["secure_mode"], randomness=randomness_note(cfg),
+        guarantee_holds=cfg["reproducible_noise_seed"] is None, history=segments)
+    if rank != 0:
+        return report
+    other = ledger.other_adjacency(adjacency)
+    report["epsilon_other_adjacency"] = dict(adjacency=other, epsilon=ledger.epsilon(same, delta, other, "pld"),
+                                             accountant="pld (dp-accounting)")
+    report["group_privacy"] = [dict(k=k, epsilon=ledger.group_epsilon(same, k, delta), delta=delta,
+                                    method=ledger.GROUP_METHOD) for k in planted_repetitions(cfg["data_dir"])]
+    elsewhere = plan["lineage"]["elsewhere"]
+    if elsewhere:
+        report["base_trained_elsewhere"] = dict(
+            note="the base model was trained privately on other data (another dataset fingerprint); epsilon above "
+                 "is this data's only. If the same people are in both, the composed figure applies",
+            epsilon_elsewhere=ledger.epsilon(elsewhere, delta, adjacency, plan["accountant"]),
+            epsilon_if_same_people=ledger.epsilon(segments, delta, adjacency, plan["accountant"]))
+    return report
+
+
+def randomness_note(cfg):
+    """How the DP randomness was drawn, for the log and privacy.json."""
+    if cfg["reproducible_noise_seed"] is None:
+        return ("DP randomness (sampling, noise, rounding): a fresh 256-bit OS secret, ChaCha20 keystreams "
+                "(utils/secure_rng.py); never stored")
+    return (f"REPRODUCIBLE DP randomness from reproducible_noise_seed={cfg['reproducible_noise_seed']}: the guarantee "
+            "does NOT hold against anyone who knows the seed (experiments only)")
+
+
+def privacy_lineage(cfg, base):
+    """The base checkpoint's DP history against this data: prior (same data fingerprint: composes with this
+    run), elsewhere (other data: reported apart), resume ((sigma, steps left) for init_from='resume'),
+    fingerprint (this data's, or None when nothing private is involved)."""
+    history = list((base or {}).get("privacy_history") or [])
+    resume = cfg["init_from"] == "resume"
+    fingerprint = ledger.dataset_fingerprint(cfg["data_dir"]) if (cfg["dp"] or history) else None
+    prior = [s for s in history if s["dataset_fingerprint"] == fingerprint]
+    elsewhere = [s for s in history if s["dataset_fingerprint"] != fingerprint]
+    out = dict(prior=prior, elsewhere=elsewhere, resume=None, fingerprint=fingerprint)
+    if resume:
+        state = base.get("run_state") or {}
+        if not cfg["dp"] or not history or elsewhere:
+            raise UserError("init_from='resume' continues a DP run on the same data_dir: the checkpoint's privacy "
+                            "history is for other data (or the run is not private)")
+        remaining = state["total_planned_steps"] - state["steps_done"]
+        if remaining <= 0:
+            raise UserError(f"the run in {cfg['out_dir']} already finished its {state['total_planned_steps']} steps; "
+                            "to train more, start a new run with base_ckpt pointing at its ckpt.pt")
+        out["resume"] = (state["noise_multiplier"], remaining)
+        out["state"] = state
+    return out
+
+
 def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_size=1, device=None):
     """Load and check the data and base model, prepare the model, plan the budget, build the Trainer.
     Returns a namespace: trainer, gpt, plan, val_set, answer_set, autocast, n_trainable."""
@@ -592,7 +721,7 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
     device = device or cfg["device"]
     torch.manual_seed(cfg["seed"])
     meta = load_meta(cfg["data_dir"])
-    gpt = unwrap(model) if model is not None else load_base(cfg)
+    gpt, base = (unwrap(model), None) if model is not None else load_base(cfg)
     check_vocab(gpt, meta, cfg)
     block_size = cfg["block_size"] or gpt.config.block_size
     if block_size > gpt.config.block_size:
@@ -609,10 +738,18 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
     n = len(train_set)
     log(f"data: {n} train records{f', {len(val_set)} val' if val_set else ''}, block_size {block_size}, "
         f"loss on {cfg['loss_on']}; {n_truncated} train records longer than block_size truncated")
-    plan = plan_budget(cfg, n)
-    plan["truncated_records"] = n_truncated
+    lineage = privacy_lineage(cfg, base)
+    run_cfg = cfg
+    if lineage["resume"]:
+        sigma, remaining = lineage["resume"]
+        run_cfg = {**cfg, "noise_multiplier": sigma, "max_steps": remaining}
+        log(f"resuming {cfg['out_dir']}/ckpt.pt at step {base['iter_num']}: {remaining} steps left at noise "
+            f"multiplier {sigma:.4g}; accounting continues from the {sum(s['steps'] for s in lineage['prior'])} "
+            "steps taken (fresh secret randomness)")
+    plan = plan_budget(run_cfg, n, lineage["prior"])
+    plan.update(truncated_records=n_truncated, lineage=lineage)
 
-    notes = prepare_model(gpt, cfg)
+    notes = [] if lineage["resume"] and gpt.lora_config else prepare_model(gpt, cfg)  # a resumed LoRA is ready
     param_dtype, autocast, precision_note = precision(cfg, device)
     gpt.to(device=device, dtype=param_dtype)
     for line in notes + ([precision_note] if precision_note else []):
@@ -620,16 +757,25 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
     if on_model_ready is not None:
         on_model_ready(gpt)
     tr = Trainer(cfg, gpt, train_set, plan, rank, world_size, device, autocast, log)
+    if lineage["resume"]:
+        tr.optimizer.original_optimizer.load_state_dict(base["optimizer"])
     n_trainable = gpt.get_num_params(non_embedding=False, trainable_only=True)
     delta = plan.get("delta")
     if cfg["dp"]:
         log(f"DP-SGD ({tr.mode}): noise_multiplier {plan['noise_multiplier']:.4g}, clip {cfg['max_grad_norm']}, "
             f"sample rate {plan['sample_rate']:.4g}, {plan['planned_steps']} steps planned, delta {delta:.3g}, "
-            f"accountant {plan['accountant']}; {n_trainable:,} trainable parameters")
+            f"accountant {plan['accountant']}, adjacency {plan['adjacency']}; {n_trainable:,} trainable parameters")
+        log(randomness_note(cfg))
+        if lineage["prior"] and not lineage["resume"]:
+            log(f"the base already went through {sum(s['steps'] for s in lineage['prior'])} DP steps on this data: "
+                "the target covers the whole history")
+        if lineage["elsewhere"]:
+            log("the base was trained privately on other data: its epsilon is reported apart (privacy.json)")
         if plan["noise_multiplier"] == 0:
             log("noise_multiplier=0: no privacy guarantee (epsilon = inf)")
         if plan["steps"] < plan["planned_steps"]:
-            over = epsilon_after(plan["steps"] + 1, plan["noise_multiplier"], plan["sample_rate"], delta, plan["accountant"])
+            over = epsilon_after(plan["steps"] + 1, plan["noise_multiplier"], plan["sample_rate"], delta, plan["accountant"],
+                                 plan["prior"], plan["adjacency"])
             log(f"budget: training stops after {plan['steps']} of {plan['planned_steps']} steps; step "
                 f"{plan['steps'] + 1} would spend epsilon {over:.3f} > target {plan['target_epsilon']}")
     else:
@@ -644,8 +790,37 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
     tr, gpt, plan, val_set, answer_set, autocast = (run.trainer, run.gpt, run.plan, run.val_set, run.answer_set,
                                                     run.autocast)
     n, n_trainable, delta = plan["dataset_size"], run.n_trainable, plan.get("delta")
+    lineage = plan["lineage"]
+    writes = cfg["save"] and rank == 0
+    out = cfg["out_dir"]
+    run_log = RunLog(os.path.join(out, "log.jsonl"), append=bool(lineage["resume"])) if writes else None
+    if run_log:
+        run_log.write({"event": "resume" if lineage["resume"] else "config", **json_safe(cfg),
+                       "randomness": randomness_note(cfg) if cfg["dp"] else "non-private"})
+    state = lineage.get("state") or {"total_planned_steps": plan["planned_steps"], "steps_done": 0}
+    warn = f" [{REPRODUCIBLE_WARNING}]" if cfg["dp"] and cfg["reproducible_noise_seed"] is not None else ""
+
+    def segments():
+        """The model's whole DP history, this run's steps so far included."""
+        if not cfg["dp"]:
+            return lineage["prior"] + lineage["elsewhere"]
+        this = ledger.segment(plan["noise_multiplier"], plan["sample_rate"], tr.steps, cfg["max_grad_norm"],
+                              plan["adjacency"], lineage["fingerprint"])
+        return lineage["elsewhere"] + lineage["prior"] + [this]
+
+    def write_checkpoint(final):
+        """ckpt.pt with the privacy history and the run's progress (periodic ones: + optimizer state, to
+        resume). No secret randomness: a resumed run draws a fresh secret."""
+        extra = {} if final else {"optimizer": tr.optimizer.original_optimizer.state_dict()}
+        run_state = {**state, "steps_done": state["steps_done"] + tr.steps,
+                     "noise_multiplier": plan.get("noise_multiplier")}
+        save_checkpoint(os.path.join(out, "ckpt.pt"), gpt, iter_num=state["steps_done"] + tr.steps, config=cfg,
+                        privacy_history=segments(), run_state=run_state, privacy=json_safe(privacy) if final else None,
+                        **extra)
+        run_log.sync()
 
     history, log_lines, eval_epsilons = [], [], []
+    privacy = None
     steps_to_run = plan["steps"]
     train_time, t_last, step_loss, step_records = 0.0, time.time(), 0.0, 0
 
@@ -655,7 +830,8 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
         metrics = evaluate(gpt, val_set, answer_set, cfg["microbatch_size"], device, autocast, cfg["eval_records"])
         entry = {"step": step, "train_loss": train_loss, **metrics, "epsilon": tr.epsilon(delta)}
         history.append(entry)
-        log_lines.append({"event": "eval", **entry})
+        if run_log:
+            run_log.write({"event": "eval", **entry})
         if cfg["dp"]:
             eval_epsilons.append({"step": step, "epsilon": entry["epsilon"]})
         acc = f", answer exact {metrics['answer_exact']:.3f}" if "answer_exact" in metrics else ""
@@ -686,13 +862,17 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
                     spent = ""
                     if cfg["dp"]:
                         spent = f", epsilon {eps:.3f}" + (f" of {plan['target_epsilon']}" if plan["target_epsilon"] else "")
-                    log(f"step {step}/{steps_to_run}: loss {train_loss:.4f}{spent}, {dt:.0f} ms, {step_records} records")
-                    log_lines.append({"event": "step", "step": step, "train_loss": train_loss, "records": step_records,
-                                      "epsilon": eps, "ms": dt})
+                    log(f"step {step}/{steps_to_run}: loss {train_loss:.4f}{spent}, {dt:.0f} ms, {step_records} records"
+                        f"{warn}")
+                    if run_log:
+                        run_log.write({"event": "step", "step": step, "train_loss": train_loss, "records": step_records,
+                                       "epsilon": eps, "ms": dt})
                 if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == steps_to_run:
                     t_eval = time.time()
                     run_eval(step, train_loss)
                     eval_time += time.time() - t_eval
+                if writes and cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step < steps_to_run:
+                    write_checkpoint(final=False)
                 step_loss, step_records, t_last = 0.0, 0, time.time()
                 if step >= steps_to_run:
                     break
@@ -701,30 +881,21 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
     stopped_at_budget = bool(cfg["dp"] and plan["steps"] < plan["planned_steps"])
     if stopped_at_budget:
         log(f"stopped at the privacy budget after {tr.steps} steps (target epsilon {plan['target_epsilon']})")
-    privacy = None
     if cfg["dp"]:
         eps = tr.epsilon(delta)
         if plan["target_epsilon"] is not None and eps > plan["target_epsilon"] + 1e-9:
             raise RuntimeError(f"bug: spent epsilon {eps} above the target {plan['target_epsilon']}")
-        privacy = dict(
-            epsilon=eps, delta=delta, target_epsilon=plan["target_epsilon"], noise_multiplier=plan["noise_multiplier"],
-            sample_rate=plan["sample_rate"], steps=tr.steps, planned_steps=plan["planned_steps"],
-            epochs=tr.steps * plan["sample_rate"], accountant=plan["accountant"], max_grad_norm=cfg["max_grad_norm"],
-            privacy_unit="record (one person): Poisson-sampled, per-record loss = mean over its target tokens",
-            dataset_size=n, truncated_records=plan["truncated_records"],
-            expected_batch_size=cfg["batch_size"], microbatch_size=cfg["microbatch_size"],
+        privacy = privacy_report(cfg, plan, segments(), eps, delta, rank)
+        privacy.update(
+            epsilon=eps, steps=tr.steps, epochs=tr.steps * plan["sample_rate"], planned_steps=plan["planned_steps"],
             grad_sample_mode=tr.mode, trainable_params=n_trainable, weights_tied=gpt.weights_tied,
-            loss_on=cfg["loss_on"], noise_quantization=cfg["noise_quantization"], secure_mode=cfg["secure_mode"],
             world_size=world_size, eval_epsilons=eval_epsilons, stopped_at_budget=stopped_at_budget)
     gpt = tr.close()
-    if cfg["save"] and rank == 0:
-        out = cfg["out_dir"]
-        save_checkpoint(os.path.join(out, "ckpt.pt"), gpt, iter_num=tr.steps, config=cfg,
-                        privacy=json_safe(privacy) if privacy else None)
+    if writes:
+        write_checkpoint(final=True)
         if privacy:
             write_json(os.path.join(out, "privacy.json"), privacy)
-        lines = [{"event": "config", **json_safe(cfg)}] + log_lines + [{"event": "done", "steps": tr.steps,
-                                                                          "train_time_s": train_time}]
-        write_bytes(os.path.join(out, "log.jsonl"), "".join(json.dumps(json_safe(x)) + "\n" for x in lines).encode())
+        run_log.write({"event": "done", "steps": tr.steps, "train_time_s": train_time})
+        run_log.close()
         log(f"saved {out}/ckpt.pt" + (", privacy.json" if privacy else "") + ", log.jsonl")
     return {"model": gpt, "privacy": privacy, "history": history, "train_time_s": train_time}

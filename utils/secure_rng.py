@@ -155,3 +155,28 @@ class KeyStream:
     def poisson_mask(self, n, rate):
         """n independent Bernoulli(rate) draws (53-bit uniforms: P[included] = rate within 2^-53)."""
         return self.uniform(n) < rate
+
+
+def install_noise(optimizer, stream):
+    """THE noise hook: make an Opacus optimizer (DPOptimizer, DPOptimizerFastGradientClipping and their
+    Distributed* twins: every class the fine-tuning loop uses) draw its Gaussian noise from `stream`
+    instead of torch's generator. It replaces the instance's add_noise with the same semantics: noise of
+    std noise_multiplier * max_grad_norm (or the adaptive-clipping `_adjusted_noise_multiplier`) on the
+    clipped sum p.summed_grad, into p.grad; the Distributed* classes add it once, on rank 0, before the
+    all-reduce."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def add_noise():
+        sigma = getattr(optimizer, "_adjusted_noise_multiplier", optimizer.noise_multiplier)
+        std = sigma * optimizer.max_grad_norm
+        adds_noise = getattr(optimizer, "rank", 0) == 0 and std > 0
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            grad = p.summed_grad
+            if adds_noise:
+                grad = grad + stream.normal(grad.shape, std, grad.dtype, grad.device)
+            p.grad = grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise
+    return optimizer
