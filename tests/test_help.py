@@ -1,7 +1,7 @@
 """Every script answers --help and -h: a usage line, every key with a default that reads back as itself
 and a description, exit 0, and nothing else run (no file written, no checkpoint loaded, no model built,
-no subprocess such as a download). Scripts are discovered (any file with a __main__ block), so a new
-script without help fails here.
+no subprocess, no network connection: no download). Scripts are discovered (any file with a __main__
+block), so a new script without help fails here.
 
 The scripts run in one child process (importing torch once for all of them, not 2 x 30 times on a
 2-core machine), each through runpy exactly as `python script.py --help` runs it; two real
@@ -48,6 +48,8 @@ def refuse(what):
 torch.load = refuse("torch.load")
 model.GPT.__init__ = refuse("GPT(...)")
 subprocess.Popen.__init__ = refuse("a subprocess")
+import socket
+socket.socket.connect = refuse("a network connection")
 
 real_configure = configurator.configure
 seen = []
