@@ -82,8 +82,9 @@ def _read_config_file(path):
 
 
 def _entry_comments(path):
-    """[(keys of one dict, {key: comment})] for every dict display and dict(...) call in a source file:
-    the comment is the one trailing the line where the key's value ends (or where the key starts)."""
+    """[({key: literal value or None}, {key: comment})] for every dict display and dict(...) call in a
+    source file: the comment is the one trailing the line where the key's value ends (or where the key
+    starts)."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     comments = {t.start[0]: t.string.lstrip("#").strip()
@@ -97,12 +98,16 @@ def _entry_comments(path):
             items = [(kw.arg, kw, kw.value) for kw in node.keywords if kw.arg]
         else:
             continue
-        described = {}
+        described, values = {}, {}
         for key, key_node, value in items:
             text = comments.get(value.end_lineno) or comments.get(key_node.lineno)
             if text:
                 described[key] = text
-        found.append(({key for key, _, _ in items}, described))
+            try:
+                values[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError, TypeError):
+                values[key] = None  # computed (e.g. a path): matches no default
+        found.append((values, described))
     return found
 
 
@@ -130,14 +135,17 @@ def _source_files(frame):
 
 
 def describe(defaults, files):
-    """{key: one-line description}: the comment of the key in the dict (of `files`) that shares the most
-    keys with defaults, i.e. the dict it comes from (the first file wins a tie). A key that dict leaves
-    uncommented gets none, never a namesake's comment from another dict."""
+    """{key: one-line description}: the comment of the key in the dict it comes from, found in `files`:
+    the dict whose literal value for the key is the default (the one a merge such as
+    {**ft_loop.DEFAULTS, **DEFAULTS} kept), then the one sharing the most keys with defaults, then the
+    first file. A key that dict leaves uncommented gets none, never a namesake's comment elsewhere."""
     best = {}
     for rank, path in enumerate(files):
-        for keys, described in _entry_comments(path):
-            score = (len(keys & set(defaults)), -rank)
-            for key in keys & set(defaults):
+        for values, described in _entry_comments(path):
+            shared = set(values) & set(defaults)
+            for key in shared:
+                same = values[key] == defaults[key] and type(values[key]) is type(defaults[key])
+                score = (same, len(shared), -rank)
                 if key not in best or score > best[key][0]:
                     best[key] = (score, described.get(key))
     return {key: text for key, (_, text) in best.items() if text}
