@@ -35,6 +35,7 @@ from scipy.stats import skewnorm
 from configurator import configure
 from test_pipeline.model_under_test import (PATCH_REFUSALS, complete, continuation_logprobs, format_table,
                                             load_model_under_test, pyplot, save_figure)
+from utils.audit_bounds import clopper_pearson
 from utils.atomic import write_json
 from utils.cli import UserError, run_cli
 from utils.data import load_meta
@@ -64,7 +65,7 @@ DEFAULTS = dict(
     device="cpu",
     out="",  # JSON report
     plot="",  # PNG: exposure by repetition count
-    max_exposure=-1.0,  # > 0: fail when a tested (non-base) model's largest canary exposure exceeds this (bits)
+    max_exposure=-1.0,  # > 0: fail when a tested (non-base) model's largest INSERTED canary exposure exceeds this (bits); controls never count
     max_extraction_gap=-1.0,  # >= 0: fail when greedy exact match (train - val) exceeds this
 )
 
@@ -112,6 +113,14 @@ def rank_among(secret_logprob, candidate_logprobs):
     """1 + candidates strictly more likely; ties count half (a constant model must not rank first)."""
     c = np.asarray(candidate_logprobs)
     return 1 + float(np.sum(c > secret_logprob)) + 0.5 * float(np.sum(c == secret_logprob))
+
+
+def exposure_interval(rank, n_candidates, confidence=0.95):
+    """Rank-based interval for the exposure: rank - 1 of n candidates beat the secret, a binomial count of
+    p = P[a random candidate beats it]; the Clopper-Pearson interval for p gives -log2(p) bounds. The
+    upper end is None (unbounded: only the extrapolation can go there) when no candidate beats it."""
+    lo_p, hi_p = clopper_pearson(int(round(rank - 1)), n_candidates, confidence)
+    return -math.log2(hi_p) if hi_p < 1 else 0.0, (-math.log2(lo_p) if lo_p > 0 else None)
 
 
 def skewnorm_exposure(secret_nll, candidate_nlls, space_bits):
@@ -171,6 +180,7 @@ def score_canaries(model, canaries, tok, batch_size, gen_batch_size):
         results.append(dict(
             id=c["id"], repetitions=c["repetitions"], rank=rank,
             exposure=exposure_from_rank(rank, c["n_candidates"]),
+            exposure_interval=exposure_interval(rank, c["n_candidates"]),
             exposure_extrapolated=skewnorm_exposure(-secret_lp, -cand_lp, c["space_bits"]),
             secret_nll_bits=float(-secret_lp / math.log(2)),
             candidate_nll_bits_median=float(np.median(-cand_lp) / math.log(2))))
@@ -192,6 +202,7 @@ def exposure_by_repetitions(canary_results):
                        mean_exposure=float(np.mean([r["exposure"] for r in g])),
                        max_exposure=float(np.max([r["exposure"] for r in g])),
                        mean_exposure_extrapolated=float(np.mean([r["exposure_extrapolated"] for r in g])),
+                       exposure_lower=float(np.min([r["exposure_interval"][0] for r in g])),
                        ranked_first=sum(r["rank"] <= 1 for r in g),
                        extracted_greedy=sum(r["extracted_greedy"] for r in g))
             for reps, g in sorted(groups.items())}
@@ -303,7 +314,11 @@ def evaluate_row(row, canaries, tok, items, cfg):
     if canaries:
         out["canaries"] = score_canaries(model, canaries, tok, cfg["batch_size"], cfg["gen_batch_size"])
         out["exposure_by_repetitions"] = exposure_by_repetitions(out["canaries"])
-        out["max_exposure"] = max(r["exposure"] for r in out["canaries"])
+        # only inserted canaries can show memorization; the never-inserted controls are the chance reference
+        inserted = [r["exposure"] for r in out["canaries"] if r["repetitions"] > 0]
+        controls = [r["exposure"] for r in out["canaries"] if r["repetitions"] == 0]
+        out["max_exposure"] = max(inserted) if inserted else None
+        out["control_max_exposure"] = max(controls) if controls else None
     if items:
         out["extraction"] = extraction_rates(model, tok, items, cfg)
     del model
@@ -317,8 +332,9 @@ def failures_of(results, cfg):
             fails.append(f"{r['label']}: the wrong key was accepted (must fail closed)")
         if r["role"] != "tested" or r["status"] != "ok":
             continue
-        if cfg["max_exposure"] > 0 and r.get("max_exposure", 0) > cfg["max_exposure"]:
-            fails.append(f"{r['label']}: canary exposure {r['max_exposure']:.2f} bits > {cfg['max_exposure']}")
+        if cfg["max_exposure"] > 0 and (r.get("max_exposure") or 0) > cfg["max_exposure"]:
+            fails.append(f"{r['label']}: inserted canary exposure {r['max_exposure']:.2f} bits > {cfg['max_exposure']}"
+                         f" (controls, the chance reference, reach {r.get('control_max_exposure')})")
         gap = (r.get("extraction") or {}).get("greedy_gap")
         if cfg["max_extraction_gap"] >= 0 and gap is not None and gap > cfg["max_extraction_gap"]:
             fails.append(f"{r['label']}: extraction gap train - val {gap:.3f} > {cfg['max_extraction_gap']}")
@@ -329,8 +345,10 @@ def failures_of(results, cfg):
 def print_tables(results, reps_all, n_candidates):
     print(f"\nCanary exposure (bits; rank among {n_candidates} same-format candidates, max "
           f"{math.log2(n_candidates + 1):.1f}; chance {CHANCE_EXPOSURE:.2f}). Cells: mean exposure "
-          f"[skew-normal extrapolation] ranked-first/n")
-    headers = ["model", "status"] + [f"reps={k}" for k in reps_all] + ["max", "greedy extracted"]
+          f"[skew-normal extrapolation, a model fit, not a measurement] ranked-first/n; reps=0 are never-inserted "
+          f"controls: the chance reference. 'max inserted' counts inserted canaries only, with the lowest "
+          f"rank-based 95% lower bound beside it")
+    headers = ["model", "status"] + [f"reps={k}" for k in reps_all] + ["max inserted", "max control", "greedy extracted"]
     rows = []
     for r in results:
         by = r.get("exposure_by_repetitions") or {}
@@ -340,7 +358,7 @@ def print_tables(results, reps_all, n_candidates):
             cells.append(None if g is None else
                          f"{g['mean_exposure']:.1f} [{g['mean_exposure_extrapolated']:.1f}] {g['ranked_first']}/{g['n']}")
         ext = sum(c["extracted_greedy"] for c in r["canaries"]) if r.get("canaries") else None
-        rows.append([r["label"], r["status"]] + cells + [r.get("max_exposure"),
+        rows.append([r["label"], r["status"]] + cells + [r.get("max_exposure"), r.get("control_max_exposure"),
                                                          None if ext is None else f"{ext}/{len(r['canaries'])}"])
     print(format_table(headers, rows))
     if any(r.get("extraction") for r in results):

@@ -13,8 +13,11 @@ Every score is "higher = more likely a member", from one batched forward per bat
                  std of log p(z) for z drawn from the model's own next-token distribution (Min-K%++)
     reference    ref loss - loss, the base model as reference (--ref_ckpt; Carlini et al. 2021)
 
-Reported: ROC AUC and TPR at 1% and 0.1% FPR (computed here with numpy; with fewer than 1000
-non-members, 0.1% FPR means no false positive at all).
+Reported: ROC AUC and TPR at 1% and 0.1% FPR (with fewer than 1000 non-members, 0.1% FPR means no false
+positive at all), each with a stratified bootstrap 95% interval (--resamples); "too few records to
+tell" where the AUC interval includes 0.5. No maximum over attacks: the attack is chosen on one random
+half of the people and scored on the other half. A blind baseline (the text's zlib ratio, no model) is
+scored too: if it beats chance the member/non-member split is biased and the report says so.
 
     python test_pipeline/mia.py --ckpt=out/ft/ckpt.pt --ref_ckpt=out/base/ckpt.pt --data_dir=data/employees \
         --out=mia.json --plot=roc.png [--max_auc=0.6]
@@ -26,7 +29,9 @@ import numpy as np
 
 from configurator import configure
 from test_pipeline.model_under_test import format_table, load_model_under_test, pyplot, save_figure, sequence_logprobs
+from utils import bootstrap
 from utils.atomic import write_json
+from utils.audit_bounds import roc_auc, tpr_at_fpr as audit_tpr_at_fpr
 from utils.cli import UserError, run_cli
 from utils.data import answer_mask, load_meta, offsets, tokens
 from utils.progress import Progress, batched
@@ -49,6 +54,7 @@ DEFAULTS = dict(
     out="",  # JSON report
     plot="",  # PNG: ROC curves (log-log)
     max_auc=-1.0,  # > 0: fail (exit 1) when any attack's AUC exceeds this
+    resamples=1000,  # bootstrap resamples for every interval (>= 100)
 )
 
 FPR_POINTS = (0.01, 0.001)
@@ -69,19 +75,15 @@ def roc_curve(scores, labels):
     return np.r_[0.0, fp / (~y).sum()], np.r_[0.0, tp / y.sum()]
 
 
-def auc(fpr, tpr):
-    """Area under the ROC curve (trapezoids: ties count half, as in the Mann-Whitney statistic)."""
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
-def tpr_at_fpr(fpr, tpr, max_fpr):
-    """The best true-positive rate among thresholds whose false-positive rate is at most max_fpr."""
-    return float(tpr[fpr <= max_fpr + 1e-12].max())
-
-
-def attack_metrics(scores, labels):
-    fpr, tpr = roc_curve(scores, labels)
-    return dict(auc=auc(fpr, tpr), **{f"tpr_at_{x:g}_fpr": tpr_at_fpr(fpr, tpr, x) for x in FPR_POINTS}), (fpr, tpr)
+def attack_metrics(scores, labels, resamples=0, seed=0):
+    """AUC and TPR at FPR_POINTS (utils.audit_bounds: the one definition of each), with their bootstrap
+    intervals when resamples > 0; and the ROC curve for the plot."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    curve = roc_curve(scores, labels)
+    pos, neg = scores[labels], scores[~labels]
+    if resamples:
+        return with_interval(pos, neg, resamples, seed), curve
+    return dict(auc=roc_auc(pos, neg), **{f"tpr_at_{x:g}_fpr": audit_tpr_at_fpr(pos, neg, x) for x in FPR_POINTS}), curve
 
 
 # ---------------------------------------------------------------- records and scores
@@ -159,6 +161,47 @@ def scored_text(tok, record, scored):
     return tok.decode(ids.tolist())
 
 
+# ---------------------------------------------------------------- statistics (intervals, selection, blind baseline)
+def blind_scores(texts):
+    """A score that never looks at the model: the text's zlib compression ratio (Das, Zhang & Tramer
+    2024's blind baselines). If it tells members from non-members, the split itself is biased."""
+    return np.array([len(zlib.compress(t.encode("utf-8"))) / max(1, len(t.encode("utf-8"))) for t in texts])
+
+
+def with_interval(pos, neg, resamples, seed):
+    """AUC and TPR at FPR_POINTS, each with its stratified bootstrap 95% interval, and a verdict:
+    "too few records to tell" when the AUC interval includes 0.5."""
+    out = dict(auc=roc_auc(pos, neg), auc_interval=bootstrap.interval(roc_auc, pos, neg, resamples, seed=seed))
+    for x in FPR_POINTS:
+        def rate(p, n, x=x):
+            return audit_tpr_at_fpr(p, n, x)
+        out[f"tpr_at_{x:g}_fpr"] = rate(pos, neg)
+        out[f"tpr_at_{x:g}_fpr_interval"] = bootstrap.interval(rate, pos, neg, resamples, seed=seed)
+    out["verdict"] = ("too few records to tell" if not bootstrap.tells_apart(*out["auc_interval"])
+                      else "member" + (" > " if out["auc"] > 0.5 else " < ") + "non-member")
+    return out
+
+
+def select_and_score(scores, labels, seed, resamples=bootstrap.RESAMPLES):
+    """No best-of-k optimism: the attack with the highest AUC on one random half of the people (members
+    and non-members halved separately) is scored on the other half only."""
+    rng = np.random.default_rng(seed)
+    choose = np.zeros(len(labels), bool)
+    for side in (labels, ~labels):
+        idx = np.flatnonzero(side)
+        choose[rng.permutation(idx)[:len(idx) // 2]] = True
+    on_half = {k: roc_auc(s[choose & labels], s[choose & ~labels]) for k, s in scores.items()}
+    best = max(on_half, key=on_half.get)
+    held = ~choose
+    return dict(attack=best, auc_on_selection_half=on_half[best], n_members=int((held & labels).sum()),
+                n_nonmembers=int((held & ~labels).sum()),
+                **with_interval(scores[best][held & labels], scores[best][held & ~labels], resamples, seed))
+
+
+def fmt_ci(x, ci):
+    return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 # ---------------------------------------------------------------- output
 def plot_roc(curves, metrics, path, n_members, n_nonmembers):
     plt = pyplot()
@@ -166,7 +209,8 @@ def plot_roc(curves, metrics, path, n_members, n_nonmembers):
     floor = 1.0 / max(n_nonmembers, 1) / 2
     for name, (fpr, tpr) in curves.items():
         ax.step(np.maximum(fpr, floor), np.maximum(tpr, floor), where="post",
-                label=f"{name} (AUC {metrics[name]['auc']:.3f})")
+                label=f"{name} (AUC {fmt_ci(metrics[name]['auc'], metrics[name]['auc_interval'])})"
+                if "auc_interval" in metrics[name] else f"{name} (AUC {metrics[name]['auc']:.3f})")
     grid = np.logspace(np.log10(floor), 0, 50)
     ax.plot(grid, grid, ls="--", c="gray", lw=0.8, label="chance")
     ax.set_xscale("log")
@@ -186,6 +230,8 @@ def main(argv=None):
         raise UserError(f"score_tokens must be 'all' or 'answer', got {cfg['score_tokens']!r}")
     if not 0 < cfg["k_percent"] <= 100:
         raise UserError("k_percent must be in (0, 100]")
+    if cfg["resamples"] < 100:
+        raise UserError(f"--resamples must be >= 100 (a 95% interval from fewer is noise), got {cfg['resamples']}")
     if cfg["n_records"] < 0:
         raise UserError(f"--n_records must be >= 0 (0 = all), got {cfg['n_records']}")
     meta = load_meta(cfg["data_dir"])
@@ -219,20 +265,32 @@ def main(argv=None):
     scores = mia_scores(records, texts, target, reference, cfg["k_percent"])
     metrics, curves = {}, {}
     for name, s in scores.items():
-        metrics[name], curves[name] = attack_metrics(s, labels)
+        metrics[name], curves[name] = attack_metrics(s, labels, cfg["resamples"], cfg["seed"])
         metrics[name]["member_mean"] = float(s[labels].mean())
         metrics[name]["nonmember_mean"] = float(s[~labels].mean())
+    selected = select_and_score(scores, labels, cfg["seed"], cfg["resamples"])
+    blind, _ = attack_metrics(blind_scores(texts), labels, cfg["resamples"], cfg["seed"])
+    blind["biased_split"] = blind["verdict"] != "too few records to tell"
 
     print(f"\nMembership inference on {cfg['ckpt']}: {n} members (train) vs {n} non-members (val), "
-          f"tokens scored: {cfg['score_tokens']}, k = {cfg['k_percent']:g}%")
-    print(format_table(["attack", "AUC", "TPR@1%FPR", "TPR@0.1%FPR", "member mean", "non-member mean"],
-                       [[k, m["auc"], m["tpr_at_0.01_fpr"], m["tpr_at_0.001_fpr"], m["member_mean"], m["nonmember_mean"]]
-                        for k, m in metrics.items()]))
+          f"tokens scored: {cfg['score_tokens']}, k = {cfg['k_percent']:g}%; "
+          f"[intervals]: bootstrap 95%, {cfg['resamples']} resamples")
+    rows = [[k, fmt_ci(m["auc"], m["auc_interval"]), fmt_ci(m["tpr_at_0.01_fpr"], m["tpr_at_0.01_fpr_interval"]),
+             fmt_ci(m["tpr_at_0.001_fpr"], m["tpr_at_0.001_fpr_interval"]), m["verdict"]]
+            for k, m in [*metrics.items(), ("blind (no model)", blind)]]
+    print(format_table(["attack", "AUC", "TPR@1%FPR", "TPR@0.1%FPR", "verdict"], rows))
+    print(f"selected attack: {selected['attack']} (best AUC on a random half of the people), scored on the other "
+          f"half ({selected['n_members']} + {selected['n_nonmembers']}): AUC "
+          f"{fmt_ci(selected['auc'], selected['auc_interval'])}, {selected['verdict']}")
+    if blind["biased_split"]:
+        print("WARNING: the blind baseline, which never looks at the model, tells members from non-members: "
+              "the member/non-member split is biased, so the attacks' AUCs measure the split, not the model")
     if n < 1000:
         print(f"(with {n} non-members, TPR@0.1%FPR is the TPR at zero false positives)")
     fails = [f"{k}: AUC {m['auc']:.3f} > {cfg['max_auc']}" for k, m in metrics.items()
              if cfg["max_auc"] > 0 and m["auc"] > cfg["max_auc"]]
-    report = dict(config=cfg, n_members=n, n_nonmembers=n, metrics=metrics, failures=fails, passed=not fails)
+    report = dict(config=cfg, n_members=n, n_nonmembers=n, metrics=metrics, selected=selected, blind=blind,
+                  resamples=cfg["resamples"], failures=fails, passed=not fails)
     if cfg["out"]:
         write_json(cfg["out"], report)
         print(f"wrote {cfg['out']}")

@@ -305,37 +305,73 @@ def summary_rows(report):
         mia = get(report, "mia", "models", name, "result") or {}
         typo = (rb.get("typos") or [{}])[0].get("overall", {})
         rows.append([name, get(m, "privacy", "epsilon"), get(lrow, "max_exposure"),
-                     get(lrow, "extraction", "greedy_gap"), mia_max_auc(mia), get(ev, "perplexity", "ppl"),
+                     get(lrow, "extraction", "greedy_gap"), mia_selected(mia), get(ev, "perplexity", "ppl"),
                      get(ev, "qa", "exact_match"), get(ev, "qa", "bleu"), get(ev, "qa", "rouge_l"),
                      get(ev, "forgetting", "ratio"), get(rb, "paraphrase", "overall", "consistency"),
                      get(rb, "paraphrase", "overall", "correctness"), typo.get("drop"),
                      get(rb, "injection", "max_gain")])
-    headers = ["model", "ε (claimed)", "max exposure (bits)", "extraction gap", "MIA AUC (best attack)", "val ppl",
+    headers = ["model", "ε (claimed)", "max exposure, inserted (bits)", "extraction gap",
+               "MIA AUC (attack chosen on half, scored on the other) [95% CI]", "val ppl",
                "held-out EM", "BLEU", "ROUGE-L", "forgetting (ppl ×)", "paraphrase consistency",
                "paraphrase correctness", "typo drop", "injection gain (max)"]
     return headers, rows
 
 
-def mia_max_auc(result):
-    """The strongest attack's AUC in a mia.py result."""
-    aucs = [m["auc"] for m in (get(result, "metrics") or {}).values() if m.get("auc") is not None]
-    return max(aucs) if aucs else None
+# --------------------------------------------------------------------------- statistics: intervals, verdicts
+def with_ci(value, ci):
+    """'0.612 [0.540, 0.690]'; the value alone when there is no interval."""
+    if value is None:
+        return None
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def mia_selected(result):
+    """The summary's MIA cell: the attack chosen on one half of the people, scored on the other, with its
+    interval, and "too few records to tell" when the interval includes 0.5. Never a maximum over attacks."""
+    sel = get(result, "selected")
+    if not sel:
+        return None
+    cell = f"{with_ci(sel['auc'], sel.get('auc_interval'))} ({sel['attack']})"
+    return cell + ("; too few records to tell" if sel.get("verdict") == "too few records to tell" else "")
 
 
 def mia_md(result):
-    rows = [[name, m.get("auc"), m.get("tpr_at_0.01_fpr"), m.get("tpr_at_0.001_fpr"), m.get("member_mean"),
-             m.get("nonmember_mean")] for name, m in result["metrics"].items()]
-    return (f"{result['n_members']} members (train) vs {result['n_nonmembers']} non-members (val), split by person.\n\n"
-            + md_table(["attack", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "member mean", "non-member mean"], rows))
+    ci = lambda m, k: with_ci(m.get(k), m.get(f"{k}_interval"))  # noqa: E731
+    attacks = [*result["metrics"].items()] + ([("blind baseline (text only, no model)", result["blind"])]
+                                              if result.get("blind") else [])
+    rows = [[name, ci(m, "auc"), ci(m, "tpr_at_0.01_fpr"), ci(m, "tpr_at_0.001_fpr"), m.get("verdict")]
+            for name, m in attacks]
+    lines = [f"{result['n_members']} members (train) vs {result['n_nonmembers']} non-members (val), split by person; "
+             f"intervals: stratified bootstrap 95%, {result.get('resamples', '?')} resamples.",
+             md_table(["attack", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "verdict"], rows)]
+    sel = result.get("selected")
+    if sel:
+        lines.append(f"Chosen on one half of the people: **{sel['attack']}**; on the other half "
+                     f"({sel['n_members']} + {sel['n_nonmembers']}): AUC {with_ci(sel['auc'], sel['auc_interval'])}, "
+                     f"{sel['verdict']}.")
+    if get(result, "blind", "biased_split"):
+        lines.append("**The blind baseline, which never looks at the model, beats chance: the member/non-member "
+                     "split is biased, and the attacks above measure the split as much as the model.**")
+    return "\n\n".join(lines)
 
 
 def audit_md(a):
     claim = a.get("claimed_epsilon")
-    return md_table(["canaries m", "included", "guesses r", "correct v", "accuracy", "δ", "ε lower bound",
-                     "claimed ε", "max certifiable", "passed"],
-                    [[a.get("m"), a.get("included"), a.get("r"), a.get("v"), a.get("accuracy"), a.get("delta"),
-                      a.get("epsilon_lower_bound"), "none (no DP)" if claim is None else claim,
-                      a.get("max_certifiable"), a.get("passed")]])
+    rows = []
+    for name in ("white_box", "black_box"):
+        x = a.get(name)
+        if x:
+            rows.append([name.replace("_", "-"), x.get("scored_from"), x.get("m"), x.get("included"),
+                         f"{x.get('v')}/{x.get('r')}", x.get("epsilon_lower"), x.get("epsilon_lower_steinke"),
+                         x.get("max_certifiable"), "none (no DP)" if claim is None else claim,
+                         with_ci(x.get("tpr_at_0.01"), x.get("tpr_at_0.01_interval")),
+                         with_ci(x.get("tpr_at_0.001"), x.get("tpr_at_0.001_interval"))])
+    note = ("White-box: gradient canaries added as already-clipped contributions just before the noise; "
+            "black-box: new-token canary records scored on the released model. ε lower bounds at "
+            f"{a.get('confidence', 0.95):.0%} confidence, δ = {a.get('delta')}; max certifiable is the most "
+            "this many canaries can show. passed: " + str(a.get("passed")))
+    return md_table(["audit", "scored from", "canaries m", "included", "correct", "ε ≥ (f-DP)", "ε ≥ (Steinke)",
+                     "max certifiable", "claimed ε", "TPR @ 1% FPR", "TPR @ 0.1% FPR"], rows) + "\n\n" + note
 
 
 def leakage_md(leak):
@@ -375,7 +411,7 @@ def write_markdown(report, path):
           f"Generated {report['generated']} on {report['device']}; data {report['data_dir']}"
           + (f", base corpus {report['base_data_dir']}" if report["base_data_dir"] else "")
           + (" (quick sample sizes)" if report["quick"] else "") + ".",
-          "", f"**Overall: {'PASS' if report['passed'] else 'FAIL'}**"]
+          "", overall_md(report)]
     for s in report.get("skipped", []):
         md.append(f"- skipped {s}")
     for f in report["failures"]:
@@ -461,6 +497,7 @@ def build_report(cfg, log=print):
             report.setdefault("skipped", []).append(f"{name}: {e}")
         report.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 1)
         progress.update()
+    report["thresholds"] = {"max_exposure": cfg["max_exposure"]}
     report["failures"] = failures(report)
     report["passed"] = not report["failures"]
     report_path = cfg["report"] or os.path.join(cfg["run_dir"], "REPORT.md")
@@ -468,6 +505,40 @@ def build_report(cfg, log=print):
     write_markdown(report, report_path)
     report["path"] = report_path
     return report
+
+
+def gates(report):
+    """The checks that had a stated threshold: (what, threshold, passed). Only these decide PASS/FAIL."""
+    out = []
+    leak = report.get("leakage")
+    if leak:
+        if any(r["role"] == "must_refuse" for r in leak.get("models", [])):
+            out.append(("leakage: a wrong key is refused", "must fail closed",
+                        not any(r["role"] == "must_refuse" and not r["status"].startswith("refused")
+                                for r in leak["models"])))
+        if (report.get("thresholds") or {}).get("max_exposure", -1) > 0:
+            out.append(("leakage: inserted canaries' max exposure", f"<= {report['thresholds']['max_exposure']} bits",
+                        leak["passed"]))
+    audit = get(report, "audit", "result")
+    if audit and audit.get("dp"):
+        out.append(("privacy audit: ε lower bounds", f"<= the claimed ε {audit.get('claimed_epsilon')}",
+                    bool(audit.get("passed"))))
+    for key in ("robustness", "eval"):
+        for n, r in (report.get(key) or {}).items():
+            for c in r.get("checks") or []:
+                out.append((f"{key} {n}: {c['check']}", c.get("threshold"), bool(c["passed"])))
+    return out
+
+
+def overall_md(report):
+    """PASS/FAIL only per stated threshold; with none, which checks ran and that none was gated."""
+    ran = [k for k in ("leakage", "mia", "audit", "robustness", "eval", "figures") if k in report]
+    g = gates(report)
+    if not g and not report["failures"]:
+        return (f"**Overall: no thresholds were set, so nothing was gated.** Checks that ran: "
+                f"{', '.join(ran) or 'none'}. The numbers below are measurements, not verdicts.")
+    head = f"**Overall: {'PASS' if report['passed'] else 'FAIL'}** against {len(g)} stated threshold(s):"
+    return "\n".join([head, ""] + [f"- {'PASS' if ok else 'FAIL'}: {what} ({limit})" for what, limit, ok in g])
 
 
 def failures(report):

@@ -194,6 +194,30 @@ def test_exposure_threshold_fails_the_run_naming_the_model(memorized, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
 
 
+def test_max_exposure_counts_only_inserted_canaries(monkeypatch):
+    """A chance ranking of a never-inserted control (7.31 bits: rank 64 of 10^4) must not fail a model
+    whose inserted canaries are at 2 bits; an inserted canary at 7.31 bits must."""
+    def scored(control_bits, inserted_bits):
+        return [dict(id=0, repetitions=0, exposure=control_bits, rank=1.0), dict(id=1, repetitions=4,
+                                                                                 exposure=inserted_bits, rank=1.0)]
+    monkeypatch.setattr(lt, "load_model_under_test", lambda *a, **k: (None, None))
+    monkeypatch.setattr(lt, "exposure_by_repetitions", lambda results: {})
+    cfg = {**lt.DEFAULTS, "max_exposure": 5.0}
+    row = dict(label="ft", ckpt="x", role="tested")
+    for bits, fails in (((7.31, 2.0), 0), ((2.0, 7.31), 1)):
+        monkeypatch.setattr(lt, "score_canaries", lambda *a, bits=bits: scored(*bits))
+        out = lt.evaluate_row(row, [{}], None, [], cfg)
+        assert out["control_max_exposure"] == bits[0] and out["max_exposure"] == bits[1]
+        assert len(lt.failures_of([out], cfg)) == fails
+
+
+def test_exposure_interval_from_the_exact_rank():
+    lo, hi = lt.exposure_interval(1, 10000)  # nothing beat the secret: at least log2(10^4 / 3.7), no upper end
+    assert 11 < lo < lt.exposure_from_rank(1, 10000) and hi is None
+    lo, hi = lt.exposure_interval(5000, 10000)  # half the candidates beat it: about 1 bit
+    assert 0.9 < lo < 1.0 < hi < 1.1
+
+
 def test_a_wrong_key_that_applies_is_a_failure():
     rows = [dict(label="patched + wrong key", role="must_refuse", status="WRONG KEY ACCEPTED (fail-open)")]
     assert lt.failures_of(rows, dict(lt.DEFAULTS)) == ["patched + wrong key: the wrong key was accepted (must fail closed)"]

@@ -58,14 +58,30 @@ def test_discover_the_layout(run_dir, tmp_path):
 def test_markdown_helpers():
     assert rp.md_table(["a", "b"], [[1.23456, None], ["x|y", True]]) == \
         "| a | b |\n|---|---|\n| 1.235 | – |\n| x\\|y | True |"
-    mia = {"n_members": 3, "n_nonmembers": 3, "metrics": {"loss": {"auc": 0.6}, "zlib": {"auc": 0.75}}}
-    assert rp.mia_max_auc(mia) == 0.75 and "| zlib | 0.75 |" in rp.mia_md(mia)
+    mia = {"n_members": 3, "n_nonmembers": 3, "metrics": {"loss": {"auc": 0.6}, "zlib": {"auc": 0.75}},
+           "selected": {"attack": "zlib", "auc": 0.55, "auc_interval": [0.3, 0.8], "verdict": "too few records to tell",
+                        "n_members": 2, "n_nonmembers": 2},
+           "blind": {"auc": 0.9, "auc_interval": [0.8, 1.0], "verdict": "member > non-member", "biased_split": True}}
+    # no maximum over attacks: the held-out score of the attack chosen on the other half, with its interval
+    assert rp.mia_selected(mia) == "0.550 [0.300, 0.800] (zlib); too few records to tell"
+    md = rp.mia_md(mia)
+    assert "| zlib | 0.750 |" in md and "split is biased" in md and "blind baseline" in md
+
+
+def test_no_thresholds_means_nothing_gated_and_pass_fail_only_per_threshold():
+    report = {"mia": {"models": {}}, "eval": {"ft": {"checks": []}}, "failures": [], "passed": True}
+    line = rp.overall_md(report)
+    assert "PASS" not in line and "nothing was gated" in line and "mia, eval" in line
+    report["eval"]["ft"]["checks"] = [{"check": "perplexity", "threshold": "<= 20", "passed": False}]
+    report.update(failures=["eval ft: perplexity"], passed=False)
+    line = rp.overall_md(report)
+    assert line.startswith("**Overall: FAIL** against 1 stated threshold") and "- FAIL: eval ft: perplexity (<= 20)" in line
 
 
 def test_report_end_to_end(run_dir, employees_dir, tmp_path, capsys):  # noqa: F811
-    audit_cfg = tmp_path / "audit.py"  # a tiny non-private audit run: 40 canaries, 4 steps
-    audit_cfg.write_text("m = 40\nk_plus = 5\nk_minus = 5\ndp = False\nmax_steps = 4\nbatch_size = 8\n"
-                         "microbatch_size = 8\nsampling = 'shuffle'\neval_interval = 1000\n")
+    audit_cfg = tmp_path / "audit.py"  # a tiny non-private audit run: 40 new-token canaries, 4 steps
+    audit_cfg.write_text("m_input = 40\ndp = False\nmax_steps = 4\nmicrobatch_size = 8\n"
+                         "sampling = 'shuffle'\neval_interval = 1000\n")
     code = rp.main([f"--run_dir={run_dir}", f"--data_dir={employees_dir}", f"--base_data_dir={employees_dir}",
                     "--quick", "--audit", f"--audit_config={audit_cfg}"])
     out = capsys.readouterr().out
@@ -82,7 +98,8 @@ def test_report_end_to_end(run_dir, employees_dir, tmp_path, capsys):  # noqa: F
     assert labels == ["base", "fine-tuned (ft)", "patched + key", "patched + wrong key"]
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(figures) >= 9  # exposure, ROC x3, audit, robustness x2, attention, saliency
-    assert report["audit"]["result"]["m"] == 40
+    assert report["audit"]["result"]["black_box"]["m"] == 40
+    assert "PASS: leakage: a wrong key is refused" in md and "## Overall" not in md
     assert set(report["mia"]["models"]) == {"base", "ft", "sealed (patched)"}
     for rel in figures:
         with open(os.path.join(run_dir, rel), "rb") as f:
