@@ -132,6 +132,7 @@ def sliding_window_nll(model, sequences, stride=None, batch_size=16):
     device = next(model.parameters()).device
     windows = [w for seq in sequences for w in sliding_windows(seq, bs, stride)]
     nll, count = 0.0, 0
+    progress = Progress("perplexity windows", len(windows), hint="--ppl_max_records, --base_max_tokens")
     for s in range(0, len(windows), batch_size):
         chunk = windows[s:s + batch_size]
         T = max(len(x) for x, _ in chunk)
@@ -143,6 +144,7 @@ def sliding_window_nll(model, sequences, stride=None, batch_size=16):
         y = y.to(device)
         nll += F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="sum").item()
         count += int((y >= 0).sum())
+        progress.update(len(chunk))
     return nll, count
 
 
