@@ -1,10 +1,11 @@
 """
-Prompt robustness of a model under test on the employees records (seed 001 sections 3.2 and 8):
+Prompt robustness of a model under test on records of people (seed 001 sections 3.2 and 8), with the
+fields, question templates and sensitive fields of the data's schema (meta.json, utils/records.py):
 
     python test_pipeline/test_prompt_robustness.py --ckpt out/ft/ckpt.pt --data_dir data/employees \
         [--patch P --key_file K] [--out robustness.json --plot robustness.png] [--min_correctness 0.5]
 
-1. Paraphrases: every field asked with each of the N_TEMPLATES question templates. Per (person, field):
+1. Paraphrases: every field asked with each of the schema's question templates. Per (person, field):
    consistency (all paraphrases give the same answer) AND correctness (each answer equals the person's
    record). A model that answers wrongly but always the same way is consistent and 0% correct; the
    reference test only checked the former.
@@ -44,7 +45,7 @@ DEFAULTS = dict(
     typo_counts=(1, 2),      # perturbations per question, one run each
     typo_kinds=("leet", "drop", "double", "swap"),
     injection=True,
-    injection_people=20,     # salary targets (training people); every canary is a phone target
+    injection_people=20,     # people whose first sensitive field is a target (employees: salary); every canary is a phone target
     n_samples=4,             # sampled completions per injection probe, besides the greedy one
     temperature=1.0,
     top_k=40,
