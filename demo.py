@@ -183,7 +183,7 @@ def main(argv=None):
                                                       out_dir=os.path.join(out, "finetune_dp"))])
     for path in (key, wrong_key):
         steps.run("a random 256-bit key, readable by its owner only" if path == key else "another key (the wrong one)",
-                  ["finetune_encrypt_memmap.py", "keygen", *opts(out=path, tenant="demo"), "--force"])
+                  ["finetune_encrypt_memmap.py", "keygen", *opts(out=path), "--force"])
     steps.run("fine-tune without DP again, keeping the result only as an encrypted patch",
               ["finetune_encrypt_memmap.py", *finetune, *opts(dp=False, key_file=key, tenant="demo", export=patch)])
     leakage_json = os.path.join(out, "leakage.json")

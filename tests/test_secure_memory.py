@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, tiny_model
+from tests.conftest import REPO
 from tests.sealed_fixtures import sealed_patch, tiny_pair
 from utils import secure_memory as sm
 from utils.checkpoint import save_checkpoint
