@@ -91,6 +91,7 @@ DEFAULTS = dict(
     # one-run audit: canaries added to every fine-tune, half of them at random
     audit_m=100,
     audit_k=12,  # guesses "in" for the top k scores and "out" for the bottom k
+    audit_white_m=2000,  # white-box gradient canaries in a second run of each DP row's configuration
     # tests
     n_candidates=10000,  # random phone numbers each canary is ranked among
     extraction_people=30,  # people per split whose fields are prompted for (extraction)
@@ -207,6 +208,7 @@ def finetune_and_seal(cfg, paths, name, log=print):
     from utils.checkpoint import load_model
     from utils.data import load_meta
     from utils.tokenizer import get_tokenizer
+    import numpy as np
 
     where = paths.method(name)
     base, _ = load_model(paths.base, cfg["device"])
@@ -214,8 +216,9 @@ def finetune_and_seal(cfg, paths, name, log=print):
     base_fp = base_fingerprint(base)
     tracker = DeltaTracker(base, dp=ft_cfg["dp"])
     tok = get_tokenizer(load_meta(paths.employees))
-    texts, included = audit.draw_canaries(cfg["audit_m"], 12, cfg["seed"])
-    canaries = [audit.encode_canary(tok, p, s) for p, s in texts]
+    # black-box audit canaries: new-token records (Panda et al. 2025), seeded (a reproducible audit)
+    canaries, included = audit.draw_new_token_canaries(audit.unused_tokens(paths.employees), cfg["audit_m"], 8,
+                                                       tok.eot, np.random.default_rng(cfg["seed"]))
     seen = {}
 
     def ready(model):  # the prepared model (frozen / LoRA / untied), before the first step
@@ -233,11 +236,13 @@ def finetune_and_seal(cfg, paths, name, log=print):
     trained = result["model"].to("cpu")
     privacy = result["privacy"]
 
-    # the one-run audit of this very run
+    # the black-box one-run audit of this very run, and for DP a white-box audit of its configuration
     scores = audit.canary_logprob(trained, canaries, 64) - seen["before"]
-    r, v = audit.guesses(scores, included, cfg["audit_k"], cfg["audit_k"])
     delta = privacy["delta"] if privacy else 0.0
-    bound = audit.epsilon_lower_bound(r, v, 0.95, delta, cfg["audit_m"])
+    black_box = audit.score_audit(scores, included, delta or 1e-5, {**audit.DEFAULTS, "k_fractions": (
+        cfg["audit_k"] / cfg["audit_m"],)})
+    r, v, bound = black_box["r"], black_box["v"], black_box["epsilon_lower"]
+    white_box = white_box_audit(cfg, {**ft_cfg, "data_dir": paths.employees}, log) if ft_cfg["dp"] else None
 
     # seal the delta with the method's own key; export header + ciphertext only
     os.makedirs(where["folder"], exist_ok=True)
@@ -266,11 +271,14 @@ def finetune_and_seal(cfg, paths, name, log=print):
                round_trip_exact=True, train_time_s=result["train_time_s"], history=result["history"],
                privacy=privacy, claimed_epsilon=privacy["epsilon"] if privacy else None,
                audit=dict(m=cfg["audit_m"], included=int(included.sum()), k=cfg["audit_k"], r=r, v=v, delta=delta,
-                          epsilon_lower_bound=bound, max_certifiable=audit.epsilon_lower_bound(r, r, 0.95, delta,
-                                                                                               cfg["audit_m"])))
+                          epsilon_lower_bound=bound, epsilon_lower_steinke=black_box["epsilon_lower_steinke"],
+                          max_certifiable=black_box["max_certifiable"],
+                          **{k: black_box[k] for k in ("tpr_at_0.01", "tpr_at_0.001", "auc", "auc_interval")},
+                          white_box=white_box))
     write_json(where["finetune"], out)
     log(f"--- {name}: {seen['trainable']:,} trainable, patch {patch_bytes:,} B, {result['train_time_s']:.1f} s, "
         f"audit: {v}/{r} correct, epsilon >= {bound:.2f}"
+        + (f", white-box epsilon >= {white_box['epsilon_lower']:.2f}" if white_box else "")
         + (f" (claimed {privacy['epsilon']:.2f})" if privacy else " (no DP)"))
     return out
 
@@ -552,6 +560,21 @@ def stage_checks(cfg, paths, steps, methods):
     return results
 
 
+def white_box_audit(cfg, ft_cfg, log=print):
+    """test_pipeline/privacy_audit's white-box audit of a DP row's configuration: a second run with the
+    records, q, noise and steps (without the input canaries) and audit_white_m gradient canaries (already-clipped contributions just
+    before the noise), seeded (reproducible, so no guarantee of its own). Returns its numbers."""
+    from test_pipeline import privacy_audit as audit
+    acfg = {**audit.DEFAULTS, **ft_cfg, "m": cfg["audit_white_m"], "m_input": 0,
+            "full_batch": False, "audit_seed": cfg["seed"], "save": False}
+    rep = audit.run_audit(acfg, log=lambda *a, **k: None)
+    wb = rep["white_box"]
+    log(f"    white-box audit: {wb['v']}/{wb['r']} correct, epsilon >= {wb['epsilon_lower']:.2f} (f-DP), "
+        f"{wb['epsilon_lower_steinke']:.2f} (Steinke); claimed {rep['claimed_epsilon']:.2f}")
+    return {k: wb[k] for k in ("m", "k", "r", "v", "epsilon_lower", "epsilon_lower_steinke", "max_certifiable",
+                               "max_certifiable_steinke", "auc", "tpr_at_0.01", "tpr_at_0.001")}
+
+
 # ----------------------------------------------------------------------------- results
 def summarize(name, ft, tests, top_reps):
     """One row of results.json: every number the issue asks for, per method (and the base)."""
@@ -582,9 +605,17 @@ def summarize(name, ft, tests, top_reps):
         mia_auc_reference=get(metrics, "reference", "auc"),
         audit_lower_bound=get(ft, "audit", "epsilon_lower_bound"),
         audit_max_certifiable=get(ft, "audit", "max_certifiable"),
+        audit_tpr_at_1pct=get(ft, "audit", "tpr_at_0.01"), audit_tpr_at_01pct=get(ft, "audit", "tpr_at_0.001"),
+        white_box_lower_bound=get(ft, "audit", "white_box", "epsilon_lower"),
+        white_box_max_certifiable=get(ft, "audit", "white_box", "max_certifiable"),
         claimed_epsilon=ft and ft["claimed_epsilon"],
         wrong_key=get(tests, "wrong_key", "status"),
     )
+
+
+def with_max(bound, most):
+    """'1.23 (max 5.02)': an audit bound beside the most its canaries can certify."""
+    return None if bound is None else f"{fmt(bound)} (max {fmt(most)})"
 
 
 def fmt(v, digits=3):
@@ -725,11 +756,15 @@ def results_markdown(cfg, rows, checks, timings, figures, finetunes):
                      f"{fmt(r['base_corpus_ppl'])}" + (f" ({fmt(r['forgetting_ratio'])}×)" if r["forgetting_ratio"] else ""),
                      r["finetune_time_s"]] for r in rows]), "",
           md_table(["method", f"exposure {top}x (bits)", "exposure controls", "extraction gap", "MIA AUC (reference)",
-                    "MIA AUC (loss)", "MIA AUC (best attack)", "audit ε lower bound", "claimed ε",
+                    "MIA AUC (loss)", "MIA AUC (best attack)", "black-box audit ε ≥ (max)",
+                    "black-box TPR @ 1% / 0.1% FPR", "white-box audit ε ≥ (max)", "claimed ε",
                     "latency base / patched (ms/token)", "apply (ms)", "wrong key"],
                    [[r["method"], r["exposure_top"], r["exposure_by_reps"].get("0"), r["extraction_gap"],
                      r["mia_auc_reference"], r["mia_auc_loss"], max(r["mia_auc"].values()) if r["mia_auc"] else None,
-                     r["audit_lower_bound"], r["claimed_epsilon"] if r["method"] != "base" and r["claimed_epsilon"]
+                     with_max(r["audit_lower_bound"], r["audit_max_certifiable"]),
+                     f"{fmt(r['audit_tpr_at_1pct'])} / {fmt(r['audit_tpr_at_01pct'])}" if r["audit_tpr_at_1pct"]
+                     is not None else None, with_max(r["white_box_lower_bound"], r["white_box_max_certifiable"]),
+                     r["claimed_epsilon"] if r["method"] != "base" and r["claimed_epsilon"]
                      else ("∞ (no DP)" if r["method"] != "base" else None),
                      f"{fmt(r['latency_ms_per_token']['base'])} / {fmt(r['latency_ms_per_token']['patched'])}",
                      r["apply_ms"], r["wrong_key"]] for r in rows]), "",
@@ -747,9 +782,14 @@ def results_markdown(cfg, rows, checks, timings, figures, finetunes):
           "the base model's loss minus the patched model's, which cancels what the two groups differ in by chance (the "
           "base model's own loss AUC shows how much that is with this many people); **loss**: the model's loss alone; "
           "**best attack**: the highest of loss, zlib, Min-K%, Min-K%++ and reference.",
-          "- **audit ε lower bound**: Steinke-Nasr-Jagielski one-run audit of this very fine-tune at 95% confidence "
-          f"(max certifiable with {any_ft['audit']['r']} guesses: {fmt(any_ft['audit']['max_certifiable'])}); it must "
-          "stay below the claimed ε.",
+          "- **black-box audit ε ≥**: one-run audit (Steinke, Nasr & Jagielski 2023) of this very fine-tune with "
+          f"{any_ft['audit']['m']} new-token canary records (Panda et al. 2025), scored on the released model, bound by "
+          "Mahloujifar et al. 2024's f-DP estimator at 95% confidence; (max) is the most these canaries can certify. "
+          "**white-box audit ε ≥**: DP rows only, a second run of the same configuration with "
+          f"{cfg['audit_white_m']} gradient canaries added as already-clipped contributions just before the noise, "
+          "scored from the per-step privatized gradient sums (test_pipeline/privacy_audit.py). Both must stay below "
+          "the claimed ε; the audits' coins are seeded here (reproducible, so they test the implementation, not a "
+          "deployment).",
           "- **latency**: median ms per generated token (greedy, KV cache, batch 1), base vs patched; **apply**: "
           "verify + decrypt + apply the patch.", ""]
     if checks:

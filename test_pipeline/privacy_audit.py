@@ -247,7 +247,7 @@ def run_audit(cfg, log=print):
                                                                 cfg["input_length"], get_tokenizer(meta).eot, rng)
     with tempfile.TemporaryDirectory(prefix="audit_data_") as tmp:
         write_audit_dataset(cfg["data_dir"], tmp, input_records, input_included)
-        ft_cfg = {k: cfg[k] for k in ft_loop.DEFAULTS}
+        ft_cfg = {k: cfg.get(k, default) for k, default in ft_loop.DEFAULTS.items()}
         ft_cfg.update(data_dir=tmp, save=False)
         if cfg["full_batch"]:
             ft_cfg["batch_size"] = load_meta(tmp)["splits"]["train"]["records"]

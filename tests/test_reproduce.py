@@ -10,7 +10,7 @@ from utils.cli import UserError
 
 TINY = dict(n_people=40, val_frac=0.3, canary_reps=(1, 8), canaries_per_rep=1, n_control_canaries=1,
             pydocs_max_tokens=30000, n_layer=2, n_head=2, n_embd=32, block_size=128, pretrain_iters=10,
-            pretrain_batch_size=4, steps=3, batch_size=8, microbatch_size=8, dp_batch_size=8, audit_m=20, audit_k=4,
+            pretrain_batch_size=4, steps=3, batch_size=8, microbatch_size=8, dp_batch_size=8, audit_m=20, audit_k=4, audit_white_m=200,
             n_candidates=200, check_candidates=100, extraction_people=4, mia_records=8, eval_people=4,
             base_eval_tokens=2000, latency_prompts=2, latency_tokens=4, robustness_people=3, robustness_tenant=3,
             min_consistency=0.0, min_correctness=0.0, max_base_exposure=8.0)
@@ -50,6 +50,8 @@ def test_tiny_matrix_end_to_end_and_resume(tmp_path, capsys):
     assert rows["full"]["claimed_epsilon"] is None
     assert 0 < rows["dp8"]["claimed_epsilon"] <= 8.0
     assert rows["dp8"]["audit_lower_bound"] <= rows["dp8"]["claimed_epsilon"]
+    assert rows["dp8"]["white_box_lower_bound"] <= rows["dp8"]["claimed_epsilon"] and rows["dp8"]["white_box_max_certifiable"] > 5
+    assert rows["full"]["white_box_lower_bound"] is None and rows["full"]["audit_max_certifiable"] > 0
     assert rows["base"]["patch_bytes"] == 0 and finite_number(rows["base"]["val_ppl"])
     assert set(results["checks"]) == {"leakage", "robustness"}
     assert all(c["passed"] for c in results["checks"].values()), results["checks"]
