@@ -223,8 +223,8 @@ def load_base(cfg):
     if cfg["init_from"] == "resume":
         path = os.path.join(cfg["out_dir"], "ckpt.pt")
         ckpt = load_checkpoint(path)
-        if "optimizer" not in ckpt or "privacy_history" not in ckpt:
-            raise UserError(f"{path} is not a periodic fine-tuning checkpoint (no optimizer/privacy history)")
+        if "run_state" not in ckpt or "privacy_history" not in ckpt:
+            raise UserError(f"{path} is not a fine-tuning checkpoint (no run state / privacy history)")
         return model_from_checkpoint(ckpt, path), ckpt
     if cfg["init_from"]:
         try:
@@ -666,8 +666,9 @@ def privacy_report(cfg, plan, segments, eps, delta, rank=0):
     if rank != 0:
         return report
     other = ledger.other_adjacency(adjacency)
-    report["epsilon_other_adjacency"] = dict(adjacency=other, epsilon=ledger.epsilon(same, delta, other, "pld"),
-                                             accountant="pld (dp-accounting)")
+    report["epsilon_other_adjacency"] = dict(
+        adjacency=other, epsilon=ledger.epsilon(same, delta, other, "pld", discretization=1e-3),
+        accountant="pld (dp-accounting), discretization 1e-3 (pessimistic: an upper bound)")
     report["group_privacy"] = [dict(k=k, epsilon=ledger.group_epsilon(same, k, delta), delta=delta,
                                     method=ledger.GROUP_METHOD) for k in planted_repetitions(cfg["data_dir"])]
     elsewhere = plan["lineage"]["elsewhere"]
@@ -708,6 +709,8 @@ def privacy_lineage(cfg, base):
         if remaining <= 0:
             raise UserError(f"the run in {cfg['out_dir']} already finished its {state['total_planned_steps']} steps; "
                             "to train more, start a new run with base_ckpt pointing at its ckpt.pt")
+        if "optimizer" not in base:
+            raise UserError(f"{cfg['out_dir']}/ckpt.pt has no optimizer state to resume from")
         out["resume"] = (state["noise_multiplier"], remaining)
         out["state"] = state
     return out
@@ -811,7 +814,7 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
     def write_checkpoint(final):
         """ckpt.pt with the privacy history and the run's progress (periodic ones: + optimizer state, to
         resume). No secret randomness: a resumed run draws a fresh secret."""
-        extra = {} if final else {"optimizer": tr.optimizer.original_optimizer.state_dict()}
+        extra = {} if final else {"optimizer": tr.optimizer.original_optimizer}
         run_state = {**state, "steps_done": state["steps_done"] + tr.steps,
                      "noise_multiplier": plan.get("noise_multiplier")}
         save_checkpoint(os.path.join(out, "ckpt.pt"), gpt, iter_num=state["steps_done"] + tr.steps, config=cfg,

@@ -70,22 +70,23 @@ def segment(noise_multiplier, sample_rate, steps, max_grad_norm, adjacency, data
                 max_grad_norm=float(max_grad_norm), adjacency=adjacency, dataset_fingerprint=dataset_fingerprint)
 
 
-def _pld_epsilon(triples, delta, adjacency):
+def _pld_epsilon(triples, delta, adjacency, discretization):
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.privacy_accountant import NeighboringRelation
 
     relation = (NeighboringRelation.REPLACE_ONE if adjacency == "replace_one"
                 else NeighboringRelation.ADD_OR_REMOVE_ONE)
-    acc = pld_privacy_accountant.PLDAccountant(relation)
+    acc = pld_privacy_accountant.PLDAccountant(relation, value_discretization_interval=discretization)
     acc.compose(dp_event.ComposedDpEvent([
         dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
         for sigma, q, steps in triples]))
     return float(acc.get_epsilon(delta))
 
 
-def epsilon(segments, delta, adjacency="add_remove", accountant="rdp"):
-    """Epsilon at `delta` of the composition of `segments` (dicts, or (sigma, q, steps) triples)."""
+def epsilon(segments, delta, adjacency="add_remove", accountant="rdp", discretization=1e-4):
+    """Epsilon at `delta` of the composition of `segments` (dicts, or (sigma, q, steps) triples).
+    `discretization`: the PLD's value grid (pessimistic: coarser is faster and still an upper bound)."""
     check_accountant(adjacency, accountant)
     triples = [(s["noise_multiplier"], s["sample_rate"], s["steps"]) if isinstance(s, dict) else tuple(s)
                for s in segments]
@@ -95,7 +96,7 @@ def epsilon(segments, delta, adjacency="add_remove", accountant="rdp"):
     if any(sigma == 0 for sigma, _, _ in triples):
         return math.inf
     if accountant == "pld":
-        return _pld_epsilon(triples, delta, adjacency)
+        return _pld_epsilon(triples, delta, adjacency, discretization)
     from opacus.accountants import create_accountant
     acc = create_accountant(mechanism=accountant)
     acc.history = list(triples)
