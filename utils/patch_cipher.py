@@ -23,7 +23,7 @@ from utils.patch_format import (DEFAULT_CHUNK_BYTES, DTYPES, FORMAT_VERSION, MAC
                                 chunk_ad, encode_header, lay_out, payload_layout, record_sizes, valid_name)
 from utils.patch_keys import header_mac, master_key, new_key_spec, subkey, tensor_key
 from utils.patch_payload import set_bits
-from utils.secure_memory import SecureBuffer, aligned
+from utils.secure_memory import SecureBuffer, aligned, harden_process
 
 
 def seal(tensors, key, *, tenant, base_fingerprint, structure=None, meta=None, generation=None,
@@ -137,7 +137,9 @@ def plaintext_bytes(header):
 def open_patch(sealed, key, tenant, base_fp=None, scratch=None):
     """Authenticate, decrypt every chunk into locked anonymous memory (`scratch` when it is a large enough
     SecureBuffer, else a new one), check payloads, then tenant and base. Any failure zeroes what was
-    decrypted and raises; the caller touches its model only after this returns."""
+    decrypted and raises; the caller touches its model only after this returns. The process is hardened
+    first: it is about to hold plaintext."""
+    harden_process()
     master = authenticate(sealed, key)
     h = sealed.header
     offsets, total = payload_offsets(h)

@@ -164,6 +164,7 @@ def check_header(header):
         assert header["cipher"] == "AES-256-GCM" and header["kdf"] == "HKDF-SHA256"
         assert TENANT_RE.fullmatch(header["tenant"]) and re.fullmatch(r"[0-9a-f]{64}", header["base_fingerprint"])
         assert re.fullmatch(r"[0-9a-f]{32}", header["patch_id"])
+        header.setdefault("generation", 0)  # written before generations existed: the oldest possible
         assert type(header["generation"]) is int and header["generation"] >= 0
         assert type(header["chunk_bytes"]) is int and 0 < header["chunk_bytes"] <= MAX_CHUNK_BYTES
         assert isinstance(header["meta"], dict)

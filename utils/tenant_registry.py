@@ -35,7 +35,7 @@ class TenantRegistry:
 
     def _check_generation(self, tenant, generation):
         if type(generation) is not int:
-            raise PatchFormatError(f"patch of tenant {tenant!r} has no generation (written by an older writer)")
+            raise PatchFormatError(f"patch of tenant {tenant!r}: its generation is not an integer")
         if generation < self.seen.get(tenant, -1):
             raise RollbackError(f"patch of tenant {tenant!r} has generation {generation}, older than generation "
                                 f"{self.seen[tenant]} already accepted (replayed or rolled back)")
@@ -53,7 +53,7 @@ class TenantRegistry:
                 raise WrongTenantError(f"patch belongs to tenant {sealed.tenant!r}, not {tenant!r}")
             if sealed.header.get("base_fingerprint") != self.base_fp:
                 raise WrongBaseError("patch was made for another base model")
-            self._check_generation(tenant, sealed.header.get("generation"))
+            self._check_generation(tenant, sealed.header.get("generation", 0))  # absent: written before generations
         except BaseException:
             sealed.close()
             raise
