@@ -40,6 +40,7 @@ DEFAULTS = dict(
     data_dir="data/employees",  # utility: prepared with the four fields
     epsilons=(1.0, 3.0, 8.0),  # utility: one run each
     downstream_at=8.0,       # utility: the epsilon whose run also fine-tunes downstream
+    max_examples_per_batch=0,  # utility: 0 = the config's
     workdir="out/bench_synthesis",  # utility: outputs of each run (the drafter is trained once, reused)
 )
 
@@ -100,6 +101,7 @@ def utility_runs(cfg):
         argv = [cfg["config"], f"--ckpt={cfg['ckpt']}", f"--data_dir={cfg['data_dir']}", f"--out={out}",
                 f"--epsilon={eps}", f"--drafter_ckpt={os.path.join(cfg['workdir'], 'drafter.pt')}",
                 f"--downstream={eps == cfg['downstream_at']}"]
+        argv += [f"--max_examples_per_batch={cfg['max_examples_per_batch']}"] if cfg["max_examples_per_batch"] else []
         t0, c0 = time.time(), time.process_time()
         result = S.main(argv)
         rows.append({"epsilon": eps, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,

@@ -182,12 +182,17 @@ def test_plan_comes_before_any_record_is_read_and_refuses_below_one_record_per_b
     assert not os.path.exists(tmp / "out")
 
 
-def test_cli_writes_parseable_records_and_the_utility_table(records_setup):
-    data, ckpt, tmp = records_setup
-    cmd = [sys.executable, os.path.join(REPO, "synthesize_dp.py"), *structured_args(data, ckpt, tmp, "--r=300")]
+def run_script(args, tmp):
+    """(command, output rows) of synthesize_dp.py run as a user runs it, which must succeed."""
+    cmd = [sys.executable, os.path.join(REPO, "synthesize_dp.py"), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
     assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in open(tmp / "out" / "syn.jsonl")]
+    return cmd, [json.loads(line) for line in open(tmp / "out" / "syn.jsonl")]
+
+
+def test_cli_writes_parseable_records_and_the_utility_table(records_setup):
+    data, ckpt, tmp = records_setup
+    cmd, rows = run_script(structured_args(data, ckpt, tmp, "--r=300"), tmp)
     tpl = template()
     assert rows and all(tpl.parse(row["record"]) is not None and row["text"].strip() for row in rows)
     report = json.load(open(tmp / "out" / "syn.privacy.json"))
@@ -251,10 +256,7 @@ def test_cached_and_uncached_synthesis_give_the_same_text(synth_setup):
 
 def test_cli_end_to_end(synth_setup):
     data, ckpt, tmp = synth_setup
-    cmd = [sys.executable, os.path.join(REPO, "synthesize_dp.py"), *synth_args(data, ckpt, tmp, "--n_batches=10")]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
-    assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in open(tmp / "out" / "syn.jsonl")]
+    cmd, rows = run_script(synth_args(data, ckpt, tmp, "--n_batches=10"), tmp)
     report = json.load(open(tmp / "out" / "syn.privacy.json"))
     assert report["r"] == 6 and report["s"] == 6 and report["batching"]["n_batches"] == 10
     assert math.isclose(report["rho"], 6 * P.rho_per_private_token(6, 10.0, 2.0, S.DEFAULTS["sigma"], svt=True))

@@ -73,8 +73,8 @@ def dp_histogram(values, cells, epsilon, delta, rng):
             counts[repr(v)] += 1
     sigma = gaussian_sigma(epsilon, delta)
     noisy = {k: max(0.0, c + rng.normal(0.0, sigma)) for k, c in counts.items()}
-    total = sum(noisy.values()) or 1.0
-    return {k: c / total for k, c in noisy.items()}
+    total = sum(noisy.values())
+    return {k: c / total if total else 1.0 / len(noisy) for k, c in noisy.items()}  # all clipped: uniform
 
 
 def histogram_baseline(real_people, categorical, domains, numeric, bins, epsilon, delta, n_samples, rng):
