@@ -492,19 +492,19 @@ def tables(result):
 
 def plots(result, plot_dir):
     """Per-field exact match and repetition per decoding as PNG bar charts; returns the paths written."""
-    from utils.plot import plot_bars
-    paths = []
+    from utils.plot import plot_bars, title_for
+    paths, who = [], title_for(result["model"]["ckpt"], result["model"]["patch"]) + "\n"  # which model
     if "qa" in result and result["qa"]["per_field"]:
         path = os.path.join(plot_dir, "eval_field_accuracy.png")
         plot_bars({"exact match": {f: v["exact_match"] for f, v in result["qa"]["per_field"].items()}}, path,
-                  "Held-out exact match per field", ylim=(0, 1))
+                  who + "Held-out exact match per field", ylim=(0, 1))
         paths.append(path)
     if "repetition" in result:
         rep = result["repetition"]
         metrics = [k for k in next(iter(rep.values())) if k != "example"]
         path = os.path.join(plot_dir, "eval_repetition.png")
         plot_bars({name: {m: v[m] for m in metrics} for name, v in rep.items()}, path,
-                  "Repetition of generations by decoding", ylim=(0, 1))
+                  who + "Repetition of generations by decoding", ylim=(0, 1))
         paths.append(path)
     return paths
 

@@ -250,7 +250,7 @@ def run_figures(models, cfg, out_dir):
     from test_pipeline.eval import dataset_fields
     from test_pipeline.model_under_test import load_model_under_test
     from utils.data import load_meta
-    from utils.plot import plot_attention_maps, plot_saliency
+    from utils.plot import model_title, plot_attention_maps, plot_saliency
     from utils.records import load_people, load_schema
     from utils.tokenizer import get_tokenizer
     m = next((x for x in models[1:] if not x["patch"]), models[0])
@@ -262,8 +262,9 @@ def run_figures(models, cfg, out_dir):
     model, _ = load_model_under_test(m["ckpt"], device=cfg["device"])
     tok = get_tokenizer(meta)
     att, sal = os.path.join(out_dir, "attention.png"), os.path.join(out_dir, "saliency.png")
-    plot_attention_maps(model, tok, prompt, att)
-    plot_saliency(model, tok, prompt, sal)
+    title = model_title(m["name"], m["ckpt"], m["patch"], m.get("privacy"))  # which model, patch, DP setting
+    plot_attention_maps(model, tok, prompt, att, title=title)
+    plot_saliency(model, tok, prompt, sal, title=title)
     return {"model": m["name"], "prompt": prompt, "attention": att, "saliency": sal}
 
 

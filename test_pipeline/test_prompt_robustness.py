@@ -401,13 +401,14 @@ def schema_of(result):
 
 def plot(result, path):
     """Per-field consistency, correctness and correctness under each typo count, as grouped bars."""
-    from utils.plot import plot_bars
+    from utils.plot import plot_bars, title_for
     p = result["paraphrase"]["per_field"]
     groups = {"consistency": {f: v["consistency"] for f, v in p.items()},
               "correctness": {f: v["correctness"] for f, v in p.items()}}
     for t in result["typos"]:
         groups[f"correctness, {t['n_typos']} typo(s)"] = {f: v["typo_correctness"] for f, v in t["per_field"].items()}
-    return plot_bars(groups, path, "Prompt robustness per field", ylim=(0, 1))
+    return plot_bars(groups, path, title_for(result["model"]["ckpt"], result["model"]["patch"])
+                     + "\nPrompt robustness per field", ylim=(0, 1))
 
 
 def main(argv=None):

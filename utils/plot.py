@@ -23,6 +23,28 @@ DEFAULTS = dict(
 )
 
 
+def model_title(name, ckpt, patch=None, privacy=None):
+    """Which model a figure shows: its name, checkpoint, patch and DP setting (privacy None: not known)."""
+    dp = ""
+    if privacy is not None:
+        dp = (f" (DP-SGD ε={privacy['epsilon']:.3g}, δ={privacy['delta']:.2g})" if privacy.get("epsilon") is not None
+              else " (no DP)")
+    return f"{name}: {os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}/{os.path.basename(ckpt)}" + \
+        (f" + patch {os.path.basename(patch)}" if patch else "") + dp
+
+
+def title_for(ckpt, patch=None):
+    """model_title from the files: the DP setting from the privacy.json finetune_dp writes beside a
+    checkpoint ("no DP" without one; a patch is titled by its file, its privacy is its own tenant's)."""
+    privacy = {}
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "privacy.json")
+    if not patch and os.path.isfile(path):
+        with open(path) as f:
+            privacy = json.load(f)
+    name = os.path.basename(os.path.dirname(os.path.abspath(patch or ckpt)))
+    return model_title(name, ckpt, patch, None if patch else privacy)
+
+
 def save_png(fig, out_png):
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
@@ -130,9 +152,17 @@ def attention_maps(model, idx):
             a.need_weights, a.last_attn = False, None
 
 
-def plot_attention_maps(model, tokenizer, prompt, out_png, max_panels=64):
+def tick_every(labels, most=40):
+    """(positions, labels) showing every k-th token so that at most `most` stay readable."""
+    k = max(1, -(-len(labels) // most))
+    return list(range(0, len(labels), k)), labels[::k]
+
+
+def plot_attention_maps(model, tokenizer, prompt, out_png, max_panels=64, title=""):
     """A grid of attention maps for the prompt: one panel per (layer, head), or one per layer (mean over
-    heads) when there are more than max_panels heads in all. Returns the (L, H, T, T) weights (numpy)."""
+    heads) when there are more than max_panels heads in all, the axes labelled with the prompt's tokens
+    (every k-th past 40), one colour bar for all panels, and `title` (which model: name, patch, DP
+    setting) above. Returns the (L, H, T, T) weights (numpy)."""
     import math
     was_training = model.training
     model.eval()
@@ -149,19 +179,19 @@ def plot_attention_maps(model, tokenizer, prompt, out_png, max_panels=64):
     rows = math.ceil(len(panels) / cols)
     side = min(4.0, max(2.2, 0.12 * T))
     fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows), squeeze=False)
-    labels = token_labels(tokenizer, idx[0].tolist())
+    ticks, labels = tick_every(token_labels(tokenizer, idx[0].tolist()))
     for ax, (name, m) in zip(axes.flat, panels):
-        ax.imshow(m.numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+        image = ax.imshow(m.numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(name, fontsize=8)
-        if T <= 40:  # token labels stay readable up to about 40 tokens
-            ax.set_xticks(range(T), labels, fontsize=5, rotation=90)
-            ax.set_yticks(range(T), labels, fontsize=5)
-        else:
-            ax.set_xticks([])
-            ax.set_yticks([])
+        ax.set_xticks(ticks, labels, fontsize=5, rotation=90)
+        ax.set_yticks(ticks, labels, fontsize=5)
+        ax.set_xlabel("key token", fontsize=6)
+        ax.set_ylabel("query token", fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("Attention weights (row: query token, column: key token)", fontsize=10)
+    fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="attention weight")
+    fig.suptitle((title + "\n" if title else "") + "Attention weights (row: query token, column: key token)",
+                 fontsize=10)
     save_png(fig, out_png)
     return maps.numpy()
 
@@ -190,7 +220,7 @@ def saliency(model, idx, target=None):
     return (grad[0] * kept["emb"][0].detach()).sum(-1).float().cpu().numpy(), target
 
 
-def plot_saliency(model, tokenizer, prompt, out_png, target=None):
+def plot_saliency(model, tokenizer, prompt, out_png, target=None, title=""):
     """Bar chart of the gradient x input saliency of each prompt token for the next-token logit of
     `target` (a token id, or a string whose first token is taken; default the top prediction).
     Returns the scores (numpy, one per prompt token)."""
@@ -209,7 +239,8 @@ def plot_saliency(model, tokenizer, prompt, out_png, target=None):
     ax.set_xticks(range(len(labels)), labels, fontsize=6 if len(labels) > 40 else 8, rotation=90)
     ax.axhline(0, c="gray", lw=0.6)
     ax.set_ylabel("gradient x input")
-    ax.set_title(f"Saliency of the next-token logit of {token_labels(tokenizer, [target])[0]!r}", fontsize=10)
+    ax.set_title((title + "\n" if title else "")
+                 + f"Saliency of the next-token logit of {token_labels(tokenizer, [target])[0]!r}", fontsize=10)
     save_png(fig, out_png)
     return scores
 
