@@ -201,6 +201,7 @@ def finetune_and_seal(cfg, paths, name, log=print):
     patch; score the audit. Returns the method's finetune.json dict."""
     from utils import finetune as ft_loop
     from test_pipeline import privacy_audit as audit
+    from utils import input_canaries
     from utils.delta_tracker import DeltaTracker
     from utils.patch_apply import apply_sealed_patch, base_fingerprint, compare
     from utils.patch_cipher import seal
@@ -217,17 +218,18 @@ def finetune_and_seal(cfg, paths, name, log=print):
     tracker = DeltaTracker(base, dp=ft_cfg["dp"])
     tok = get_tokenizer(load_meta(paths.employees))
     # black-box audit canaries: new-token records (Panda et al. 2025), seeded (a reproducible audit)
-    canaries, included = audit.draw_new_token_canaries(audit.unused_tokens(paths.employees), cfg["audit_m"], 8,
-                                                       tok.eot, np.random.default_rng(cfg["seed"]))
+    canaries, included = input_canaries.draw_new_token_canaries(input_canaries.unused_tokens(paths.employees),
+                                                                cfg["audit_m"], 8, tok.eot,
+                                                                np.random.default_rng(cfg["seed"]))
     seen = {}
 
     def ready(model):  # the prepared model (frozen / LoRA / untied), before the first step
-        seen["before"] = audit.canary_logprob(model, canaries, 64)
+        seen["before"] = input_canaries.canary_logprob(model, canaries, 64)
         seen["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tracker(model)
 
     with tempfile.TemporaryDirectory(prefix="reproduce_audit_") as tmp:
-        audit.write_audit_dataset(paths.employees, tmp, canaries, included)
+        input_canaries.write_audit_dataset(paths.employees, tmp, canaries, included)
         n_train = load_meta(tmp)["splits"]["train"]["records"]
         planned = ft_cfg["max_steps"] or max(1, round(ft_cfg["epochs"] * n_train / ft_cfg["batch_size"]))
         ft_cfg.update(data_dir=tmp, eval_interval=cfg["eval_interval"] or max(1, planned // 10))
@@ -237,7 +239,7 @@ def finetune_and_seal(cfg, paths, name, log=print):
     privacy = result["privacy"]
 
     # the black-box one-run audit of this very run, and for DP a white-box audit of its configuration
-    scores = audit.canary_logprob(trained, canaries, 64) - seen["before"]
+    scores = input_canaries.canary_logprob(trained, canaries, 64) - seen["before"]
     delta = privacy["delta"] if privacy else 0.0
     black_box = audit.score_audit(scores, included, delta or 1e-5, {**audit.DEFAULTS, "k_fractions": (
         cfg["audit_k"] / cfg["audit_m"],)})

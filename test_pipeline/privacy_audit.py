@@ -47,12 +47,13 @@ import torch
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from configurator import configure
-from test_pipeline.model_under_test import format_table, pyplot, save_figure, sequence_logprobs
+from test_pipeline.model_under_test import format_table, pyplot, save_figure
 from utils import audit_bounds, bootstrap
 from utils.atomic import json_safe, write_json
 from utils.cli import UserError, run_cli
-from utils.data import answer_mask, load_meta, offsets, tokens, write_meta, write_split
+from utils.data import load_meta
 from utils.gradient_canaries import GradientCanaries
+from utils.input_canaries import canary_logprob, draw_new_token_canaries, unused_tokens, write_audit_dataset
 from utils.progress import Progress
 from utils.tokenizer import get_tokenizer
 
@@ -74,92 +75,6 @@ DEFAULTS = dict(
     out_dir="out/audit",
 )
 FPRS = (0.01, 0.001)
-
-
-# ---------------------------------------------------------------- the bound (old interface, Steinke)
-def epsilon_lower_bound(r, v, confidence=0.95, delta=0.0, m=None):
-    """Steinke et al.'s bound after v correct of r guesses (m canaries; m = r when there is no delta)."""
-    if delta > 0 and m is None:
-        raise ValueError("the delta term needs m, the number of canaries (m >= r)")
-    return audit_bounds.steinke_epsilon(r, v, m or r, delta, confidence)
-
-
-guesses = audit_bounds.guesses
-
-
-# ---------------------------------------------------------------- canaries and the audit dataset
-def draw_canaries(m, digits, seed):
-    """m random canary texts split as (prompt, secret) and the inclusion coin of each (seeded)."""
-    rng = np.random.default_rng(seed)
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    canaries = []
-    for _ in range(m):
-        uid = "".join(rng.choice(letters, 8))
-        secret = "".join(str(d) for d in rng.integers(0, 10, digits))
-        canaries.append((f"Canary {uid}: secret code", f" {secret}\n"))
-    return canaries, rng.random(m) < 0.5
-
-
-def encode_canary(tok, prompt, secret):
-    """(token ids ending in end-of-text, answer mask): the secret is the canary's answer."""
-    p, s = tok.encode(prompt), tok.encode(secret)
-    return p + s + [tok.eot], [0] * len(p) + [1] * len(s) + [0]
-
-
-def write_audit_dataset(src_dir, dst_dir, canary_records, included):
-    """The source's train records + the included canaries (train) and its val records, same contract."""
-    meta = load_meta(src_dir)
-    has_mask = answer_mask(src_dir, "train") is not None
-    splits = {}
-    for split in ("train", "val"):
-        if not os.path.isfile(os.path.join(src_dir, f"{split}_offsets.bin")):
-            continue
-        toks, off = tokens(src_dir, split, meta), offsets(src_dir, split)
-        mask = answer_mask(src_dir, split) if has_mask else None
-        recs = [np.asarray(toks[off[i]:off[i + 1]]).tolist() for i in range(len(off) - 1)]
-        masks = [mask[off[i]:off[i + 1]].tolist() for i in range(len(off) - 1)] if has_mask else None
-        if split == "train":
-            recs += [ids for (ids, _), inc in zip(canary_records, included) if inc]
-            if has_mask:
-                masks += [msk for (_, msk), inc in zip(canary_records, included) if inc]
-        n_tok, n_rec = write_split(dst_dir, split, recs, meta["vocab_size"], masks)
-        splits[split] = {"tokens": n_tok, "records": n_rec}
-    write_meta(dst_dir, {**meta, "splits": splits, "audit": {"source": os.path.abspath(src_dir),
-                                                             "canaries_included": int(included.sum())}})
-
-
-def canary_logprob(model, canary_records, batch_size):
-    """Mean token log-prob of each canary record under the model (one batched pass)."""
-    was_training = model.training
-    model.eval()
-    lps = sequence_logprobs(model, [ids[:1] for ids, _ in canary_records], [ids[1:] for ids, _ in canary_records],
-                            batch_size)
-    model.train(was_training)
-    return np.array([lp.mean() for lp in lps])
-
-
-def unused_tokens(data_dir):
-    """Token ids of the tokenizer's vocabulary that occur in no split of the dataset (end of text
-    excluded): the alphabet of new-token canaries."""
-    meta = load_meta(data_dir)
-    used = np.zeros(meta["vocab_size"], bool)
-    for split in ("train", "val"):
-        if os.path.isfile(os.path.join(data_dir, f"{split}_offsets.bin")):
-            used[np.unique(np.asarray(tokens(data_dir, split, meta)))] = True
-    used[get_tokenizer(meta).eot] = True
-    return np.flatnonzero(~used)
-
-
-def draw_new_token_canaries(alphabet, m, length, eot, rng):
-    """m canary records of `length` random tokens from `alphabet` + end of text (answer mask: all but the
-    first token and the end), and each one's inclusion coin."""
-    if len(alphabet) < 2:
-        raise UserError(f"new-token canaries need >= 2 token ids the dataset never uses; it leaves {len(alphabet)}")
-    records = []
-    for _ in range(m):
-        ids = rng.choice(alphabet, length).tolist()
-        records.append((ids + [eot], [0] + [1] * (length - 1) + [0]))
-    return records, rng.random(m) < 0.5
 
 
 # ---------------------------------------------------------------- the run

@@ -74,15 +74,6 @@ def test_black_box_new_token_canaries_catch_a_memorizing_run(setup):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_new_token_canaries_use_only_ids_the_dataset_never_uses(setup):
-    from utils.data import load_meta, tokens
-    alphabet = pa.unused_tokens(setup["data_dir"])
-    used = set(np.unique(np.asarray(tokens(setup["data_dir"], "train", load_meta(setup["data_dir"])))).tolist())
-    assert len(alphabet) > 100 and not used & set(alphabet.tolist()) and 256 not in alphabet
-    recs, inc = pa.draw_new_token_canaries(alphabet, 50, 8, 256, np.random.default_rng(0))
-    assert all(set(ids[:-1]) <= set(alphabet.tolist()) and ids[-1] == 256 and len(msk) == 9 for ids, msk in recs)
-
-
 def test_bad_audit_settings_are_one_line_errors(setup, capsys):
     for argv, words in ((["--m=1"], "m must be"), (["--dp=False", "--m_input=0"], "nothing to audit"),
                         (["--noise_bug_factor=2.0"], "noise_bug_factor"), (["--k_fractions=(0.9,)"], "k_fractions"),
