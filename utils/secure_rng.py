@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SECRET_BYTES = 32
-CHUNK = 1 << 21  # elements per keystream chunk: bounds the temporary buffers (a few MiB)
+CHUNK = 1 << 18  # elements per keystream chunk: reused buffers of 1-2 MiB (cache-sized)
 _INFO = b"private-nanogpt/dp-randomness/v1/"
 
 
@@ -94,6 +94,7 @@ class KeyStream:
         self._key = key
         self._draws = 0
         self._zeros, self._buf = b"", bytearray()
+        self._buffers = {}
 
     def __repr__(self):
         return "KeyStream(<hidden>)"
@@ -115,41 +116,44 @@ class KeyStream:
         enc.update_into(memoryview(self._zeros)[:size], view)
         return torch.frombuffer(view, dtype=dtype)
 
-    @staticmethod
-    def _unit(words, scale):
-        """|w| * 2^-(bits-1), rounded to the nearest float: a uniform on [0, 1] rounded to the float grid
-        (finer than 2^-53 near 0, which keeps the Gaussian tail). Exactly 0 has probability 2^-64."""
-        return words.to(torch.float64 if words.dtype == torch.int64 else torch.float32).abs_().mul_(scale)
-
     def uniform(self, n, device="cpu"):
-        """n float64 uniforms in (0, 1)."""
+        """n float64 uniforms in (0, 1): |w| / 2^63 for signed 64-bit words w, rounded to the nearest
+        float64 (a uniform real rounded to the float grid: finer than 2^-53 near 0)."""
         enc, out = self._encryptor(), torch.empty(n, dtype=torch.float64, device=device)
         for start in range(0, n, CHUNK):
             m = min(CHUNK, n - start)
-            out[start:start + m] = self._unit(self._words(enc, m, torch.int64).to(device), 2.0 ** -63)
+            out[start:start + m].copy_(self._words(enc, m, torch.int64)).abs_().mul_(2.0 ** -63)
         return out.clamp_(2.0 ** -64, 1 - 2.0 ** -53)
+
+    def _workspace(self, name, n, dtype, device):
+        """A reused buffer: fresh large temporaries per chunk would each be mmap'ed and page-faulted."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n]
 
     def normal(self, shape, std, dtype=torch.float32, device="cpu"):
         """N(0, std^2) of the given shape, hardened as the module docstring explains: the radius from a
-        64-bit word in float64, the angle from a 32-bit word (64-bit for float64 output)."""
+        64-bit word in float64, the angle from a 32-bit word (64-bit for float64 output). In place on
+        reused chunk buffers; on a GPU only the keystream is made on the CPU."""
         n = math.prod(shape)
         out = torch.empty(n, dtype=dtype, device=device)
-        if n == 0:
-            return out.view(shape)
         wide = dtype == torch.float64
+        angle_words = torch.int64 if wide else torch.int32
         enc = self._encryptor()
         for start in range(0, n, 2 * CHUNK):
             m = min(2 * CHUNK, n - start)
-            pairs = (m + 1) // 2
-            u1 = self._unit(self._words(enc, pairs, torch.int64).to(device), 2.0 ** -63).clamp_min_(2.0 ** -64)
-            radius = u1.log_().mul_(-2.0 * std * std).sqrt_().to(dtype)
-            words = self._words(enc, pairs, torch.int64 if wide else torch.int32).to(device)
-            theta = self._unit(words, 2.0 ** -63 if wide else 2.0 ** -31).to(dtype)  # [0, 1]
-            theta.mul_(2 * math.pi)
+            pairs, tail = (m + 1) // 2, m // 2
+            u1 = self._workspace("u1", pairs, torch.float64, device)
+            u1.copy_(self._words(enc, pairs, torch.int64))  # int64 -> float64 (and to the device)
+            u1.abs_().mul_(2.0 ** -63).clamp_min_(2.0 ** -64).log_().mul_(-2.0 * std * std).sqrt_()
+            radius = u1 if wide else self._workspace("radius", pairs, dtype, device).copy_(u1)
+            theta = self._workspace("theta", pairs, dtype, device)
+            theta.copy_(self._words(enc, pairs, angle_words))
+            theta.abs_().mul_((2.0 ** -63 if wide else 2.0 ** -31) * 2 * math.pi)  # [0, 2 pi]
             chunk = out[start:start + m]
-            cos_part, sin_part = chunk[:pairs], chunk[pairs:]
-            torch.cos(theta, out=cos_part).mul_(radius)
-            sin_part.copy_(theta[:m - pairs].sin_().mul_(radius[:m - pairs]))
+            torch.cos(theta, out=chunk[:pairs]).mul_(radius)
+            chunk[pairs:].copy_(theta[:tail].sin_().mul_(radius[:tail]))
         return out.view(shape)
 
     def poisson_mask(self, n, rate):
