@@ -23,7 +23,7 @@ tau = 1.0
 # The template is free and forced tokens too: what is left is value tokens the drafter cannot know, so
 # the sparse vector technique would mostly answer "private" and cost 2/(s sigma)^2 more per token.
 svt = False
-max_examples_per_batch = 75  # 300 records at most: the 20-minute goal on 2 CPU cores
+max_examples_per_batch = 52  # 208 records at most (the goal is 200); each costs ~5 s of one loaded core here
 
 structured = True
 fields = ("Department", "Full or Part-Time", "Salary or Hourly", "Annual Salary")
