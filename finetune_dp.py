@@ -17,8 +17,11 @@ def main(argv=None):
     cfg = configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
     result = finetune(cfg)
     p = result["privacy"]
-    spent = (f", epsilon {p['epsilon']:.3f} at delta {p['delta']:.3g}"
-             f"{' (stopped at the budget)' if p['stopped_at_budget'] else ''}") if p else " (non-private)"
+    spent = (f", epsilon {p['epsilon']:.3f} at delta {p['delta']:.3g} ({p['adjacency']})"
+             + (f", this run alone {p['epsilon_this_run']:.3f}" if len(p["history"]) > 1 else "")
+             + (" (stopped at the budget)" if p["stopped_at_budget"] else "")
+             + ("" if p["guarantee_holds"] else " -- reproducible_noise_seed: NOT private against whoever knows it")
+             ) if p else " (non-private)"
     print(f"done{spent}, training {result['train_time_s']:.1f} s")
     return result
 

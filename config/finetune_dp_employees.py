@@ -4,15 +4,20 @@
 #   python finetune_dp.py config/finetune_dp_employees.py --target_epsilon=3
 #   python finetune_dp.py config/finetune_dp_employees.py --dp=False       # the non-private reference
 #   python finetune_dp.py config/finetune_dp_employees.py --lora_rank=8    # LoRA: less noise per weight
+#   python finetune_dp.py config/finetune_dp_employees.py --init_from=resume   # continue after a crash
 base_ckpt = "out/base/ckpt.pt"
 data_dir = "data/employees"
 out_dir = "out/finetune_dp_employees"
 loss_on = "answer"  # learn the answers, not the question templates
 
-# privacy: one person = one record; delta defaults to min(1e-5, 1/(10 N))
+# privacy: one person = one record; delta defaults to min(1e-5, 1/(10 N)). add_remove treats N (hence
+# q and the steps) as public; with N public by design use adjacency="replace_one", accountant="pld"
+# (this config's 8.00 add/remove is 8.03 replace-one). DP randomness is a fresh OS secret per run;
+# reproducible_noise_seed=<int> replays it, and then the guarantee does not hold against whoever knows it.
 target_epsilon = 8.0
 max_grad_norm = 1.0
 accountant = "rdp"
+adjacency = "add_remove"
 grad_sample_mode = "bk"  # book-keeping clipping: one backward pass, exact for a tied head
 
 # ~960 records: an expected logical batch of 64 is a sample rate of ~0.067; 3 epochs = ~45 steps
@@ -23,5 +28,6 @@ learning_rate = 2e-3
 weight_decay = 0.0
 
 eval_interval = 15
+checkpoint_interval = 15  # a crash loses at most 15 steps (--init_from=resume)
 eval_records = 100
 log_interval = 5

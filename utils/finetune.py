@@ -4,17 +4,23 @@ finetune_dp.py is its command line; finetune_encrypt_memmap.py, synthesize_dp.py
 test pipeline call finetune() here.
 
 What is private, and how:
-- The privacy unit is one record (one person): utils.data.RecordDataset yields one padded sequence per
-  record and logical batches are Poisson samples of records (Opacus's DPDataLoader, rate
-  q = batch_size / N), never windows of a token stream. A record's loss is the mean over its target
+- The privacy unit is a person: the prepare scripts put every row of one person into one record,
+  utils.data.RecordDataset yields one padded sequence per record, and each logical step is one global
+  Poisson sample of records at rate q = batch_size / N (utils/dp_sampling.py: exactly q per record also
+  under torchrun, every rank takes every step), never windows of a token stream. A record's loss is the mean over its target
   tokens (padding, and with loss_on='answer' everything but answers, is -1 and ignored); per-record
   gradients are clipped to max_grad_norm, summed, noised once per logical batch and divided by the
   *expected* batch size. microbatch_size only splits the work (Opacus's BatchMemoryManager).
-- Budget: target_epsilon + target_delta calibrate the noise for the planned steps (accountant 'rdp'
-  by default, 'prv' allowed; 'gdp' is refused because it can underestimate epsilon); or an explicit
-  noise_multiplier, with target_epsilon as a cap (None = no cap). Training stops before any step that
-  would take epsilon past target_epsilon, and says so. target_delta defaults to min(1e-5, 1/(10 N));
-  delta >= 1/N is refused.
+- Budget: target_epsilon + target_delta calibrate the noise for the planned steps under the chosen
+  adjacency ('add_remove', N treated as public; or 'replace_one', N public, which needs accountant='pld':
+  utils/privacy_ledger.py), with accountant 'rdp' by default, 'prv' or 'pld' allowed ('gdp' is refused:
+  it can underestimate epsilon); or an explicit noise_multiplier, with target_epsilon as a cap (None = no
+  cap). Training stops before any step that would take epsilon past target_epsilon, and says so.
+  target_delta defaults to min(1e-5, 1/(10 N)); delta >= 1/N is refused.
+- Budgets compose: checkpoints carry the privacy history (segments with a salted fingerprint of the
+  train data). A run from a DP checkpoint on the same data (or init_from='resume', which continues
+  out_dir/ckpt.pt, written every checkpoint_interval steps with the optimizer state) reports and caps
+  the epsilon of the whole history; on other data it reports its own and the base's apart.
 - grad_sample_mode='bk' (default; book-keeping clipping, utils/bk_clipping.py: per-record norms and
   the clipped sum from one backward pass) and 'hooks' clip a weight shared by the embedding and the head
   exactly, so --untie_weights=False keeps the tie. 'ghost' (Opacus's ghost clipping, two backward
@@ -25,9 +31,11 @@ What is private, and how:
 - noise_quantization='int8' quantizes each gradient tensor that reaches the optimizer (after noise and,
   under torchrun, after the all-reduce) to int8 with a per-tensor scale and unbiased stochastic
   rounding: post-processing of the private gradient, so the guarantee is unchanged.
-- Sampling, noise and rounding use seeded generators, so runs are reproducible; for a deployed
-  guarantee use secure_mode=True (Opacus then draws sampling and noise from a CSPRNG via torchcsprng).
-  The training loss in the progress line and the log is NOT privatized: it is an operator's
+- Sampling, noise and rounding draw from a fresh 256-bit OS secret per run (utils/secure_rng.py:
+  ChaCha20, Gaussian noise hardened against floating-point attacks; one install_noise hook on whichever
+  Opacus optimizer the mode uses), never stored, logged or printed. reproducible_noise_seed=<int> is the
+  explicit opt-in to replayable randomness for experiments: the guarantee then does NOT hold against
+  anyone who knows the seed, and privacy.json, the log and every progress line say so. The training loss in the progress line and the log is NOT privatized: it is an operator's
   diagnostic on the private batch. Validation metrics are computed on the validation split.
 
 --dp=False runs the same loop and the same sampling (sampling='poisson', or 'shuffle': fixed-size
@@ -37,7 +45,9 @@ run tensors and embedding rows that never receive a gradient stay bit-identical 
 
 finetune(cfg, model=None, on_model_ready=None, log=print) -> {"model", "privacy", "history",
 "train_time_s"}; with save=False nothing is written to disk. Otherwise out_dir gets ckpt.pt,
-privacy.json (DP runs) and log.jsonl.
+privacy.json (DP runs: epsilon, adjacency and what is public, the other relation's epsilon, the group
+guarantee per canary repetition count in data_dir/canaries.json, the history, the randomness) and
+log.jsonl (written as the run goes).
 """
 import contextlib
 import hashlib
@@ -59,7 +69,7 @@ from opacus.optimizers import get_optimizer_class
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from model import GPT
-from utils.atomic import json_safe, write_bytes, write_json
+from utils.atomic import json_safe, write_json
 from utils.bk_clipping import BookKeeping
 from utils import privacy_ledger as ledger
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
@@ -822,7 +832,7 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
                         **extra)
         run_log.sync()
 
-    history, log_lines, eval_epsilons = [], [], []
+    history, eval_epsilons = [], []
     privacy = None
     steps_to_run = plan["steps"]
     train_time, t_last, step_loss, step_records = 0.0, time.time(), 0.0, 0
