@@ -33,7 +33,9 @@ DEFAULTS = dict(
     threads=1,               # torch threads; 1 keeps timings stable on a shared machine
     s=64,                    # speed: private prompts per batch (+1 public)
     prompt_tokens=256,       # speed: prompt length (the shortest is 7/8 of it: left padding)
-    new_tokens=16,           # speed: synthetic tokens per mode and round
+    new_tokens=8,            # speed: synthetic tokens per round, recompute and peer (each costs a full forward)
+    cached_tokens=128,       # speed: synthetic tokens per round with the KV cache (one prefill serves a batch's tokens)
+    vocabs=(50304, 257),     # speed: GPT-2's vocabulary and the default small base's (bytes)
     rounds=2,                # speed: interleaved rounds
     config="config/synthesize_employees.py",  # utility: the user's config
     ckpt="out/base/ckpt.pt",  # utility: the public base
@@ -49,21 +51,22 @@ def load():
     return os.getloadavg()[0]
 
 
-def speed(cfg):
-    """{mode: (tokens, cpu seconds)} summed over interleaved rounds."""
+def speed(cfg, vocab):
+    """{mode: (tokens, cpu seconds)} summed over interleaved rounds, prefill included."""
     torch.manual_seed(0)
-    block = cfg["prompt_tokens"] + cfg["new_tokens"] + 8
-    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=block, vocab_size=50304)).eval()
+    block = cfg["prompt_tokens"] + cfg["cached_tokens"] + 8
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=block, vocab_size=vocab)).eval()
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(cfg["prompt_tokens"] * 7 // 8, cfg["prompt_tokens"] + 1, (cfg["s"],), generator=g)
-    prompts = [torch.randint(0, 50257, (int(n),), generator=g).tolist() for n in lengths] + [[50256]]
+    prompts = [torch.randint(0, vocab - 1, (int(n),), generator=g).tolist() for n in lengths] + [[vocab - 1]]
     mech = pp.Mechanism(s=cfg["s"], c=10.0, tau=2.0, svt=False, sigma=1.0, theta=0.0, tau_pub=1.0)
     totals = {"KV cache": [0, 0.0], "full recompute": [0, 0.0], "peer: per-token generate + host numpy": [0, 0.0]}
 
     def ours(use_cache):
-        decoder = pp.BatchDecoder(model, prompts, cfg["new_tokens"], use_kv_cache=use_cache)
-        examples, _ = pp.synthesize_batch(decoder, cfg["s"], mech, cfg["new_tokens"], pp.make_generator(0), eot=-1,
-                                          max_new_tokens=cfg["new_tokens"], max_examples=1, vocab=50257)
+        n = cfg["cached_tokens"] if use_cache else cfg["new_tokens"]
+        decoder = pp.BatchDecoder(model, prompts, n, use_kv_cache=use_cache)
+        examples, _ = pp.synthesize_batch(decoder, cfg["s"], mech, n, pp.make_generator(0), eot=-1,
+                                          max_new_tokens=n, max_examples=1, vocab=vocab)
         return sum(len(e["tokens"]) for e in examples)
 
     def peer():
@@ -75,7 +78,7 @@ def speed(cfg):
         rng = np.random.default_rng(0)
         for _ in range(cfg["new_tokens"]):
             _, logits = model.generate(idx, 1, attention_mask=mask, return_logits=True)
-            z = logits[:, -1, :50257].numpy().astype(np.float64)
+            z = logits[:, -1].numpy().astype(np.float64)
             clipped = np.maximum(-10.0, z[:-1] - z[:-1].max(-1, keepdims=True) + 10.0)
             p = np.exp(clipped.sum(0) / cfg["s"] / 2.0)
             token = rng.choice(len(p), p=p / p.sum())
@@ -115,13 +118,14 @@ def markdown(cfg, speed_rows, utility_rows, load_before):
     lines = ["## DP synthesis by private prediction (synthesize_dp.py)", "",
              f"Machine: {describe_machine()}; load average {load_before:.1f} at the start (shared with other "
              f"engineers' jobs). Command: `python bench/synthesis.py`.", ""]
-    if speed_rows:
-        base = speed_rows["KV cache"][0] / speed_rows["KV cache"][1]
-        lines += [f"Speed: one batch of s={cfg['s']} private prompts of {cfg['prompt_tokens'] * 7 // 8}.."
-                  f"{cfg['prompt_tokens']} tokens (left-padded) + 1 public, {cfg['new_tokens']} tokens per mode and "
-                  f"round, {cfg['rounds']} interleaved rounds, 4 x 256 GPT, vocab 50304, process CPU time:", "",
+    for vocab, rows in (speed_rows or {}).items():
+        base = rows["KV cache"][0] / rows["KV cache"][1]
+        lines += [f"Speed, vocabulary {vocab}: one batch of s={cfg['s']} private prompts of {cfg['prompt_tokens'] * 7 // 8}.."
+                  f"{cfg['prompt_tokens']} tokens (left-padded) + 1 public, 4 x 256 GPT; {cfg['cached_tokens']} tokens per "
+                  f"round with the cache (prefill included), {cfg['new_tokens']} per round otherwise (each token is a "
+                  f"full forward there); {cfg['rounds']} interleaved round(s), process CPU time:", "",
                   "| decoding | tokens | CPU s | tokens/s | KV cache is |", "|---|---|---|---|---|"]
-        for name, (n, t) in speed_rows.items():
+        for name, (n, t) in rows.items():
             lines.append(f"| {name} | {n} | {t:.2f} | {n / t:.2f} | {base / (n / t):.1f}x |")
         lines.append("")
     for row in utility_rows:
@@ -139,10 +143,10 @@ def main(argv=None):
     cfg = configure(DEFAULTS, argv or [])
     torch.set_num_threads(cfg["threads"])
     load_before = load()
-    speed_rows = speed(cfg) if "speed" in cfg["parts"] else None
-    if speed_rows:
-        for name, (n, t) in speed_rows.items():
-            print(f"{name}: {n} tokens in {t:.2f} CPU s = {n / t:.2f} tokens/s")
+    speed_rows = {v: speed(cfg, v) for v in cfg["vocabs"]} if "speed" in cfg["parts"] else None
+    for vocab, rows in (speed_rows or {}).items():
+        for name, (n, t) in rows.items():
+            print(f"vocab {vocab}, {name}: {n} tokens in {t:.2f} CPU s = {n / t:.2f} tokens/s")
     utility_rows = utility_runs(cfg) if "utility" in cfg["parts"] else []
     text = markdown(cfg, speed_rows, utility_rows, load_before)
     print(text)
