@@ -406,7 +406,8 @@ def test_model(cfg, paths, name, shared, log=print):
                     seed=cfg["seed"], device=cfg["device"], out=os.path.join(folder, "mia.json"))
     if patch:
         mia_argv += opts(patch=patch, key_file=key)
-    out["mia"] = {k: v for k, v in mia.main(mia_argv).items() if k in ("n_members", "n_nonmembers", "metrics")}
+    out["mia"] = {k: v for k, v in mia.main(mia_argv).items()
+                  if k in ("n_members", "n_nonmembers", "metrics", "selected", "blind", "resamples")}
 
     log(f"--- {name}: perplexity, held-out answers, forgetting")
     model, _ = load_model_under_test(paths.base, patch or None, key or None, cfg["device"])
@@ -603,6 +604,7 @@ def summarize(name, ft, tests, top_reps):
         exposure_top=get(by, top_reps, "mean_exposure"),
         extraction_gap=get(leak, "extraction", "greedy_gap"),
         mia_auc={k: v["auc"] for k, v in metrics.items()},
+        mia_selected=get(tests, "mia", "selected"),  # chosen on half the people, scored on the other half
         mia_auc_loss=get(metrics, "loss", "auc"),
         mia_auc_reference=get(metrics, "reference", "auc"),
         audit_lower_bound=get(ft, "audit", "epsilon_lower_bound"),
@@ -613,6 +615,15 @@ def summarize(name, ft, tests, top_reps):
         claimed_epsilon=ft and ft["claimed_epsilon"],
         wrong_key=get(tests, "wrong_key", "status"),
     )
+
+
+def selected_cell(sel):
+    """'0.61 [0.52, 0.70] (loss)' for mia.py's held-out-half attack, flagged when it cannot tell."""
+    if not sel:
+        return None
+    lo, hi = sel["auc_interval"]
+    return (f"{fmt(sel['auc'])} [{fmt(lo)}, {fmt(hi)}] ({sel['attack']})"
+            + ("; too few to tell" if sel["verdict"] == "too few records to tell" else ""))
 
 
 def with_max(bound, most):
@@ -758,11 +769,11 @@ def results_markdown(cfg, rows, checks, timings, figures, finetunes):
                      f"{fmt(r['base_corpus_ppl'])}" + (f" ({fmt(r['forgetting_ratio'])}×)" if r["forgetting_ratio"] else ""),
                      r["finetune_time_s"]] for r in rows]), "",
           md_table(["method", f"exposure {top}x (bits)", "exposure controls", "extraction gap", "MIA AUC (reference)",
-                    "MIA AUC (loss)", "MIA AUC (best attack)", "black-box audit ε ≥ (max)",
+                    "MIA AUC (loss)", "MIA AUC, chosen attack [95% CI]", "black-box audit ε ≥ (max)",
                     "black-box TPR @ 1% / 0.1% FPR", "white-box audit ε ≥ (max)", "claimed ε",
                     "latency base / patched (ms/token)", "apply (ms)", "wrong key"],
                    [[r["method"], r["exposure_top"], r["exposure_by_reps"].get("0"), r["extraction_gap"],
-                     r["mia_auc_reference"], r["mia_auc_loss"], max(r["mia_auc"].values()) if r["mia_auc"] else None,
+                     r["mia_auc_reference"], r["mia_auc_loss"], selected_cell(r.get("mia_selected")),
                      with_max(r["audit_lower_bound"], r["audit_max_certifiable"]),
                      f"{fmt(r['audit_tpr_at_1pct'])} / {fmt(r['audit_tpr_at_01pct'])}" if r["audit_tpr_at_1pct"]
                      is not None else None, with_max(r["white_box_lower_bound"], r["white_box_max_certifiable"]),
@@ -783,7 +794,9 @@ def results_markdown(cfg, rows, checks, timings, figures, finetunes):
           "- **MIA AUC**: membership inference (training vs held-out people), 0.5 = chance. **reference**: the score is "
           "the base model's loss minus the patched model's, which cancels what the two groups differ in by chance (the "
           "base model's own loss AUC shows how much that is with this many people); **loss**: the model's loss alone; "
-          "**best attack**: the highest of loss, zlib, Min-K%, Min-K%++ and reference.",
+          "**chosen attack**: of loss, zlib, Min-K%, Min-K%++ and reference, the best on a random half of the people, "
+          "scored on the other half with a bootstrap 95% interval (no best-of-five optimism); \"too few to tell\" when "
+          "the interval includes 0.5.",
           "- **black-box audit ε ≥**: one-run audit (Steinke, Nasr & Jagielski 2023) of this very fine-tune with "
           f"{any_ft['audit']['m']} new-token canary records (Panda et al. 2025), scored on the released model, bound by "
           "Mahloujifar et al. 2024's f-DP estimator at 95% confidence; (max) is the most these canaries can certify. "

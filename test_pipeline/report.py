@@ -381,15 +381,18 @@ def leakage_md(leak):
     reps = sorted({int(k) for r in leak["models"] for k in (r.get("exposure_by_repetitions") or {})})
     n = leak.get("n_candidates")
     lines.append(f"Canary exposure in bits (rank among {n} same-format candidates; maximum "
-                 f"{math.log2(n + 1):.1f}, chance {CHANCE_EXPOSURE:.2f}). Cells: mean exposure [skew-normal "
-                 f"extrapolation], canaries ranked first / canaries." if n else "Canary exposure in bits.")
+                 f"{math.log2(n + 1):.1f}, chance {CHANCE_EXPOSURE:.2f}). Cells: mean exposure (>= the lowest "
+                 f"rank-based 95% lower bound) [skew-normal extrapolation: a fitted model, not a measurement], "
+                 f"canaries ranked first / canaries. reps=0 are never-inserted controls, the chance reference; "
+                 f"'max inserted' counts inserted canaries only." if n else "Canary exposure in bits.")
     rows = []
     for r in leak["models"]:
         by = {int(k): v for k, v in (r.get("exposure_by_repetitions") or {}).items()}
         rows.append([r["label"], r["status"]] + [
-            f"{by[k]['mean_exposure']:.1f} [{by[k]['mean_exposure_extrapolated']:.1f}] {by[k]['ranked_first']}/{by[k]['n']}"
-            if k in by else None for k in reps] + [r.get("max_exposure")])
-    lines.append(md_table(["model", "status"] + [f"reps={k}" for k in reps] + ["max"], rows))
+            f"{by[k]['mean_exposure']:.1f} (>= {by[k].get('exposure_lower', 0):.1f}) "
+            f"[{by[k]['mean_exposure_extrapolated']:.1f}] {by[k]['ranked_first']}/{by[k]['n']}"
+            if k in by else None for k in reps] + [r.get("max_exposure"), r.get("control_max_exposure")])
+    lines.append(md_table(["model", "status"] + [f"reps={k}" for k in reps] + ["max inserted", "max control"], rows))
     ext = [r for r in leak["models"] if r.get("extraction")]
     if ext:
         lines.append("Extraction: exact-match rate of the sensitive answers of training people vs held-out "
