@@ -566,7 +566,9 @@ def stage_checks(cfg, paths, steps, methods):
 def white_box_audit(cfg, ft_cfg, log=print):
     """test_pipeline/privacy_audit's white-box audit of a DP row's configuration: a second run with the
     records, q, noise and steps (without the input canaries) and audit_white_m gradient canaries (already-clipped contributions just
-    before the noise), seeded (reproducible, so no guarantee of its own). Returns its numbers."""
+    before the noise). The canaries' coins are seeded (reproducible: a test of the implementation, no
+    guarantee of its own); the run's DP noise is the fine-tune's (a fresh secret unless the config sets
+    reproducible_noise_seed). Returns its numbers."""
     from test_pipeline import privacy_audit as audit
     acfg = {**audit.DEFAULTS, **ft_cfg, "m": cfg["audit_white_m"], "m_input": 0,
             "full_batch": False, "audit_seed": cfg["seed"], "save": False}

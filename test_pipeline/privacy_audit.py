@@ -35,7 +35,8 @@ bug: the power check). Any bound above the claim exits 1: the implementation or 
 Every finetune_dp key is accepted; this script changes data_dir (the dataset plus the included input
 canaries, in a temporary folder), batch_size (full_batch) and save (False). audit_seed < 0 draws the
 canaries' coins from OS entropy; a fixed audit_seed makes the audit reproducible, which is fine for
-testing an implementation and void as a guarantee (the same holds for the run's own seed).
+testing an implementation and void as a guarantee. The run's DP noise and sampling come from a fresh
+OS secret unless reproducible_noise_seed is set (the same caveat: replayable, so no guarantee).
 """
 import math
 import os
