@@ -51,8 +51,6 @@ log.jsonl (written as the run goes).
 """
 import contextlib
 import hashlib
-import json
-import math
 import os
 import sys
 import time
@@ -76,7 +74,9 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkp
 from utils.cli import UserError
 from utils.data import RecordDataset, load_meta
 from utils.distributed import leave_process_group
+from utils import run_privacy
 from utils.dp_sampling import poisson_loader
+from utils.run_log import RunLog
 from utils.secure_rng import RunSecret, install_noise
 
 DEFAULTS = dict(
@@ -620,112 +620,6 @@ def finetune(cfg, model=None, on_model_ready=None, log=print):
             leave_process_group(finished)
 
 
-REPRODUCIBLE_WARNING = "reproducible_noise_seed set: NOT private against anyone who knows the seed"
-PRIVACY_UNIT = ("person: one record holds every row of one person (the prepare scripts group them), records are "
-                "Poisson-sampled over persons; a record's loss is the mean over its target tokens")
-
-
-class RunLog:
-    """log.jsonl, written as the run goes (a crash loses at most the line being written): one JSON object
-    per line, owner-only, appended to on resume."""
-
-    def __init__(self, path, append=False):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-        self._file = os.fdopen(os.open(path, flags, 0o600), "a")
-
-    def write(self, entry):
-        self._file.write(json.dumps(json_safe(entry)) + "\n")
-        self._file.flush()
-
-    def sync(self):
-        os.fsync(self._file.fileno())
-
-    def close(self):
-        self.sync()
-        self._file.close()
-
-
-def planted_repetitions(data_dir):
-    """The repetition counts k >= 2 of the canaries planted in data_dir (canaries.json), if any."""
-    path = os.path.join(data_dir, "canaries.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return sorted({int(c["repetitions"]) for c in json.load(f).get("canaries", []) if int(c["repetitions"]) >= 2})
-
-
-def privacy_report(cfg, plan, segments, eps, delta, rank=0):
-    """privacy.json: the epsilon of the whole history on this data under the chosen adjacency, and beside it
-    what is public, the other relation's epsilon, this run alone, the group guarantee per planted canary
-    repetition count, the history, and the randomness. Rank 0 computes the extra PLD figures."""
-    fingerprint, adjacency = plan["lineage"]["fingerprint"], plan["adjacency"]
-    same = [s for s in segments if s["dataset_fingerprint"] == fingerprint]
-    report = dict(
-        epsilon=eps, delta=delta, target_epsilon=plan["target_epsilon"], adjacency=adjacency,
-        treated_as_public=ledger.public_quantities(adjacency),
-        epsilon_this_run=epsilon_after(same[-1]["steps"], plan["noise_multiplier"], plan["sample_rate"], delta,
-                                       plan["accountant"], (), adjacency),
-        noise_multiplier=plan["noise_multiplier"], sample_rate=plan["sample_rate"], accountant=plan["accountant"],
-        max_grad_norm=cfg["max_grad_norm"], privacy_unit=PRIVACY_UNIT, dataset_size=plan["dataset_size"],
-        dataset_size_counts="persons (one record each)", dataset_fingerprint=fingerprint,
-        truncated_records=plan["truncated_records"], expected_batch_size=cfg["batch_size"],
-        microbatch_size=cfg["microbatch_size"], loss_on=cfg["loss_on"], noise_quantization=cfg["noise_quantization"],
-        secure_mode=cfg["secure_mode"], randomness=randomness_note(cfg),
-        guarantee_holds=cfg["reproducible_noise_seed"] is None, history=segments)
-    if rank != 0:
-        return report
-    other = ledger.other_adjacency(adjacency)
-    report["epsilon_other_adjacency"] = dict(
-        adjacency=other, epsilon=ledger.epsilon(same, delta, other, "pld", discretization=1e-3),
-        accountant="pld (dp-accounting), discretization 1e-3 (pessimistic: an upper bound)")
-    report["group_privacy"] = [dict(k=k, epsilon=ledger.group_epsilon(same, k, delta), delta=delta,
-                                    method=ledger.GROUP_METHOD) for k in planted_repetitions(cfg["data_dir"])]
-    elsewhere = plan["lineage"]["elsewhere"]
-    if elsewhere:
-        report["base_trained_elsewhere"] = dict(
-            note="the base model was trained privately on other data (another dataset fingerprint); epsilon above "
-                 "is this data's only. If the same people are in both, the composed figure applies",
-            epsilon_elsewhere=ledger.epsilon(elsewhere, delta, adjacency, plan["accountant"]),
-            epsilon_if_same_people=ledger.epsilon(segments, delta, adjacency, plan["accountant"]))
-    return report
-
-
-def randomness_note(cfg):
-    """How the DP randomness was drawn, for the log and privacy.json."""
-    if cfg["reproducible_noise_seed"] is None:
-        return ("DP randomness (sampling, noise, rounding): a fresh 256-bit OS secret, ChaCha20 keystreams "
-                "(utils/secure_rng.py); never stored")
-    return (f"REPRODUCIBLE DP randomness from reproducible_noise_seed={cfg['reproducible_noise_seed']}: the guarantee "
-            "does NOT hold against anyone who knows the seed (experiments only)")
-
-
-def privacy_lineage(cfg, base):
-    """The base checkpoint's DP history against this data: prior (same data fingerprint: composes with this
-    run), elsewhere (other data: reported apart), resume ((sigma, steps left) for init_from='resume'),
-    fingerprint (this data's, or None when nothing private is involved)."""
-    history = list((base or {}).get("privacy_history") or [])
-    resume = cfg["init_from"] == "resume"
-    fingerprint = ledger.dataset_fingerprint(cfg["data_dir"]) if (cfg["dp"] or history) else None
-    prior = [s for s in history if s["dataset_fingerprint"] == fingerprint]
-    elsewhere = [s for s in history if s["dataset_fingerprint"] != fingerprint]
-    out = dict(prior=prior, elsewhere=elsewhere, resume=None, fingerprint=fingerprint)
-    if resume:
-        state = base.get("run_state") or {}
-        if not cfg["dp"] or not history or elsewhere:
-            raise UserError("init_from='resume' continues a DP run on the same data_dir: the checkpoint's privacy "
-                            "history is for other data (or the run is not private)")
-        remaining = state["total_planned_steps"] - state["steps_done"]
-        if remaining <= 0:
-            raise UserError(f"the run in {cfg['out_dir']} already finished its {state['total_planned_steps']} steps; "
-                            "to train more, start a new run with base_ckpt pointing at its ckpt.pt")
-        if "optimizer" not in base:
-            raise UserError(f"{cfg['out_dir']}/ckpt.pt has no optimizer state to resume from")
-        out["resume"] = (state["noise_multiplier"], remaining)
-        out["state"] = state
-    return out
-
-
 def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_size=1, device=None):
     """Load and check the data and base model, prepare the model, plan the budget, build the Trainer.
     Returns a namespace: trainer, gpt, plan, val_set, answer_set, autocast, n_trainable."""
@@ -751,7 +645,7 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
     n = len(train_set)
     log(f"data: {n} train records{f', {len(val_set)} val' if val_set else ''}, block_size {block_size}, "
         f"loss on {cfg['loss_on']}; {n_truncated} train records longer than block_size truncated")
-    lineage = privacy_lineage(cfg, base)
+    lineage = run_privacy.lineage(cfg, base)
     run_cfg = cfg
     if lineage["resume"]:
         sigma, remaining = lineage["resume"]
@@ -778,7 +672,7 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
         log(f"DP-SGD ({tr.mode}): noise_multiplier {plan['noise_multiplier']:.4g}, clip {cfg['max_grad_norm']}, "
             f"sample rate {plan['sample_rate']:.4g}, {plan['planned_steps']} steps planned, delta {delta:.3g}, "
             f"accountant {plan['accountant']}, adjacency {plan['adjacency']}; {n_trainable:,} trainable parameters")
-        log(randomness_note(cfg))
+        log(run_privacy.randomness_note(cfg))
         if lineage["prior"] and not lineage["resume"]:
             log(f"the base already went through {sum(s['steps'] for s in lineage['prior'])} DP steps on this data: "
                 "the target covers the whole history")
@@ -809,9 +703,9 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
     run_log = RunLog(os.path.join(out, "log.jsonl"), append=bool(lineage["resume"])) if writes else None
     if run_log:
         run_log.write({"event": "resume" if lineage["resume"] else "config", **json_safe(cfg),
-                       "randomness": randomness_note(cfg) if cfg["dp"] else "non-private"})
+                       "randomness": run_privacy.randomness_note(cfg) if cfg["dp"] else "non-private"})
     state = lineage.get("state") or {"total_planned_steps": plan["planned_steps"], "steps_done": 0}
-    warn = f" [{REPRODUCIBLE_WARNING}]" if cfg["dp"] and cfg["reproducible_noise_seed"] is not None else ""
+    warn = f" [{run_privacy.REPRODUCIBLE_WARNING}]" if cfg["dp"] and cfg["reproducible_noise_seed"] is not None else ""
 
     def segments():
         """The model's whole DP history, this run's steps so far included."""
@@ -898,7 +792,7 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
         eps = tr.epsilon(delta)
         if plan["target_epsilon"] is not None and eps > plan["target_epsilon"] + 1e-9:
             raise RuntimeError(f"bug: spent epsilon {eps} above the target {plan['target_epsilon']}")
-        privacy = privacy_report(cfg, plan, segments(), eps, delta, rank)
+        privacy = run_privacy.report(cfg, plan, segments(), eps, delta, rank)
         privacy.update(
             epsilon=eps, steps=tr.steps, epochs=tr.steps * plan["sample_rate"], planned_steps=plan["planned_steps"],
             grad_sample_mode=tr.mode, trainable_params=n_trainable, weights_tied=gpt.weights_tied,
