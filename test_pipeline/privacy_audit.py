@@ -26,7 +26,9 @@ Full batch (full_batch=True, default): batch_size = every training record, q = 1
 tradeoff is exactly Gaussian (mu = sqrt(steps) / sigma) and the audit is at its most powerful; any q
 works (full_batch=False keeps your batch_size). The claim is the accountant's epsilon for the CALIBRATED
 noise: noise_bug_factor < 1 runs with that much less noise while claiming the same epsilon (a planted
-bug: the power check). Any bound above the claim exits 1: the implementation or its accounting is broken.
+bug: the power check). The claim is always the add/remove epsilon (a canary is added or left out), from
+the run's accountant ('pld' or 'prv' give the tightest claims). Any bound above the claim exits 1: the
+implementation or its accounting is broken.
 
     python test_pipeline/privacy_audit.py config/finetune_dp_employees.py --target_epsilon=8 --m=2000 \
         --accountant=prv --max_steps=50 --out=audit.json --plot=audit.png
