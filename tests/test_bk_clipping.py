@@ -187,6 +187,17 @@ def test_frozen_layers_are_not_booked_and_keep_their_forward():
     assert all(p.grad is None for p in model.transformer.h[0].parameters())
 
 
+def test_a_layer_the_forward_skips_gets_a_zero_gradient():
+    """Opacus's optimizer sums p.grad for every trainable parameter: one the forward never reached must
+    get zeros (its per-record gradients are 0), not None."""
+    used, unused = nn.Linear(3, 2), nn.Linear(3, 2)
+    bk = BookKeeping(nn.ModuleDict(dict(used=used, unused=unused)), 1.0)
+    used(torch.randn(4, 5, 3)).pow(2).sum().backward()
+    bk.clip_and_sum()
+    assert used.weight.grad.abs().sum() > 0
+    assert torch.equal(unused.weight.grad, torch.zeros(2, 3)) and torch.equal(unused.bias.grad, torch.zeros(2))
+
+
 def test_unsupported_trainable_layer_is_refused():
     with pytest.raises(ValueError, match="no rule for trainable Conv1d"):
         BookKeeping(nn.Sequential(nn.Linear(3, 3), nn.Conv1d(3, 3, 1)), 1.0)

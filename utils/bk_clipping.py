@@ -275,6 +275,9 @@ class BookKeeping(nn.Module):
             for u in uses[1:]:
                 total = total + u.clipped_sum(c)
             p.grad = total.to(p.dtype).view_as(p)
+        for p in self.trainable:  # a layer this forward never used: every record's gradient there is 0
+            if p not in self.uses:
+                p.grad = torch.zeros_like(p)
         self.last_norms = norms
         self.uses = {}
 
