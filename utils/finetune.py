@@ -124,7 +124,7 @@ DEFAULTS = dict(
     lora_alpha=16.0,
     lora_targets=("attn",),  # attn, mlp
     # system
-    seed=1337,
+    seed=1337,  # model init (LoRA) and non-private sampling only; DP randomness is a secret (reproducible_noise_seed)
     device="cpu",
     dtype="float32",  # 'float32' | 'float64' | 'bfloat16' (autocast on CUDA)
     eval_interval=50,
