@@ -23,7 +23,7 @@ def test_fresh_secrets_differ_and_a_reproducible_seed_replays_bit_exactly():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_normals_pass_ks_with_the_asked_std(dtype):
-    x = RunSecret.fresh().stream("noise").normal((60001,), 0.3, dtype=dtype)
+    x = RunSecret.reproducible(2).stream("noise").normal((60001,), 0.3, dtype=dtype)  # fixed: no flaky KS
     assert x.dtype == dtype and x.shape == (60001,)
     assert stats.kstest((x.double() / 0.3).numpy(), "norm").pvalue > 1e-3
     assert abs(float(x.std()) / 0.3 - 1) < 0.02
