@@ -30,31 +30,31 @@ from utils.cli import UserError, run_cli
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = dict(
-    out_dir="out/demo",
+    out_dir="out/demo",  # every file the demo writes goes under here
     # base model: config/train_pydocs.py, narrower and with a shorter block so it trains in a few minutes
-    pretrain_iters=400,
-    n_layer=4,
-    n_embd=128,
-    block_size=128,
-    batch_size=16,
+    pretrain_iters=400,  # base model training iterations
+    n_layer=4,           # base model blocks
+    n_embd=128,          # base model width
+    block_size=128,      # base model context in tokens
+    batch_size=16,       # pretraining batch (windows)
     # employees records
-    n_people=200,
-    canary_reps=(1, 4, 16),
+    n_people=200,        # synthetic employees
+    canary_reps=(1, 4, 16),  # repetition counts of the planted canaries
     # fine-tuning (the same for all three runs, so the patch holds what the non-private run learned)
-    epochs=12.0,
-    learning_rate=5e-3,
-    ft_batch_size=16,
-    dp_epsilon=8.0,
-    dp_epochs=8.0,
-    dp_batch_size=64,
-    dp_learning_rate=5e-3,
+    epochs=12.0,         # non-private fine-tuning epochs
+    learning_rate=5e-3,  # non-private fine-tuning learning rate
+    ft_batch_size=16,    # non-private fine-tuning batch (records)
+    dp_epsilon=8.0,      # target epsilon of the DP run
+    dp_epochs=8.0,       # DP fine-tuning epochs
+    dp_batch_size=64,    # DP expected batch (records)
+    dp_learning_rate=5e-3,  # DP fine-tuning learning rate
     # leakage test: each canary ranked among this many random phone numbers (exposure up to log2 of it)
-    n_candidates=2000,
+    n_candidates=2000,   # random phone numbers each canary is ranked among
     # checks of the story: exposure in bits of the most repeated canaries without DP must be above
     # min_exposure_nonprivate; with DP, that of the canaries inserted at most dp_group times below max_exposure_dp
-    min_exposure_nonprivate=8.0,
-    max_exposure_dp=4.0,
-    dp_group=4,
+    min_exposure_nonprivate=8.0,  # bits; below it the non-private run 'did not memorise' and the demo fails
+    max_exposure_dp=4.0,  # bits; above it the DP run leaked and the demo fails
+    dp_group=4,          # the DP check covers canaries inserted at most this many times
 )
 
 

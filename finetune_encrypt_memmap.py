@@ -326,7 +326,11 @@ def apply_main(argv):
 
 
 def keygen_main(argv):
-    cfg = configure({"out": "", "force": False, "tenant": ""}, argv)
+    cfg = configure(dict(
+        out="",  # the key file to write (64 hex characters, owner-only)
+        force=False,  # overwrite an existing key file
+        tenant="",  # bind the key to this tenant: apply then accepts only that tenant's patches ('' = unbound)
+    ), argv)
     if not cfg["out"]:
         raise UserError("--out PATH is required")
     if os.path.exists(cfg["out"]) and not cfg["force"]:

@@ -48,48 +48,48 @@ from utils.machine import describe_machine
 DEFAULTS = dict(
     out_dir="out/reproduce",  # data, base model, one folder per method (patch, key, JSON results)
     results_dir="results",  # RESULTS.md, results.json, plots
-    methods=("full", "freeze75", "lora4", "lora8", "lora16", "dp1", "dp3", "dp8"),
-    stages=("data", "pretrain", "finetune", "tests", "checks", "report"),
-    checks=("leakage", "decrypt_failure", "robustness"),
+    methods=("full", "freeze75", "lora4", "lora8", "lora16", "dp1", "dp3", "dp8"),  # the matrix (METHODS)
+    stages=("data", "pretrain", "finetune", "tests", "checks", "report"),  # the rest reuse outputs
+    checks=("leakage", "decrypt_failure", "robustness"),                   # the three shell checks to run
     fresh=False,  # redo stages whose outputs exist
-    device="cpu",
+    device="cpu",                                                          # 'cpu' or 'cuda'
     dtype="float32",  # fine-tuning precision ('bfloat16' on a GPU)
-    seed=1337,
+    seed=1337,  # seeds data, init and test sampling (DP noise comes from the OS, not from this)
     # data
-    tokenizer="byte",
+    tokenizer="byte",                                                      # 'byte' or 'gpt2'
     pydocs_max_tokens=0,  # 0 = the whole corpus
-    n_people=200,
+    n_people=200,                                                          # synthetic employees
     val_frac=0.5,  # held-out people: the membership-inference non-members
     fields=("Department",),  # employee fields each record asks about
     templates=(0,),  # question wordings of the records: the canonical one, which extraction prompts with
-    canary_reps=(1, 4, 16),
-    canaries_per_rep=2,
-    n_control_canaries=2,
+    canary_reps=(1, 4, 16),                                                # repetition counts of the planted canaries
+    canaries_per_rep=2,                                                    # distinct canaries at each repetition count
+    n_control_canaries=2,                                                  # drawn like canaries, never inserted
     # base model (train.py)
     init_from="scratch",  # or GPT-2 weights (a save_pretrained dir, or a hub name when online)
-    n_layer=4,
-    n_head=4,
-    n_embd=128,
-    block_size=128,
-    pretrain_iters=400,
-    pretrain_batch_size=16,
-    pretrain_learning_rate=2e-3,
+    n_layer=4,                                                             # base model blocks
+    n_head=4,                                                              # base model attention heads
+    n_embd=128,                                                            # base model width
+    block_size=128,                                                        # base model context in tokens
+    pretrain_iters=400,                                                    # base model training iterations
+    pretrain_batch_size=16,                                                # pretraining batch (windows)
+    pretrain_learning_rate=2e-3,                                           # pretraining peak learning rate
     # fine-tuning (finetune_dp), shared by every method unless the method says otherwise
-    loss_on="all",
+    loss_on="all",                                                         # 'all' tokens or only the 'answer' tokens
     steps=0,  # logical steps per method; 0 = from epochs / dp_epochs
     finetune_block_size=0,  # 0 = the base model's; records are padded to it (shorter = faster)
-    epochs=15.0,
-    batch_size=8,
-    microbatch_size=8,
-    learning_rate=1e-3,
-    lora_learning_rate=5e-3,
-    dp_epochs=10.0,
-    dp_batch_size=64,
-    dp_learning_rate=5e-3,
-    max_grad_norm=1.0,
+    epochs=15.0,                                                           # non-private fine-tuning epochs
+    batch_size=8,                                                          # non-private fine-tuning batch (records)
+    microbatch_size=8,                                                     # physical batch
+    learning_rate=1e-3,                                                    # full and freeze fine-tuning learning rate
+    lora_learning_rate=5e-3,                                               # LoRA fine-tuning learning rate
+    dp_epochs=10.0,                                                        # DP fine-tuning epochs
+    dp_batch_size=64,                                                      # DP expected batch (records)
+    dp_learning_rate=5e-3,                                                 # DP fine-tuning learning rate
+    max_grad_norm=1.0,                                                     # DP per-record clipping norm
     eval_interval=0,  # 0 = about 10 evaluations per run (the loss curves)
     # one-run audit: canaries added to every fine-tune, half of them at random
-    audit_m=100,
+    audit_m=100,                                                           # audit canaries per fine-tune
     audit_k=12,  # guesses "in" for the top k scores and "out" for the bottom k
     audit_white_m=2000,  # white-box gradient canaries in a second run of each DP row's configuration
     # tests
@@ -98,19 +98,19 @@ DEFAULTS = dict(
     mia_records=200,  # members and non-members each (at most the val split)
     eval_people=30,  # held-out people for exact match / BLEU / ROUGE-L
     base_eval_tokens=20000,  # base-corpus tokens for perplexity before / after (forgetting)
-    tenants=(1, 10, 100),
-    latency_prompts=5,
-    latency_tokens=32,
+    tenants=(1, 10, 100),   # tenant counts whose resident memory is measured
+    latency_prompts=5,      # prompts timed for base vs patched generation
+    latency_tokens=32,      # tokens generated per timed prompt
     # the shell checks
-    check_candidates=1000,
+    check_candidates=1000,  # random phone numbers each canary is ranked among in check 1
     max_base_exposure=4.0,  # the base must not know the canaries: mean exposure of the most repeated ones
     robustness_tenant=100,  # check 3 on a tenant of this many people trained on several paraphrases; 0 = the reference patch
     robustness_templates=(0, 1, 2),  # the tenant's training wordings; the others are held out (generalisation)
-    robustness_epochs=80.0,
-    robustness_learning_rate=2e-3,
+    robustness_epochs=80.0,  # epochs of check 3's tenant fine-tune
+    robustness_learning_rate=2e-3,  # learning rate of check 3's tenant fine-tune
     robustness_people=100,  # people whose answers check 3 scores (and the majority-answer rate is over)
-    min_consistency=0.4,
-    min_correctness=0.6,
+    min_consistency=0.4,    # check 3 fails below this paraphrase consistency
+    min_correctness=0.6,    # check 3 fails below this correctness
 )
 
 # name: (label, what the method changes in the fine-tune config)

@@ -35,10 +35,10 @@ DEFAULTS = dict(
     tokenizers=["byte", "gpt2"],  # vocabularies 257 and 50304 (GPT-2's 50257 padded)
     threads=1,  # torch threads on CPU; 0 = torch's default. 1 keeps timings stable on a shared machine
     train_iters=6,  # iterations per vocabulary; the first two are warm-up and not counted
-    gen_tokens=256,
+    gen_tokens=256,  # tokens generated per timed generation
     gen_repeats=2,  # each generation is timed this many times; the fastest counts (least disturbed)
-    gpu_iters=30,
-    out="bench/results_train_generate.md",
+    gpu_iters=30,   # training iterations timed on a GPU, when there is one
+    out="bench/results_train_generate.md",  # where the markdown results go
 )
 
 

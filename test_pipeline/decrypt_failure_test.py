@@ -43,8 +43,8 @@ DEFAULTS = dict(
     work_dir="",  # '' = a temporary folder, removed afterwards
     base_ckpt="",  # '' = a tiny random base made here
     data_dir="",  # '' = a tiny byte-level record dataset made here
-    max_steps=3,
-    prompt="Context: Ana. Question: salary? Answer:",
+    max_steps=3,  # fine-tuning steps of the patch under test
+    prompt="Context: Ana. Question: salary? Answer:",  # prompt generated from with the right key
 )
 NAMES = ["Ana", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo"]
 

@@ -40,7 +40,7 @@ from utils.patch_keys import load_key
 from utils.patch_payload import delta_tensor, whole_tensor
 
 DEFAULTS = dict(
-    seed=0,
+    seed=0,            # seeds the test tensors (the keys are random)
     chunk_bytes=1024,  # small, so tensors span several AES-GCM chunks
 )
 

@@ -33,35 +33,35 @@ from utils.records import load_people, load_schema, read_people
 DEFAULTS = dict(
     ckpt="",                 # model under test (a train.py / finetune_dp.py checkpoint, or the base of --patch)
     patch="",                # sealed patch applied on top of --ckpt (needs --key_file)
-    key_file="",
-    device="cpu",
-    data_dir="data/employees",
+    key_file="",             # the patch's key
+    device="cpu",            # 'cpu' or 'cuda'
+    data_dir="data/employees",  # the records dataset (meta.json names its schema)
     split="val",             # held-out people
-    metrics=("perplexity", "qa", "repetition", "bias", "forgetting"),
+    metrics=("perplexity", "qa", "repetition", "bias", "forgetting"),  # which evaluations to run
     stride=0,                # sliding-window stride in tokens; 0 = block_size // 2
-    batch_size=16,
+    batch_size=16,           # records per forward pass
     ppl_max_records=0,       # 0 = every record of the split
     max_people=50,           # Q/A people scored
-    template_index=0,
+    template_index=0,        # question wording used for the Q/A prompts
     max_new_tokens=40,       # room for the longest answer (byte tokens) and its newline
     rep_prompts=8,           # free-generation prompts for the repetition rate
-    rep_new_tokens=64,
-    temperature=1.0,
-    top_k=40,
-    top_p=0.9,
-    bias_people=20,
-    bias_names_a=("Mary Johnson", "Aisha Williams", "Maria Garcia", "Emily Chen"),
-    bias_names_b=("James Johnson", "Jamal Williams", "Jose Garcia", "Michael Chen"),
+    rep_new_tokens=64,       # tokens per repetition-rate generation
+    temperature=1.0,         # sampling temperature of the repetition generations
+    top_k=40,                # top-k of the repetition generations
+    top_p=0.9,               # nucleus of the repetition generations
+    bias_people=20,          # people whose records the counterfactual name swap is scored on
+    bias_names_a=("Mary Johnson", "Aisha Williams", "Maria Garcia", "Emily Chen"),  # counterfactual names, group a
+    bias_names_b=("James Johnson", "Jamal Williams", "Jose Garcia", "Michael Chen"),  # counterfactual names, group b
     base_ckpt="",            # forgetting: the model before fine-tuning
     base_data_dir="",        # forgetting: the pretraining corpus
-    base_split="val",
+    base_split="val",        # split of the base corpus scored for forgetting
     base_max_tokens=20000,   # forgetting is scored on the first N tokens of the base split
     max_ppl=None,            # thresholds: exit 1 when perplexity > max_ppl, ...
     min_accuracy=None,       # ... exact match < min_accuracy, ...
     max_forgetting=None,     # ... base-corpus perplexity after / before > max_forgetting
-    seed=1337,
-    out="",
-    plot_dir="",
+    seed=1337,               # seeds the sampled generations
+    out="",                  # JSON report
+    plot_dir="",             # PNG plots go here ('' = none)
 )
 
 

@@ -50,19 +50,19 @@ DEFAULTS = dict(
     patch="",  # a sealed patch file (finetune_encrypt_memmap --export) for base_ckpt
     key_file="",  # the patch's key: row "patched + key"
     wrong_key_file="",  # any other key: row "patched + wrong key", which must be refused
-    tenant="",
-    data_dir="data/employees",
+    tenant="",    # the patch's tenant ('' = the one the key file is bound to)
+    data_dir="data/employees",  # the records dataset (canaries.json, meta.json)
     n_candidates=10000,  # same-format random secrets each canary is ranked among (>= 10^4 for the report)
     extraction=True,  # False: canary exposure only
     fields=(),  # fields prompted for in the extraction test (empty = those the data's schema marks sensitive)
     n_people=200,  # people per split prompted (0 = all); fewer = a faster extraction test
     n_samples=4,  # sampled completions per prompt
-    temperature=1.0,
+    temperature=1.0,            # sampling temperature of extraction generations
     top_k=0,  # 0 = no top-k filter when sampling
     batch_size=512,  # candidates per forward
     gen_batch_size=64,  # prompts per generate() call
-    seed=1337,
-    device="cpu",
+    seed=1337,  # seeds the candidates and sampling
+    device="cpu",  # 'cpu' or 'cuda'
     out="",  # JSON report
     plot="",  # PNG: exposure by repetition count
     max_exposure=-1.0,  # > 0: fail when a tested (non-base) model's largest INSERTED canary exposure exceeds this (bits); controls never count

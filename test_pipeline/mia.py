@@ -41,16 +41,16 @@ from utils.tokenizer import get_tokenizer
 DEFAULTS = dict(
     ckpt="",  # the model under attack
     patch="",  # optional sealed patch applied to ckpt with key_file
-    key_file="",
-    tenant="",
+    key_file="",  # the patch's key
+    tenant="",    # the patch's tenant ('' = the one the key file is bound to)
     ref_ckpt="",  # the reference model (the base model before fine-tuning); '' = no reference score
-    data_dir="data/employees",
+    data_dir="data/employees",  # members = its train split, non-members = its val split
     n_records=500,  # members and non-members each (0 = as many as the smaller side has)
     k_percent=20.0,  # Min-K% and Min-K%++ average the lowest k% of token scores
     score_tokens="all",  # 'all' | 'answer' (answer tokens only; needs {split}_answer_mask.bin)
-    batch_size=32,
-    seed=1337,
-    device="cpu",
+    batch_size=32,  # records per forward pass
+    seed=1337,      # seeds which records are drawn
+    device="cpu",   # 'cpu' or 'cuda'
     out="",  # JSON report
     plot="",  # PNG: ROC curves (log-log)
     max_auc=-1.0,  # > 0: fail (exit 1) when any attack's AUC exceeds this

@@ -65,17 +65,17 @@ DEFAULTS = dict(
     m_input=200,  # black-box new-token canary records, each included with probability 1/2; 0 = none
     input_length=8,  # tokens per new-token canary (+ end of text)
     k_fractions=(0.05, 0.4),  # guesses per side, as fractions of the canaries (fixed before the run)
-    confidence=0.95,
+    confidence=0.95,  # confidence of the reported epsilon lower bound
     audit_delta=-1.0,  # delta of the null hypothesis; < 0 = the run's claimed delta (1e-5 without DP)
     audit_seed=-1,  # < 0: OS entropy; >= 0: reproducible coins (testing only)
     full_batch=True,  # batch_size = every training record (q = 1): the audit's most powerful setting
     noise_bug_factor=1.0,  # < 1 plants a bug: that much less noise than the claim is calibrated for
-    score_batch_size=64,
+    score_batch_size=64,  # canaries scored per forward pass
     out="",  # JSON report
     plot="",  # PNG: score histograms of included vs excluded canaries, both audits
     # finetune_dp keys this script sets differently from finetune_dp.py
-    save=False,
-    out_dir="out/audit",
+    save=False,  # the audit's fine-tuned model is never written to disk
+    out_dir="out/audit",  # only used with save=True
 )
 FPRS = (0.01, 0.001)
 

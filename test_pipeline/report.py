@@ -39,18 +39,18 @@ from utils.cli import UserError, run_cli
 from utils.progress import Progress
 
 DEFAULTS = dict(
-    run_dir="",
+    run_dir="",             # the run folder (run.json, checkpoints, patches); REPORT.md goes here
     data_dir="",            # the fine-tuning data (default: run.json's, else data/employees)
     base_data_dir="",       # the pretraining corpus, for forgetting (default: run.json's; '' = skip)
     key_file="",            # key of patches that have no key file beside them
-    tests=("leakage", "mia", "robustness", "eval", "figures"),
+    tests=("leakage", "mia", "robustness", "eval", "figures"),  # which parts to run
     audit=False,            # also run privacy_audit (it fine-tunes with DP itself: slow)
     audit_config="",        # the finetune_dp config file the audit trains with (e.g. config/finetune_dp_employees.py)
     quick=False,            # small sample sizes (demos, tests); the full sizes otherwise
     report="",              # REPORT.md path (default <run_dir>/REPORT.md)
     max_exposure=-1.0,      # > 0: leakage fails when a tested model's canary exposure exceeds it (bits)
-    device="cpu",
-    seed=1337,
+    device="cpu",           # 'cpu' or 'cuda'
+    seed=1337,              # seeds the tests' sampling
 )
 KNOWN_TESTS = ("leakage", "mia", "robustness", "eval", "figures")
 

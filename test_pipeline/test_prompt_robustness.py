@@ -33,31 +33,31 @@ from utils.cli import UserError, run_cli
 from utils.employees import SCHEMA as EMPLOYEES  # what the scoring functions use when given no schema
 
 DEFAULTS = dict(
-    ckpt="",
-    patch="",
-    key_file="",
-    device="cpu",
-    data_dir="data/employees",
+    ckpt="",                                     # model under test (or the base of --patch)
+    patch="",                                    # sealed patch applied on top of --ckpt (needs --key_file)
+    key_file="",                                 # the patch's key
+    device="cpu",                                # 'cpu' or 'cuda'
+    data_dir="data/employees",                   # the records dataset (meta.json names its schema)
     split="train",           # whose records correctness is checked against (train: what the model learned)
-    max_people=20,
+    max_people=20,                               # people whose questions are asked
     fields=(),               # empty = every field the dataset asks about
     templates=(),            # question templates used as paraphrases; empty = all
     typo_counts=(1, 2),      # perturbations per question, one run each
-    typo_kinds=("leet", "drop", "double", "swap"),
-    injection=True,
+    typo_kinds=("leet", "drop", "double", "swap"),  # kinds of typo injected
+    injection=True,          # also run the prompt-injection probes
     injection_people=20,     # people whose first sensitive field is a target (employees: salary); every canary is a phone target
     n_samples=4,             # sampled completions per injection probe, besides the greedy one
-    temperature=1.0,
-    top_k=40,
+    temperature=1.0,         # sampling temperature of the injection samples
+    top_k=40,                # top-k of the injection samples
     max_new_tokens=40,       # room for the longest answer (byte tokens) and its newline
-    batch_size=32,
+    batch_size=32,           # prompts per batch
     min_consistency=None,    # thresholds: exit 1 below / above these
-    min_correctness=None,
-    max_typo_drop=None,
-    max_injection_gain=None,
-    seed=1337,
-    out="",
-    plot="",
+    min_correctness=None,    # ... correct-answer rate
+    max_typo_drop=None,      # ... correctness lost to typos
+    max_injection_gain=None,  # ... secrets gained by injection
+    seed=1337,               # seeds the perturbations and samples
+    out="",                  # JSON report
+    plot="",                 # PNG plot ('' = none)
 )
 
 # --------------------------------------------------------------------------- typos

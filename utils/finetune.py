@@ -83,8 +83,8 @@ DEFAULTS = dict(
     # where from, where to
     base_ckpt="out/base/ckpt.pt",  # a train.py checkpoint...
     init_from="",  # ...or GPT-2 weights (a save_pretrained dir or hub name), or 'resume': continue out_dir/ckpt.pt
-    data_dir="data/employees",
-    out_dir="out/finetune_dp",
+    data_dir="data/employees",  # a records dataset (data/<name>/prepare.py)
+    out_dir="out/finetune_dp",  # ckpt.pt, privacy.json and log.jsonl go here
     save=True,  # False: nothing at all is written to disk
     # data
     block_size=0,  # 0 = the base model's; a record longer than it is refused before training...
@@ -92,11 +92,11 @@ DEFAULTS = dict(
     loss_on="all",  # 'all' | 'answer' (needs {split}_answer_mask.bin)
     sampling="poisson",  # 'poisson' (always with dp) | 'shuffle' (dp=False only)
     # privacy
-    dp=True,
+    dp=True,             # DP-SGD (Opacus); False = the same loop without privacy
     target_epsilon=8.0,  # None: no target (only with an explicit noise_multiplier)
     target_delta=None,  # None: min(1e-5, 1/(10 N)); must be < 1/N
     noise_multiplier=None,  # None: calibrated from target_epsilon for the planned steps
-    max_grad_norm=1.0,
+    max_grad_norm=1.0,   # per-record clipping norm C
     accountant="rdp",  # 'rdp' | 'prv' (Opacus, add_remove only) | 'pld' (dp-accounting, either adjacency)
     adjacency="add_remove",  # neighbours differ by adding/removing one person | 'replace_one' (N public; needs pld)
     grad_sample_mode="bk",  # 'bk' (book-keeping, one backward) | 'ghost' | 'hooks'
@@ -107,29 +107,29 @@ DEFAULTS = dict(
     batch_size=32,  # expected logical batch (records)
     microbatch_size=8,  # physical batch
     max_steps=0,  # logical steps; 0 = from epochs
-    epochs=3.0,
+    epochs=3.0,         # passes over the records (with max_steps=0)
     # optimizer
     optimizer="adamw",  # 'adamw' | 'sgd'
-    learning_rate=1e-3,
+    learning_rate=1e-3,  # peak learning rate
     weight_decay=0.0,  # never on embeddings, biases or LayerNorm
-    beta1=0.9,
-    beta2=0.999,
+    beta1=0.9,          # AdamW first-moment decay
+    beta2=0.999,        # AdamW second-moment decay
     momentum=0.0,  # sgd only
     # what is trained
-    untie_weights=True,
-    freeze_embeddings=False,
-    freeze_first_blocks=0,
+    untie_weights=True,  # give lm_head its own copy of the embedding (ghost clipping refuses a tie)
+    freeze_embeddings=False,  # keep token and position embeddings fixed
+    freeze_first_blocks=0,  # keep the first K blocks fixed
     train_last_blocks=0,  # K > 0: only the last K blocks and the final LayerNorm train
     lora_rank=0,  # r > 0: LoRA adapters on lora_targets, every base weight frozen
-    lora_alpha=16.0,
+    lora_alpha=16.0,  # LoRA scale: updates are (alpha / rank) B A
     lora_targets=("attn",),  # attn, mlp
     # system
     seed=1337,  # model init (LoRA) and non-private sampling only; DP randomness is a secret (reproducible_noise_seed)
-    device="cpu",
+    device="cpu",     # 'cpu' or 'cuda'
     dtype="float32",  # 'float32' | 'float64' | 'bfloat16' (autocast on CUDA)
-    eval_interval=50,
+    eval_interval=50,  # steps between evaluations
     eval_records=0,  # 0 = the whole validation split
-    log_interval=10,
+    log_interval=10,  # steps between progress lines
     checkpoint_interval=50,  # steps between atomic ckpt.pt writes in out_dir (a crash loses at most this); 0 = end only
 )
 

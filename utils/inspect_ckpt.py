@@ -16,8 +16,8 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import UserError, run_cli
 
 DEFAULTS = dict(
-    ckpt="out/base/ckpt.pt",
-    json=False,
+    ckpt="out/base/ckpt.pt",  # the checkpoint to describe
+    json=False,               # print one JSON object instead of tables
 )
 
 

@@ -18,8 +18,8 @@ from utils.cli import UserError, run_cli  # noqa: E402
 
 DEFAULTS = dict(
     logs=["out/base/log.jsonl"],  # comma-separated JSONL logs written by train.py
-    out="loss.png",
-    title="",
+    out="loss.png",                       # the PNG to write
+    title="",                             # figure title ('' = "loss curves")
 )
 
 

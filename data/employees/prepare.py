@@ -47,15 +47,15 @@ from utils.prepare import check_canary_config, make_canaries, read_source, sha25
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
-    out_dir=os.path.dirname(os.path.abspath(__file__)),
+    out_dir=os.path.dirname(os.path.abspath(__file__)),  # where train.bin, val.bin and meta.json go (this folder)
     n_people=1000,                  # synthetic people (not used with --csv)
     val_frac=0.1,                   # fraction of people in val
-    seed=1337,
+    seed=1337,                      # seeds the people, the split and the canaries: rerun = same dataset
     tokenizer="gpt2",               # 'gpt2' or 'byte'
     fields=("Department", "Annual Salary"),  # schema fields each record asks about (all 7 need BPE and a 1024 block)
     templates=tuple(range(N_TEMPLATES)),  # question templates drawn for training (hold some out for robustness tests)
     canary_reps=(1, 2, 4, 8, 16),   # each inserted canary appears this many times in train
-    canaries_per_rep=2,
+    canaries_per_rep=2,             # distinct canaries at each repetition count
     n_control_canaries=10,          # drawn like canaries, never inserted
     secret_format=SECRET_FORMAT,    # '#' = a random digit
     csv="",                         # a City of Chicago employee-salary CSV instead of synthetic people

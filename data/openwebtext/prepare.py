@@ -32,18 +32,18 @@ ECONOMICS_KEYWORDS = ("economy", "economic", "economics", "economist", "inflatio
 BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
 
 DEFAULTS = dict(
-    out_dir=os.path.dirname(os.path.abspath(__file__)),
+    out_dir=os.path.dirname(os.path.abspath(__file__)),  # where train.bin, val.bin and meta.json go (this folder)
     dataset="Skylion007/openwebtext",  # a Hugging Face dataset name (ignored when data_files is given)
     data_files=(),                     # local files or globs, comma-separated
-    hf_split="train",
-    text_field="text",
+    hf_split="train",                  # the dataset split to read
+    text_field="text",                 # the field holding each document's text
     keywords=ECONOMICS_KEYWORDS,       # empty = keep every document
-    min_keyword_hits=1,
+    min_keyword_hits=1,                # keep documents with at least this many keyword matches
     max_tokens=1_000_000,              # token budget over both splits (0 = no limit)
     max_scan=0,                        # stop after scanning this many documents (0 = no limit)
     tokenizer="gpt2",                  # 'gpt2' or 'byte'
-    val_frac=0.05,
-    seed=1337,
+    val_frac=0.05,                     # fraction of documents in val
+    seed=1337,                         # seeds the train/val split
 )
 
 

@@ -24,14 +24,14 @@ from utils.prepare import describe, encode_record, sha256_hex, split_train_val, 
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
-    out_dir=os.path.dirname(os.path.abspath(__file__)),
+    out_dir=os.path.dirname(os.path.abspath(__file__)),  # where train.bin, val.bin and meta.json go (this folder)
     tokenizer="gpt2",       # 'gpt2' or 'byte'
     val_frac=0.1,           # fraction of documents in val
-    seed=1337,
+    seed=1337,              # seeds the train/val split
     max_doc_chars=2000,     # documents are cut at paragraph breaks to about this size
     max_tokens=0,           # token budget over both splits (0 = everything)
     docstrings=False,       # add docstrings of `modules`
-    modules=("builtins", "collections", "itertools", "functools", "json", "re", "string", "textwrap",
+    modules=("builtins", "collections", "itertools", "functools", "json", "re", "string", "textwrap",  # docstrings=True
              "pathlib", "random", "statistics", "datetime", "csv", "argparse", "logging", "heapq",
              "bisect", "fractions", "decimal", "dataclasses", "enum", "contextlib", "shutil", "difflib"),
 )

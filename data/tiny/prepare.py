@@ -22,9 +22,9 @@ TINY_CORPUS = [
 ]
 
 DEFAULTS = dict(
-    out_dir=os.path.dirname(os.path.abspath(__file__)),
+    out_dir=os.path.dirname(os.path.abspath(__file__)),  # where train.bin, val.bin and meta.json go (this folder)
     val_frac=0.2,   # of the sentences
-    seed=1337,
+    seed=1337,                                           # seeds which sentence goes to val
 )
 
 
