@@ -1,6 +1,10 @@
 """Atomic file writes: write a temp file in the target's folder, fsync, then rename over the target.
 A reader sees the old file or the new one, never half of one. Files are created owner-only (0600,
-mkstemp's mode): checkpoints and datasets here hold, or derive from, sensitive records."""
+mkstemp's mode): checkpoints and datasets here hold, or derive from, sensitive records.
+
+A writer killed mid-write (SIGKILL, power loss) cannot remove its temp file, and that file may hold
+plaintext weights or records: the next atomic write of the same target removes such leftovers first.
+Two processes writing the same target at once are not supported (the last rename would win anyway)."""
 import json
 import math
 import os
@@ -14,6 +18,7 @@ def atomic_path(path):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    sweep_stale_temps(path)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
@@ -25,6 +30,20 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def sweep_stale_temps(path):
+    """Remove `.NAME.*.tmp` files (atomic_path's temp names for this target) left by a killed writer."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        return []
+    stale = [f for f in os.listdir(folder) if f.startswith(f".{name}.") and f.endswith(".tmp")]
+    for f in stale:
+        try:
+            os.remove(os.path.join(folder, f))
+        except OSError:
+            pass
+    return stale
 
 
 def write_bytes(path, data):

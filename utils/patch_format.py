@@ -273,9 +273,8 @@ class SealedPatch:
 
     def export(self, path):
         """Write the sealed file atomically (temp file beside it, fsync, rename): header + ciphertext only.
-        Temp files a killed earlier export of the same path left behind are removed first."""
+        Temp files a killed earlier export of the same path left behind are removed first (atomic_path)."""
         check_export_path(path)
-        sweep_stale_temps(path)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(self.image.view())
         return os.fspath(path)
@@ -299,18 +298,3 @@ def check_export_path(path):
     if not os.access(existing, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise PatchFormatError(f"--export {path} is not writable")
     return path
-
-
-def sweep_stale_temps(path):
-    """Remove `.NAME.*.tmp` files (utils.atomic's temp names for this target) left by a killed writer.
-    Two exports of one path at the same time are not supported (the last rename would win anyway)."""
-    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    if not os.path.isdir(folder):
-        return []
-    stale = [f for f in os.listdir(folder) if f.startswith(f".{name}.") and f.endswith(".tmp")]
-    for f in stale:
-        try:
-            os.remove(os.path.join(folder, f))
-        except OSError:
-            pass
-    return stale
