@@ -102,9 +102,18 @@ def discover(run_dir, key_file=""):
     for m in models:
         if m["patch"] and not m["key_file"]:
             raise UserError(f"patch {m['patch']} has no key: put key.hex beside it or give --key_file")
-        privacy = os.path.join(os.path.dirname(m["ckpt"]), "privacy.json") if not m["patch"] else ""
-        m["privacy"] = read_json(privacy) if privacy else None
-    return spec, [{"name": "base", "ckpt": base, "patch": "", "key_file": "", "privacy": None}] + models
+        m["privacy"], m["dp"] = privacy_of(m)
+    return spec, [{"name": "base", "ckpt": base, "patch": "", "key_file": "", "privacy": None, "dp": None}] + models
+
+
+def privacy_of(m):
+    """(privacy report, DP on/off/None=unknown) of a model: privacy.json beside a checkpoint (absent = no DP),
+    PATCH.privacy.json beside a sealed patch (written by the seal; absent = unknown)."""
+    if m["patch"]:
+        side = read_json(m["patch"] + ".privacy.json") or {}
+        return side.get("privacy"), side.get("dp")
+    privacy = read_json(os.path.join(os.path.dirname(m["ckpt"]), "privacy.json"))
+    return privacy, privacy is not None
 
 
 # --------------------------------------------------------------------------- running the sub-runs
@@ -420,9 +429,12 @@ def write_markdown(report, path):
         md.append(f"- skipped {s}")
     for f in report["failures"]:
         md.append(f"- {f}")
-    md += ["", "## Models", "", md_table(["model", "checkpoint", "patch", "claimed ε", "δ"],
-                                         [[m["name"], m["ckpt"], m["patch"] or None, get(m, "privacy", "epsilon"),
-                                           get(m, "privacy", "delta")] for m in report["models"]])]
+    dp_word = {True: "on", False: "off", None: "unknown"}
+    md += ["", "## Models", "", md_table(["model", "checkpoint", "patch", "DP", "claimed ε", "δ"],
+                                         [[m["name"], m["ckpt"], m["patch"] or None,
+                                           "base" if m["name"] == "base" else dp_word[m.get("dp")],
+                                           get(m, "privacy", "epsilon"), get(m, "privacy", "delta")]
+                                          for m in report["models"]])]
     md += ["", "## Summary", "", md_table(*summary_rows(report))]
     if "leakage" in report:
         md += ["", "## Leakage (canary exposure and extraction)", "", leakage_md(report["leakage"])]

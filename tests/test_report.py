@@ -38,6 +38,8 @@ def test_discover_the_layout(run_dir, tmp_path):
     assert [m["name"] for m in models] == ["base", "ft", "sealed (patched)"]
     patched = models[2]
     assert patched["ckpt"] == models[0]["ckpt"] and patched["key_file"].endswith("key.hex")
+    # DP on/off comes from privacy.json beside a checkpoint and PATCH.privacy.json beside a sealed patch
+    assert [m["dp"] for m in models] == [None, False, False]
     # run.json replaces discovery, with paths relative to the run directory
     other = tmp_path / "other"
     shutil.copytree(run_dir, other)
@@ -47,6 +49,12 @@ def test_discover_the_layout(run_dir, tmp_path):
     assert spec["data_dir"] == "somewhere" and [m["name"] for m in models] == ["base", "mine"]
     assert models[1]["ckpt"] == str(other / "ft" / "ckpt.pt")
     os.remove(other / "run.json")
+    (other / "ft" / "privacy.json").write_text(json.dumps({"epsilon": 3.0, "delta": 1e-5}))
+    side = json.loads((other / "sealed" / "acme.patch.privacy.json").read_text())
+    (other / "sealed" / "acme.patch.privacy.json").write_text(json.dumps(
+        {**side, "dp": True, "privacy": {"epsilon": 8.0, "delta": 1e-5}}))
+    spec, models = rp.discover(str(other))
+    assert [(m["dp"], (m["privacy"] or {}).get("epsilon")) for m in models] == [(None, None), (True, 3.0), (True, 8.0)]
     os.remove(other / "sealed" / "key.hex")
     with pytest.raises(UserError, match="has no key"):
         rp.discover(str(other))
@@ -91,6 +99,7 @@ def test_report_end_to_end(run_dir, employees_dir, tmp_path, capsys):  # noqa: F
                     "none (no DP)", "## Prompt robustness", "## Quality", "## Interpretability",
                     "patched + wrong key | refused"):
         assert section in md, section
+    assert "| sealed (patched) |" in md and "| DP |" in md and "| off |" in md  # DP on/off per model
     report = json.load(open(os.path.join(run_dir, "report", "report.json")))
     assert report["passed"] and set(report["eval"]) == {"base", "ft", "sealed (patched)"}
     assert set(report["robustness"]) == {"ft", "sealed (patched)"}  # the base model learned no records
