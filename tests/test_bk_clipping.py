@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from test_dp_update import CASES, fixed_batch, naive_clipped_sum, one_step, randomize_lora, relative_error
+from test_dp_update import (CASES, fixed_batch, naive_clipped_sum, one_step, randomize_lora, relative_error,
+                            snapshot_when_ready)
 from utils.bk_clipping import BookKeeping
 from utils.finetune import build_run, check_config, DEFAULTS, finetune, record_losses
 
@@ -31,12 +32,7 @@ def cfg_for(records_dir, mode, **kw):
 def update_and_naive(records_dir, mode, case, splits, k=5):
     """(update of one step on k records split into `splits`, the naive per-record clipped sum / 4, clip)."""
     ready = {}
-
-    def keep_copy(gpt):
-        if case == "lora":
-            randomize_lora(gpt)
-        ready["ref"] = copy.deepcopy(gpt)
-        ready["before"] = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    keep_copy = snapshot_when_ready(ready, lora=case == "lora")
 
     cfg = cfg_for(records_dir, mode, **BK_CASES[case])
     probe = build_run(cfg, tiny_model(**TINY), keep_copy, **QUIET)

@@ -38,6 +38,16 @@ def randomize_lora(gpt):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
 
 
+def snapshot_when_ready(ready, lora=False):
+    """An on_model_ready callback: (LoRA B randomized, then) a reference copy and the weights before the step."""
+    def keep_copy(gpt):
+        if lora:
+            randomize_lora(gpt)
+        ready["ref"] = copy.deepcopy(gpt)
+        ready["before"] = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    return keep_copy
+
+
 def fixed_batch(run, k):
     ds = run.trainer.loader.dataset
     return torch.stack([ds[i][0] for i in range(k)]), torch.stack([ds[i][1] for i in range(k)])
@@ -85,12 +95,7 @@ def test_update_equals_naive_clipped_mean(records_dir, case, mode):
     k = 5  # records in the batch, while the expected batch size is 4: the divisor must be 4
     cfg = base_cfg(records_dir, grad_sample_mode=mode, **CASES[case])
     ready = {}
-
-    def keep_copy(gpt):
-        if case == "lora":
-            randomize_lora(gpt)
-        ready["ref"] = copy.deepcopy(gpt)
-        ready["before"] = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    keep_copy = snapshot_when_ready(ready, lora=case == "lora")
 
     # Choose C between the records' gradient norms so that some are clipped and some are not.
     probe = build_run({**cfg, "max_grad_norm": 1.0}, tiny_model(**TINY), keep_copy, log=lambda *a: None)
