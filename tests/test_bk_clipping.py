@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from test_dp_update import (CASES, fixed_batch, naive_clipped_sum, one_step, randomize_lora, relative_error,
+from test_dp_update import (CASES, fixed_batch, naive_clipped_sum, one_step, relative_error,
                             snapshot_when_ready)
 from utils.bk_clipping import BookKeeping
 from utils.finetune import build_run, check_config, DEFAULTS, finetune, record_losses
