@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test reproduce bench clean
+.PHONY: setup demo test reproduce utility bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: setup
 
 reproduce: setup
 	$(PY) reproduce.py config/reproduce.py
+
+utility: setup
+	$(PY) bench/utility.py config/utility.py
 
 bench: setup
 	for b in train_generate dp_overhead patches synthesis; do $(PY) bench/$$b.py || exit 1; done

@@ -1,0 +1,415 @@
+"""
+DP utility at realistic scale (issue 17): does DP-SGD keep what holds across the population while
+forgetting what is specific to one person? One command runs the matrix and writes the results:
+
+    python bench/utility.py config/utility.py                        # make utility: N = 1k, 10k, 30k
+    python bench/utility.py config/utility.py --n_persons=(1000,) --methods=(full,) --epsilons=(8.0,)
+    python bench/utility.py config/utility.py --sweep=True           # tune the recipe on PUBLIC data only
+
+Data: the synthetic employees generator (utils/employees.py, data/employees/prepare.py) at N training
+persons plus n_heldout held-out persons (the val split: scored, never trained on), with canaries inserted
+1, 4 and 16 times and never-inserted controls. Records ask two fields, Job Titles and Department, with
+the canonical question wording, byte tokenizer: a record is ~230 bytes, so a 2-layer d=128 model costs
+~0.5 GFLOP per record and N = 10,000 at epsilon 8 fits ~30 minutes on 2 cores; a byte vocabulary (257)
+keeps the head and embedding small (BPE would cut T to ~60 but give a 50k-row head that dominates
+both the compute and the DP noise, which grows with the trainable dimension).
+
+Task (population level, scored on held-out persons): greedy completion of the Department answer after
+the person's own job-title line. In this generator a title belongs to one department, so the ceiling is
+100%; the floor is the majority-class rate (the commonest train department's share of the held-out
+persons). Privacy side of the same runs: canary exposure (test_pipeline/leakage_test.py; Carlini et al.
+2019), 16x canaries against the controls, and membership inference (test_pipeline/mia.py: the attack
+chosen on one half of the people, scored with a bootstrap interval on the other).
+
+Runs: per N, methods full / freeze (first freeze_first_blocks blocks and the embeddings fixed) / lora,
+each non-private and at every target epsilon (utils.finetune.finetune, grad_sample_mode 'bk'). The base
+is base_ckpt, or, with base_ckpt='', a fresh model seeded with `seed` (public: the adversary knows it).
+A departure from the anchors (dp-transformers, Li et al. 2022), which fine-tune a pretrained GPT-2: from a
+random init, the format must also be learnt privately, which costs DP more; point base_ckpt at a base
+pretrained on public text (reproduce.py's pydocs base) for the anchors' setting.
+
+Recipe (--sweep=True): batch size, epochs, clip norm, learning rate and method, at sweep_epsilon, on the
+generator with public_seed, which shares nothing with the evaluated data but the public generator: tuning
+on the private data would leak (Papernot & Steinke 2022). The ranking goes to results_dir/sweep.md.
+
+The data seed is a reproducible mode: whoever knows it recomputes people and canary secrets, so the
+canaries measure memorization and are no secret from such an adversary. The DP guarantee rests only on
+the fine-tune's secret noise and sampling (never a reproducible_noise_seed here).
+Each run's results go to out_dir/runs/<run>.json as it ends, and a rerun skips runs already there
+(--fresh=True redoes them): an interrupted experiment resumes.
+"""
+import copy
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from configurator import configure
+from model import GPT, GPTConfig
+from test_pipeline.leakage_test import exposure_by_repetitions, first_line, prepare_canaries, score_canaries
+from test_pipeline.mia import mia_scores, read_records, scored_text, select_and_score, token_scores
+from test_pipeline.model_under_test import complete, pyplot, save_figure
+from utils.atomic import write_bytes, write_json
+from utils.audit_bounds import clopper_pearson
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.cli import UserError, run_cli
+from utils.data import load_meta, offsets
+from utils.employees import SCHEMA, load_people
+from utils.finetune import finetune
+from utils.machine import describe_machine
+from utils.progress import Progress
+from utils.tokenizer import get_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK_INPUT, TASK_TARGET = "Job Titles", "Department"
+
+DEFAULTS = dict(
+    out_dir="out/utility",  # datasets, and one JSON per finished run (resume reads them)
+    results_dir="results/utility",  # RESULTS.md, results.json, PNG plots (and sweep.md with --sweep)
+    fresh=False,  # redo runs whose JSON exists
+    sweep=False,  # True: tune the recipe on the public-seed data instead of running the matrix
+    # data
+    n_persons=(1000, 10000, 30000),  # training persons per experiment (the Chicago file has ~31,600)
+    n_heldout=1000,  # held-out persons (val split): the task is scored on them, MIA non-members
+    seed=1337,  # the evaluated data's generator seed
+    public_seed=2027,  # the sweep's generator seed: data public with respect to the evaluation
+    canary_reps=(1, 4, 16),  # inserted canaries' repetition counts
+    canaries_per_rep=4,  # distinct canaries per repetition count
+    n_control_canaries=8,  # drawn like canaries, never inserted
+    # model (base_ckpt='' = a fresh seeded model, byte vocabulary)
+    base_ckpt="",  # a base checkpoint on the byte tokenizer ('' = fresh model from seed)
+    n_layer=2,  # fresh model blocks
+    n_head=4,  # fresh model heads
+    n_embd=128,  # fresh model width
+    # the matrix
+    methods=("full", "freeze", "lora"),  # what is trained (METHODS)
+    epsilons=(1.0, 3.0, 8.0),  # DP targets; every method also runs without DP
+    freeze_first_blocks=1,  # 'freeze': these blocks and the embeddings stay fixed
+    lora_rank=8,  # 'lora': adapter rank on attention and MLP
+    # the recipe, non-private
+    batch_size=64,  # expected batch (records)
+    epochs=4.0,  # passes over the training persons
+    learning_rate=2e-3,  # peak learning rate
+    # the recipe, DP (the sweep's winner goes here)
+    dp_batch_size=1024,  # expected logical batch; capped at N/4 so that q = batch/N stays <= 0.25
+    dp_epochs=4.0,  # passes over the training persons
+    dp_learning_rate=4e-3,  # peak learning rate
+    max_grad_norm=0.5,  # per-person clipping norm
+    microbatch_size=64,  # physical batch (work split only)
+    # the sweep (DP at sweep_epsilon on public_seed data of sweep_n persons)
+    sweep_n=1000,  # training persons of the sweep data
+    sweep_epsilon=8.0,  # the target the recipe is tuned for
+    sweep_batch_sizes=(256, 1024),  # logical batch sizes tried
+    sweep_epochs=(2.0, 4.0),  # epochs tried
+    sweep_clip=(0.1, 1.0),  # clip norms tried
+    sweep_learning_rates=(2e-3, 8e-3),  # learning rates tried
+    sweep_methods=("full", "lora"),  # what is trained, tried
+    # scoring
+    n_candidates=1000,  # random secrets each canary is ranked among
+    mia_records=500,  # members and non-members each
+    resamples=1000,  # bootstrap resamples of the MIA intervals
+    eval_batch_size=64,  # prompts / records per forward when scoring
+    device="cpu",  # 'cpu' or 'cuda'
+)
+
+METHODS = {"full": "full fine-tune", "freeze": "freeze first blocks + embeddings", "lora": "LoRA (attn, mlp)"}
+
+
+def check_config(cfg):
+    """Refuse bad settings before any data is written or any model trained."""
+    bad = [m for m in (*cfg["methods"], *cfg["sweep_methods"]) if m not in METHODS]
+    if bad:
+        raise UserError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    if not cfg["n_persons"] or any(not isinstance(n, int) or n < 8 for n in cfg["n_persons"]):
+        raise UserError(f"n_persons must be integers >= 8, got {cfg['n_persons']}")
+    if any(not e > 0 for e in (*cfg["epsilons"], cfg["sweep_epsilon"])):
+        raise UserError("every epsilon must be > 0 (the non-private run is always in the matrix)")
+    if cfg["n_heldout"] < 4 or cfg["mia_records"] < 2 or cfg["resamples"] < 100:
+        raise UserError("need n_heldout >= 4, mia_records >= 2 and resamples >= 100")
+    if cfg["seed"] == cfg["public_seed"]:
+        raise UserError("public_seed must differ from seed: the recipe must not be tuned on the evaluated data")
+    if not 0 <= cfg["freeze_first_blocks"] <= cfg["n_layer"] or cfg["lora_rank"] < 1:
+        raise UserError("freeze_first_blocks must be in 0..n_layer and lora_rank >= 1")
+    if cfg["base_ckpt"] and not os.path.isfile(cfg["base_ckpt"]):
+        raise UserError(f"base_ckpt {cfg['base_ckpt']} does not exist")
+
+
+# ----------------------------------------------------------------------------- data and model
+def prepare_data(cfg, n, seed):
+    """The employees records of n training + n_heldout held-out persons with canaries (prepare.py, run as
+    its own script, the way reproduce.py runs it). Returns the data folder; existing data is reused."""
+    data_dir = os.path.join(cfg["out_dir"], f"data_n{n}_seed{seed}")
+    if os.path.isfile(os.path.join(data_dir, "meta.json")) and not cfg["fresh"]:
+        return data_dir
+    total = n + cfg["n_heldout"]
+    args = [f"--out_dir={data_dir}", f"--n_people={total}", f"--val_frac={cfg['n_heldout'] / total!r}",
+            f"--seed={seed}", "--tokenizer=byte", f"--fields=({TASK_INPUT!r},{TASK_TARGET!r})", "--templates=(0,)",
+            f"--canary_reps={tuple(cfg['canary_reps'])!r}", f"--canaries_per_rep={cfg['canaries_per_rep']}",
+            f"--n_control_canaries={cfg['n_control_canaries']}"]
+    subprocess.run([sys.executable, os.path.join(REPO, "data", "employees", "prepare.py"), *args], check=True)
+    return data_dir
+
+
+def base_model(cfg, block_size):
+    """The public base: base_ckpt, or a fresh byte-vocabulary GPT seeded with cfg['seed']."""
+    if cfg["base_ckpt"]:
+        return model_from_checkpoint(load_checkpoint(cfg["base_ckpt"]), cfg["base_ckpt"])
+    torch.manual_seed(cfg["seed"])
+    return GPT(GPTConfig(block_size=block_size, vocab_size=257, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+                         n_embd=cfg["n_embd"], dropout=0.0))
+
+
+def longest_record(data_dir):
+    """Tokens of the longest record (end-of-text included): the fresh model's block size."""
+    return max(int(np.diff(offsets(data_dir, s)).max()) for s in load_meta(data_dir)["splits"])
+
+
+def run_config(cfg, data_dir, n, method, epsilon, recipe=None):
+    """The finetune config of one run: the non-private or the DP recipe, and what the method trains."""
+    r = recipe or {}
+    dp = epsilon is not None
+    run = dict(data_dir=data_dir, save=False, dp=dp, grad_sample_mode="bk", microbatch_size=cfg["microbatch_size"],
+               eval_interval=0, eval_records=200, log_interval=25, seed=cfg["seed"], device=cfg["device"])
+    if dp:
+        batch = min(r.get("batch_size", cfg["dp_batch_size"]), max(1, n // 4))
+        run.update(target_epsilon=float(epsilon), batch_size=batch, epochs=r.get("epochs", cfg["dp_epochs"]),
+                   learning_rate=r.get("learning_rate", cfg["dp_learning_rate"]),
+                   max_grad_norm=r.get("max_grad_norm", cfg["max_grad_norm"]))
+    else:
+        run.update(batch_size=min(cfg["batch_size"], max(1, n // 4)), epochs=cfg["epochs"],
+                   learning_rate=cfg["learning_rate"])
+    run["microbatch_size"] = min(run["microbatch_size"], run["batch_size"])
+    if method == "freeze":
+        run.update(freeze_first_blocks=cfg["freeze_first_blocks"], freeze_embeddings=True)
+    elif method == "lora":
+        run.update(lora_rank=cfg["lora_rank"], lora_targets=("attn", "mlp"))
+    return run
+
+
+# ----------------------------------------------------------------------------- scoring
+def majority_rate(data_dir):
+    """(the commonest Department among train persons, its share of the held-out persons)."""
+    train = [p for p in load_people(data_dir, "train") if SCHEMA.has(p, TASK_TARGET)]
+    held = load_people(data_dir, "val")
+    top = Counter(p[TASK_TARGET] for p in train).most_common(1)[0][0]
+    return top, sum(p[TASK_TARGET] == top for p in held) / len(held)
+
+
+def task_prompts(data_dir, tok):
+    """(prompt ids, expected department) per held-out person: the title line, then the department question."""
+    items = []
+    for p in load_people(data_dir, "val"):
+        text = f"{SCHEMA.qa_prompt(p, TASK_INPUT)} {SCHEMA.answer(p, TASK_INPUT)}\n{SCHEMA.qa_prompt(p, TASK_TARGET)}"
+        items.append((tok.encode(text), SCHEMA.answer(p, TASK_TARGET)))
+    return items
+
+
+def task_accuracy(model, items, tok, batch_size):
+    longest = max(len(tok.encode(" " + want)) for _, want in items) + 2
+    outs = complete(model, [ids for ids, _ in items], longest, batch_size=batch_size, greedy=True, eot=tok.eot)
+    hits = sum(first_line(tok.decode(o)).strip() == want for o, (_, want) in zip(outs, items))
+    lo, hi = clopper_pearson(hits, len(items))
+    return dict(accuracy=hits / len(items), accuracy_interval=[lo, hi], n_scored=len(items))
+
+
+def exposure_gap(model, canaries, tok, batch_size):
+    """Mean exposure per repetition count, and the 16x (most repeated) canaries' mean minus the controls'."""
+    by_reps = exposure_by_repetitions(score_canaries(model, canaries, tok, 512, batch_size))
+    top = max(by_reps)
+    gap = by_reps[top]["mean_exposure"] - by_reps[0]["mean_exposure"] if 0 in by_reps and top else None
+    return dict(exposure={str(k): v["mean_exposure"] for k, v in by_reps.items()}, exposure_gap_bits=gap,
+                exposure_gap_reps=top)
+
+
+def membership(model, data_dir, meta, cfg):
+    """The selected MIA attack's held-out-half AUC with its bootstrap interval (test_pipeline/mia.py)."""
+    bs = model.config.block_size
+    members, nonmembers = (read_records(data_dir, s, bs, meta, "all") for s in ("train", "val"))
+    n = min(len(members), len(nonmembers), cfg["mia_records"])
+    rng = np.random.default_rng(cfg["seed"])
+    records = ([members[i] for i in sorted(rng.permutation(len(members))[:n])]
+               + [nonmembers[i] for i in sorted(rng.permutation(len(nonmembers))[:n])])
+    labels = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    tok = get_tokenizer(meta)
+    scores = mia_scores(records, [scored_text(tok, r, s) for r, s in records],
+                        token_scores(model, records, cfg["eval_batch_size"]), None, 20.0)
+    sel = select_and_score(scores, labels, cfg["seed"], cfg["resamples"])
+    return dict(mia_attack=sel["attack"], mia_auc=sel["auc"], mia_auc_interval=list(sel["auc_interval"]),
+                mia_verdict=sel["verdict"])
+
+
+# ----------------------------------------------------------------------------- one run
+def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=None, tag=None):
+    """Fine-tune a copy of the base, score it; the JSON is written as soon as the run ends."""
+    tag = tag or f"n{n}_{method}_{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
+    path = os.path.join(cfg["out_dir"], "runs", f"{tag}.json")
+    if os.path.isfile(path) and not cfg["fresh"]:
+        with open(path) as f:
+            return json.load(f)
+    meta = load_meta(data_dir)
+    tok = get_tokenizer(meta)
+    run_cfg = run_config(cfg, data_dir, n, method, epsilon, recipe)
+    t0 = time.time()
+    out = finetune(run_cfg, model=copy.deepcopy(base))
+    model = out["model"].eval()
+    privacy = out["privacy"] or {}
+    row = dict(tag=tag, n=n, method=method, target_epsilon=epsilon, epsilon=privacy.get("epsilon"),
+               delta=privacy.get("delta"), steps=privacy.get("steps"),
+               noise_multiplier=privacy.get("noise_multiplier"), sample_rate=privacy.get("sample_rate"), batch_size=run_cfg["batch_size"],
+               epochs=run_cfg["epochs"], learning_rate=run_cfg["learning_rate"],
+               max_grad_norm=run_cfg.get("max_grad_norm") if epsilon is not None else None,
+               train_time_s=out["train_time_s"])
+    with torch.no_grad():
+        row.update(task_accuracy(model, task_prompts(data_dir, tok), tok, cfg["eval_batch_size"]))
+        if score_privacy:
+            canaries = prepare_canaries(os.path.join(data_dir, "canaries.json"), tok, cfg["n_candidates"], cfg["seed"])
+            row.update(exposure_gap(model, canaries, tok, cfg["eval_batch_size"]))
+    if score_privacy:
+        row.update(membership(model, data_dir, meta, cfg))
+    row["wall_s"] = time.time() - t0
+    write_json(path, row)
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+def fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def results_markdown(rows, majority, cfg, machine, wall_s):
+    reference = {(r["n"], r["method"]): r["accuracy"] for r in rows if r["target_epsilon"] is None}
+    lines = ["# DP utility at realistic scale (issue 17)", "",
+             f"Machine: {machine}. Wall time {wall_s / 60:.1f} min.", "",
+             f"Task: greedy Department after the held-out person's job-title line ({cfg['n_heldout']} held-out "
+             "persons per N); 95% Clopper-Pearson intervals. Records: Job Titles + Department, canonical "
+             "wording, byte tokenizer. Exposure gap: mean exposure of the "
+             f"{max(cfg['canary_reps'])}x canaries minus the never-inserted controls ({cfg['n_candidates']} "
+             "candidates). MIA: the attack chosen on one half of the people, AUC on the other half with a "
+             "bootstrap 95% interval. The data seed is reproducible (canaries are no secret from whoever knows "
+             "it); the DP noise and sampling come from a fresh OS secret per run.", "",
+             "| N | method | DP target ε | ε spent | steps | accuracy [95%] | % of non-private | majority rate "
+             "| exposure gap (bits) | MIA AUC [95%] | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["n"], list(METHODS).index(r["method"]), -1 if r["target_epsilon"] is None else r["target_epsilon"])):
+        ref = reference.get((r["n"], r["method"]))
+        share = f"{100 * r['accuracy'] / ref:.0f}%" if ref else "-"
+        lo, hi = r["accuracy_interval"]
+        mia = (f"{r['mia_auc']:.3f} [{r['mia_auc_interval'][0]:.3f}, {r['mia_auc_interval'][1]:.3f}]"
+               if r.get("mia_auc") is not None else "-")
+        lines.append(f"| {r['n']} | {r['method']} | {fmt(r['target_epsilon'], 0) if r['target_epsilon'] else 'none'} "
+                     f"| {fmt(r['epsilon'], 2)} | {r['steps'] or '-'} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
+                     f"| {share} | {majority[r['n']]:.3f} | {fmt(r.get('exposure_gap_bits'), 2)} | {mia} "
+                     f"| {r['train_time_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(rows, majority, cfg, results_dir):
+    """utility_vs_epsilon.png (a panel per N, a line per method, non-private dotted) and
+    exposure_vs_epsilon.png (a line per N and method)."""
+    plt = pyplot()
+    ns = sorted({r["n"] for r in rows})
+    fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 3.5), squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        for i, method in enumerate(m for m in METHODS if m in cfg["methods"]):
+            dp = sorted((r for r in rows if r["n"] == n and r["method"] == method and r["target_epsilon"]),
+                        key=lambda r: r["target_epsilon"])
+            color = f"C{i}"
+            ax.plot([r["target_epsilon"] for r in dp], [r["accuracy"] for r in dp], "o-", color=color, label=method)
+            for r in rows:
+                if r["n"] == n and r["method"] == method and r["target_epsilon"] is None:
+                    ax.axhline(r["accuracy"], color=color, ls=":", lw=1)
+        ax.axhline(majority[n], color="gray", ls="--", lw=1, label="majority class")
+        ax.set(title=f"N = {n} (dotted: no DP)", xlabel="target ε", ylabel="held-out accuracy", xscale="log",
+               ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(results_dir, "utility_vs_epsilon.png"))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for n, method in itertools.product(ns, cfg["methods"]):
+        dp = sorted((r for r in rows if r["n"] == n and r["method"] == method and r["target_epsilon"]
+                     and r.get("exposure_gap_bits") is not None), key=lambda r: r["target_epsilon"])
+        if dp:
+            ax.plot([r["target_epsilon"] for r in dp], [r["exposure_gap_bits"] for r in dp], "o-",
+                    label=f"N={n} {method}")
+    ax.axhline(2.0, color="gray", ls="--", lw=1, label="goal: 2 bits")
+    ax.set(xlabel="target ε", ylabel=f"exposure gap, {max(cfg['canary_reps'])}x − controls (bits)", xscale="log")
+    ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(results_dir, "exposure_vs_epsilon.png"))
+
+
+# ----------------------------------------------------------------------------- the two modes
+def run_matrix(cfg):
+    t0 = time.time()
+    runs = [(n, m, e) for n in cfg["n_persons"] for m in cfg["methods"] for e in (None, *cfg["epsilons"])]
+    progress = Progress("utility runs", len(runs), hint="--n_persons, --methods, --epsilons", interval=0)
+    rows, majority = [], {}
+    for n in cfg["n_persons"]:
+        data_dir = prepare_data(cfg, n, cfg["seed"])
+        majority[n] = majority_rate(data_dir)[1]
+        base = base_model(cfg, longest_record(data_dir))
+        for _, method, eps in (r for r in runs if r[0] == n):
+            rows.append(run_one(cfg, base, data_dir, n, method, eps))
+            progress.update()
+    return rows, majority, time.time() - t0
+
+
+def run_sweep(cfg):
+    t0 = time.time()
+    n = cfg["sweep_n"]
+    grid = list(itertools.product(cfg["sweep_methods"], cfg["sweep_batch_sizes"], cfg["sweep_epochs"],
+                                  cfg["sweep_clip"], cfg["sweep_learning_rates"]))
+    data_dir = prepare_data(cfg, n, cfg["public_seed"])
+    base = base_model(cfg, longest_record(data_dir))
+    progress = Progress("sweep runs", len(grid), hint="--sweep_* (fewer values)", interval=0)
+    rows = []
+    for method, batch, epochs, clip, lr in grid:
+        recipe = dict(batch_size=batch, epochs=epochs, max_grad_norm=clip, learning_rate=lr)
+        tag = f"sweep_n{n}_{method}_b{batch}_e{epochs:g}_c{clip:g}_lr{lr:g}"
+        rows.append(run_one(cfg, base, data_dir, n, method, cfg["sweep_epsilon"], False, recipe, tag))
+        progress.update()
+    return rows, majority_rate(data_dir)[1], time.time() - t0
+
+
+def sweep_markdown(rows, majority, cfg, machine, wall_s):
+    lines = ["# Recipe sweep (issue 17)", "",
+             f"Tuned on PUBLIC data: the employees generator with public_seed={cfg['public_seed']} (the evaluation "
+             f"uses seed={cfg['seed']}), {cfg['sweep_n']} training persons, DP at target ε = {cfg['sweep_epsilon']:g}. "
+             f"Majority-class rate {majority:.3f}. Machine: {machine}. Wall time {wall_s / 60:.1f} min.", "",
+             "| rank | method | batch | epochs | clip | lr | ε spent | accuracy [95%] |", "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(sorted(rows, key=lambda r: -r["accuracy"]), 1):
+        lo, hi = r["accuracy_interval"]
+        lines.append(f"| {i} | {r['method']} | {r['batch_size']} | {r['epochs']:g} | {r['max_grad_norm']:g} "
+                     f"| {r['learning_rate']:g} | {fmt(r['epsilon'], 2)} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
+    check_config(cfg)
+    os.makedirs(cfg["results_dir"], exist_ok=True)
+    if cfg["sweep"]:
+        rows, majority, wall = run_sweep(cfg)
+        machine = describe_machine()
+        write_bytes(os.path.join(cfg["results_dir"], "sweep.md"), sweep_markdown(rows, majority, cfg, machine, wall).encode())
+        write_json(os.path.join(cfg["results_dir"], "sweep.json"), dict(rows=rows, majority_rate=majority,
+                                                                         machine=machine, wall_s=wall))
+        print(f"wrote {cfg['results_dir']}/sweep.md ({len(rows)} settings ranked)")
+        return rows
+    rows, majority, wall = run_matrix(cfg)
+    machine = describe_machine()
+    write_bytes(os.path.join(cfg["results_dir"], "RESULTS.md"),
+                results_markdown(rows, majority, cfg, machine, wall).encode())
+    write_json(os.path.join(cfg["results_dir"], "results.json"),
+               dict(rows=rows, majority_rate={str(k): v for k, v in majority.items()}, machine=machine, wall_s=wall))
+    plot_results(rows, majority, cfg, cfg["results_dir"])
+    print(f"wrote {cfg['results_dir']}/RESULTS.md, results.json, utility_vs_epsilon.png, exposure_vs_epsilon.png")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,116 @@
+"""bench/utility.py (issue 17's harness): a tiny end-to-end matrix and sweep, the task's scoring, the
+majority-class floor, the epsilon against dp-accounting, resuming, and bad input."""
+import json
+import os
+from collections import Counter
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from bench import utility
+from utils.cli import UserError
+from utils.tokenizer import ByteTokenizer
+
+TINY = ["--n_persons=(40,)", "--n_heldout=20", "--methods=('full',)", "--epsilons=(8.0,)", "--n_layer=1",
+        "--n_embd=32", "--n_head=2", "--epochs=1.0", "--dp_epochs=1.0", "--n_candidates=50", "--mia_records=10",
+        "--resamples=100", "--canaries_per_rep=1", "--n_control_canaries=2"]
+
+
+def tiny_args(tmp):
+    return [f"--out_dir={tmp}/out", f"--results_dir={tmp}/results", *TINY]
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("utility")
+    rows = utility.main(tiny_args(tmp))
+    return tmp, rows
+
+
+def people(data_dir, split):
+    with open(os.path.join(data_dir, f"{split}_people.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_matrix_writes_table_plots_and_sane_rows(matrix):
+    tmp, rows = matrix
+    assert [(r["method"], r["target_epsilon"]) for r in rows] == [("full", None), ("full", 8.0)]
+    table = (tmp / "results" / "RESULTS.md").read_text()
+    assert sum(line.startswith("| 40 | full |") for line in table.splitlines()) == 2
+    assert "Machine:" in table and "Wall time" in table
+    for png in ("utility_vs_epsilon.png", "exposure_vs_epsilon.png"):
+        assert (tmp / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in rows:
+        assert 0.0 <= r["accuracy_interval"][0] <= r["accuracy"] <= r["accuracy_interval"][1] <= 1.0
+        assert r["n_scored"] == 20
+        assert 0.0 <= r["mia_auc"] <= 1.0 and r["exposure_gap_reps"] == 16
+
+
+def test_dp_epsilon_within_target_and_matches_dp_accounting(matrix):
+    _, rows = matrix
+    (dp,) = [r for r in rows if r["target_epsilon"]]
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(dp["sample_rate"], dp_event.GaussianDpEvent(dp["noise_multiplier"])), dp["steps"]))
+    google = acc.get_epsilon(dp["delta"])
+    assert dp["epsilon"] <= dp["target_epsilon"] + 1e-9
+    assert abs(dp["epsilon"] - google) <= 0.05 * google
+
+
+def test_majority_rate_is_the_train_majority_on_heldout_persons(matrix):
+    tmp, _ = matrix
+    data_dir = str(tmp / "out" / "data_n40_seed1337")
+    train = [p for p in people(data_dir, "train") if p.get("Department")]  # canaries have no Department
+    held = people(data_dir, "val")
+    top = Counter(p["Department"] for p in train).most_common(1)[0][0]
+    assert utility.majority_rate(data_dir) == (top, sum(p["Department"] == top for p in held) / len(held))
+
+
+def test_task_prompts_end_at_the_department_question_after_the_title(matrix):
+    tmp, _ = matrix
+    data_dir = str(tmp / "out" / "data_n40_seed1337")
+    tok = ByteTokenizer()
+    items = utility.task_prompts(data_dir, tok)
+    held = people(data_dir, "val")
+    assert [want for _, want in items] == [p["Department"] for p in held]
+    for (ids, _), p in zip(items, held):
+        text = tok.decode(ids)
+        assert p["Job Titles"] + "\n" in text and text.endswith("department does " + p["Name"] + " work in? Answer:")
+
+
+def test_task_accuracy_counts_exact_first_lines(monkeypatch):
+    tok = ByteTokenizer()
+    items = [(tok.encode("q1"), "POLICE"), (tok.encode("q2"), "FIRE"), (tok.encode("q3"), "LAW")]
+    answers = [" POLICE\nContext: x", " FIRE DEPT\n", " LAW"]  # right, wrong (longer), right (no newline)
+    monkeypatch.setattr(utility, "complete", lambda model, prompts, *a, **k: [tok.encode(s) for s in answers])
+    out = utility.task_accuracy(None, items, tok, 8)
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["n_scored"] == 3
+
+
+def test_rerun_resumes_from_finished_runs(matrix, monkeypatch):
+    tmp, rows = matrix
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(utility, "finetune", no_training)
+    again = utility.main(tiny_args(tmp))
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+
+
+def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
+    utility.main(tiny_args(tmp_path) + ["--sweep=True", "--sweep_n=40", "--sweep_methods=('lora',)",
+                                        "--sweep_batch_sizes=(8,)", "--sweep_epochs=(1.0,)", "--sweep_clip=(0.1, 1.0)",
+                                        "--sweep_learning_rates=(0.004,)"])
+    table = (tmp_path / "results" / "sweep.md").read_text()
+    assert "public_seed=2027" in table and table.count("| lora | 8 | 1 |") == 2
+    assert os.path.isdir(tmp_path / "out" / "data_n40_seed2027")
+    assert not os.path.exists(tmp_path / "out" / "data_n40_seed1337")
+
+
+@pytest.mark.parametrize("bad", ["--public_seed=1337", "--methods=('everything',)", "--epsilons=(0.0,)",
+                                 "--n_persons=(3,)"])
+def test_bad_input_is_refused_before_work(tmp_path, bad):
+    with pytest.raises(UserError):
+        utility.main(tiny_args(tmp_path) + [bad])
+    assert not os.path.exists(tmp_path / "out")
