@@ -213,7 +213,7 @@ def task_prompts(data_dir, tok):
 def task_accuracy(model, items, tok, batch_size):
     longest = max(len(tok.encode(" " + want)) for _, want in items) + 2
     outs = complete(model, [ids for ids, _ in items], longest, batch_size=batch_size, greedy=True, eot=tok.eot)
-    hits = sum(first_line(tok.decode(o)).strip() == want for o, (_, want) in zip(outs, items))
+    hits = sum(first_line(tok.decode(o)) == want for o, (_, want) in zip(outs, items))
     lo, hi = clopper_pearson(hits, len(items))
     return dict(accuracy=hits / len(items), accuracy_interval=[lo, hi], n_scored=len(items))
 

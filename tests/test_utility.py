@@ -67,6 +67,15 @@ def test_majority_rate_is_the_train_majority_on_heldout_persons(matrix):
     assert utility.majority_rate(data_dir) == (top, sum(p["Department"] == top for p in held) / len(held))
 
 
+def test_majority_rate_takes_the_class_from_train_and_skips_canaries(tmp_path):
+    def write(split, rows):
+        (tmp_path / f"{split}_people.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    canaries = [{"Name": f"C{i}", "Phone": f"555-000{i}"} for i in range(5)]  # more canaries than any department
+    write("train", [{"Name": f"T{i}", "Department": d} for i, d in enumerate(["POLICE"] * 3 + ["FIRE"])] + canaries)
+    write("val", [{"Name": f"V{i}", "Department": d} for i, d in enumerate(["POLICE"] + ["FIRE"] * 3)])
+    assert utility.majority_rate(str(tmp_path)) == ("POLICE", 0.25)  # the held-out majority would be FIRE, 0.75
+
+
 def test_task_prompts_end_at_the_department_question_after_the_title(matrix):
     tmp, _ = matrix
     data_dir = str(tmp / "out" / "data_n40_seed1337")
