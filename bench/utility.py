@@ -102,11 +102,11 @@ DEFAULTS = dict(
     dp_learning_rate=4e-3,  # peak learning rate
     max_grad_norm=0.5,  # per-person clipping norm
     microbatch_size=64,  # physical batch (work split only)
-    # the sweep (DP at sweep_epsilon on public_seed data of sweep_n persons)
-    sweep_n=1000,  # training persons of the sweep data
+    # the sweep (DP at sweep_epsilon on public_seed data of sweep_n persons; 16 runs by default)
+    sweep_n=10000,  # training persons of the sweep data (batch sizes are capped at sweep_n / 4)
     sweep_epsilon=8.0,  # the target the recipe is tuned for
-    sweep_batch_sizes=(256, 1024),  # logical batch sizes tried
-    sweep_epochs=(2.0, 4.0),  # epochs tried
+    sweep_batch_sizes=(512, 2048),  # logical batch sizes tried
+    sweep_epochs=(4.0,),  # epochs tried
     sweep_clip=(0.1, 1.0),  # clip norms tried
     sweep_learning_rates=(2e-3, 8e-3),  # learning rates tried
     sweep_methods=("full", "lora"),  # what is trained, tried
@@ -258,9 +258,9 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
     t0 = time.time()
     out = finetune(run_cfg, model=copy.deepcopy(base))
     model = out["model"].eval()
-    privacy = out["privacy"] or {}
+    privacy, last_eval = out["privacy"] or {}, (out["history"] or [{}])[-1]
     row = dict(tag=tag, n=n, method=method, target_epsilon=epsilon, epsilon=privacy.get("epsilon"),
-               delta=privacy.get("delta"), steps=privacy.get("steps"),
+               delta=privacy.get("delta"), steps=last_eval.get("step"), val_loss=last_eval.get("val_loss"),
                noise_multiplier=privacy.get("noise_multiplier"), sample_rate=privacy.get("sample_rate"), batch_size=run_cfg["batch_size"],
                epochs=run_cfg["epochs"], learning_rate=run_cfg["learning_rate"],
                max_grad_norm=run_cfg.get("max_grad_norm") if epsilon is not None else None,
@@ -294,8 +294,8 @@ def results_markdown(rows, majority, cfg, machine, wall_s):
              "bootstrap 95% interval. The data seed is reproducible (canaries are no secret from whoever knows "
              "it); the DP noise and sampling come from a fresh OS secret per run.", "",
              "| N | method | DP target ε | ε spent | steps | accuracy [95%] | % of non-private | majority rate "
-             "| exposure gap (bits) | MIA AUC [95%] | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| val loss | exposure gap (bits) | MIA AUC [95%] | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["n"], list(METHODS).index(r["method"]), -1 if r["target_epsilon"] is None else r["target_epsilon"])):
         ref = reference.get((r["n"], r["method"]))
         share = f"{100 * r['accuracy'] / ref:.0f}%" if ref else "-"
@@ -304,7 +304,7 @@ def results_markdown(rows, majority, cfg, machine, wall_s):
                if r.get("mia_auc") is not None else "-")
         lines.append(f"| {r['n']} | {r['method']} | {fmt(r['target_epsilon'], 0) if r['target_epsilon'] else 'none'} "
                      f"| {fmt(r['epsilon'], 2)} | {r['steps'] or '-'} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
-                     f"| {share} | {majority[r['n']]:.3f} | {fmt(r.get('exposure_gap_bits'), 2)} | {mia} "
+                     f"| {share} | {majority[r['n']]:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} | {mia} "
                      f"| {r['train_time_s']:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -43,7 +43,7 @@ def test_matrix_writes_table_plots_and_sane_rows(matrix):
         assert (tmp / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in rows:
         assert 0.0 <= r["accuracy_interval"][0] <= r["accuracy"] <= r["accuracy_interval"][1] <= 1.0
-        assert r["n_scored"] == 20
+        assert r["n_scored"] == 20 and r["steps"] > 0 and r["val_loss"] > 0
         assert 0.0 <= r["mia_auc"] <= 1.0 and r["exposure_gap_reps"] == 16
 
 
