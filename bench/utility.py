@@ -23,10 +23,13 @@ chosen on one half of the people, scored with a bootstrap interval on the other)
 
 Runs: per N, methods full / freeze (first freeze_first_blocks blocks and the embeddings fixed) / lora,
 each non-private and at every target epsilon (utils.finetune.finetune, grad_sample_mode 'bk'). The base
-is base_ckpt, or, with base_ckpt='', a fresh model seeded with `seed` (public: the adversary knows it).
-A departure from the anchors (dp-transformers, Li et al. 2022), which fine-tune a pretrained GPT-2: from a
-random init, the format must also be learnt privately, which costs DP more; point base_ckpt at a base
-pretrained on public text (reproduce.py's pydocs base) for the anchors' setting.
+is base_ckpt, or, with base_ckpt='', a fresh model seeded with `seed`, trained without DP on
+pretrain_n PUBLIC persons (public_seed) whose records ask pretrain_fields: Job Titles and Salary or
+Hourly, never the Department. The base thus knows the record format, names and titles, as the anchors'
+pretrained GPT-2 knows English (dp-transformers, Li et al. 2022), while what the task needs (the
+department answers, and which title goes with which department) comes only from the private data. A
+fresh model with no pretraining (pretrain_n=0) spends 60 non-private steps at N=1,000 learning only the
+format (0% task accuracy in the check of this harness), and DP far more.
 
 Recipe (--sweep=True): batch size, epochs, clip norm, learning rate and method, at sweep_epsilon, on the
 generator with public_seed, which shares nothing with the evaluated data but the public generator: tuning
@@ -83,7 +86,10 @@ DEFAULTS = dict(
     canaries_per_rep=4,  # distinct canaries per repetition count
     n_control_canaries=8,  # drawn like canaries, never inserted
     # model (base_ckpt='' = a fresh seeded model, byte vocabulary)
-    base_ckpt="",  # a base checkpoint on the byte tokenizer ('' = fresh model from seed)
+    base_ckpt="",  # a base checkpoint on the byte tokenizer ('' = fresh model from seed, pretrained below)
+    pretrain_n=5000,  # fresh base: public persons (public_seed) it is first trained on without DP (0 = none)
+    pretrain_fields=("Job Titles", "Salary or Hourly"),  # what the public records ask: never the task's Department
+    pretrain_epochs=4.0,  # passes of the base over the public persons
     n_layer=2,  # fresh model blocks
     n_head=4,  # fresh model heads
     n_embd=128,  # fresh model width
@@ -138,31 +144,49 @@ def check_config(cfg):
         raise UserError("freeze_first_blocks must be in 0..n_layer and lora_rank >= 1")
     if cfg["base_ckpt"] and not os.path.isfile(cfg["base_ckpt"]):
         raise UserError(f"base_ckpt {cfg['base_ckpt']} does not exist")
+    if TASK_TARGET in cfg["pretrain_fields"] or cfg["pretrain_n"] < 0:
+        raise UserError(f"pretrain_fields must not ask {TASK_TARGET} (the task the private data teaches) and "
+                        "pretrain_n must be >= 0")
 
 
 # ----------------------------------------------------------------------------- data and model
-def prepare_data(cfg, n, seed):
-    """The employees records of n training + n_heldout held-out persons with canaries (prepare.py, run as
-    its own script, the way reproduce.py runs it). Returns the data folder; existing data is reused."""
-    data_dir = os.path.join(cfg["out_dir"], f"data_n{n}_seed{seed}")
+def prepare_data(cfg, n, seed, fields=(TASK_INPUT, TASK_TARGET), canaries=True):
+    """The employees records of n training + n_heldout held-out persons, with canaries unless told not
+    (prepare.py, run as its own script, the way reproduce.py runs it). Returns the data folder; existing
+    data is reused."""
+    data_dir = os.path.join(cfg["out_dir"], f"data_n{n}_seed{seed}" + ("" if canaries else "_public_base"))
     if os.path.isfile(os.path.join(data_dir, "meta.json")) and not cfg["fresh"]:
         return data_dir
     total = n + cfg["n_heldout"]
     args = [f"--out_dir={data_dir}", f"--n_people={total}", f"--val_frac={cfg['n_heldout'] / total!r}",
-            f"--seed={seed}", "--tokenizer=byte", f"--fields=({TASK_INPUT!r},{TASK_TARGET!r})", "--templates=(0,)",
-            f"--canary_reps={tuple(cfg['canary_reps'])!r}", f"--canaries_per_rep={cfg['canaries_per_rep']}",
-            f"--n_control_canaries={cfg['n_control_canaries']}"]
+            f"--seed={seed}", "--tokenizer=byte", f"--fields={tuple(fields)!r}", "--templates=(0,)",
+            f"--canary_reps={tuple(cfg['canary_reps'])!r}", f"--canaries_per_rep={cfg['canaries_per_rep'] * canaries}",
+            f"--n_control_canaries={cfg['n_control_canaries'] * canaries}"]
     subprocess.run([sys.executable, os.path.join(REPO, "data", "employees", "prepare.py"), *args], check=True)
     return data_dir
 
 
 def base_model(cfg, block_size):
-    """The public base: base_ckpt, or a fresh byte-vocabulary GPT seeded with cfg['seed']."""
+    """The public base: base_ckpt, or a fresh byte-vocabulary GPT seeded with cfg['seed'], trained without DP
+    on pretrain_n public persons (out_dir/base/ckpt.pt, reused when it exists)."""
     if cfg["base_ckpt"]:
         return model_from_checkpoint(load_checkpoint(cfg["base_ckpt"]), cfg["base_ckpt"])
+    public = prepare_data(cfg, cfg["pretrain_n"], cfg["public_seed"], cfg["pretrain_fields"], False) \
+        if cfg["pretrain_n"] else None
     torch.manual_seed(cfg["seed"])
-    return GPT(GPTConfig(block_size=block_size, vocab_size=257, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-                         n_embd=cfg["n_embd"], dropout=0.0))
+    model = GPT(GPTConfig(block_size=max(block_size, longest_record(public) if public else 0), vocab_size=257,
+                          n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0))
+    if not public:
+        return model
+    out_dir = os.path.join(cfg["out_dir"], f"base_public{cfg['pretrain_n']}_block{model.config.block_size}")
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(ckpt) or cfg["fresh"]:
+        batch = min(cfg["batch_size"], max(1, cfg["pretrain_n"] // 4))
+        finetune(dict(data_dir=public, out_dir=out_dir, dp=False, batch_size=batch,
+                      microbatch_size=min(cfg["microbatch_size"], batch), epochs=cfg["pretrain_epochs"],
+                      learning_rate=cfg["learning_rate"], untie_weights=False, eval_interval=0, eval_records=200,
+                      log_interval=50, checkpoint_interval=0, seed=cfg["seed"], device=cfg["device"]), model=model)
+    return model_from_checkpoint(load_checkpoint(ckpt), ckpt)
 
 
 def longest_record(data_dir):

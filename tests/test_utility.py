@@ -14,7 +14,8 @@ from utils.tokenizer import ByteTokenizer
 
 TINY = ["--n_persons=(40,)", "--n_heldout=20", "--methods=('full',)", "--epsilons=(8.0,)", "--n_layer=1",
         "--n_embd=32", "--n_head=2", "--epochs=1.0", "--dp_epochs=1.0", "--n_candidates=50", "--mia_records=10",
-        "--resamples=100", "--canaries_per_rep=1", "--n_control_canaries=2"]
+        "--resamples=100", "--canaries_per_rep=1", "--n_control_canaries=2", "--pretrain_n=30",
+        "--pretrain_epochs=1.0"]
 
 
 def tiny_args(tmp):
@@ -45,6 +46,15 @@ def test_matrix_writes_table_plots_and_sane_rows(matrix):
         assert 0.0 <= r["accuracy_interval"][0] <= r["accuracy"] <= r["accuracy_interval"][1] <= 1.0
         assert r["n_scored"] == 20 and r["steps"] > 0 and r["val_loss"] > 0
         assert 0.0 <= r["mia_auc"] <= 1.0 and r["exposure_gap_reps"] == 16
+
+
+def test_base_is_pretrained_on_public_persons_without_the_department(matrix):
+    tmp, _ = matrix
+    with open(tmp / "out" / "data_n30_seed2027_public_base" / "meta.json") as f:
+        meta = json.load(f)
+    assert meta["fields"] == ["Job Titles", "Salary or Hourly"] and meta["seed"] == 2027
+    assert meta["canaries"]["inserted_records"] == 0
+    assert len(list((tmp / "out").glob("base_public30_block*/ckpt.pt"))) == 1
 
 
 def test_dp_epsilon_within_target_and_matches_dp_accounting(matrix):
@@ -118,7 +128,8 @@ def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["--public_seed=1337", "--methods=('everything',)", "--epsilons=(0.0,)",
-                                 "--n_persons=(3,)"])
+                                 "--n_persons=(3,)",
+                                 "--pretrain_fields=('Job Titles', 'Department')"])
 def test_bad_input_is_refused_before_work(tmp_path, bad):
     with pytest.raises(UserError):
         utility.main(tiny_args(tmp_path) + [bad])
