@@ -56,7 +56,7 @@ import torch
 from configurator import configure
 from model import GPT, GPTConfig
 from test_pipeline.leakage_test import exposure_by_repetitions, first_line, prepare_canaries, score_canaries
-from test_pipeline.mia import mia_scores, read_records, scored_text, select_and_score, token_scores
+from test_pipeline.mia import attack_metrics, blind_scores, mia_scores, read_records, scored_text, select_and_score, token_scores
 from test_pipeline.model_under_test import complete, pyplot, save_figure
 from utils.atomic import write_bytes, write_json
 from utils.audit_bounds import clopper_pearson
@@ -261,11 +261,12 @@ def membership(model, data_dir, meta, cfg):
                + [nonmembers[i] for i in sorted(rng.permutation(len(nonmembers))[:n])])
     labels = np.r_[np.ones(n, bool), np.zeros(n, bool)]
     tok = get_tokenizer(meta)
-    scores = mia_scores(records, [scored_text(tok, r, s) for r, s in records],
-                        token_scores(model, records, cfg["eval_batch_size"]), None, 20.0)
+    texts = [scored_text(tok, r, s) for r, s in records]
+    scores = mia_scores(records, texts, token_scores(model, records, cfg["eval_batch_size"]), None, 20.0)
     sel = select_and_score(scores, labels, cfg["seed"], cfg["resamples"])
+    blind, _ = attack_metrics(blind_scores(texts), labels, cfg["resamples"], cfg["seed"])  # a biased split shows here
     return dict(mia_attack=sel["attack"], mia_auc=sel["auc"], mia_auc_interval=list(sel["auc_interval"]),
-                mia_verdict=sel["verdict"])
+                mia_verdict=sel["verdict"], mia_blind_auc=blind["auc"], mia_blind_interval=list(blind["auc_interval"]))
 
 
 # ----------------------------------------------------------------------------- one run
@@ -315,11 +316,11 @@ def results_markdown(rows, majority, cfg, machine, wall_s):
              "wording, byte tokenizer. Exposure gap: mean exposure of the "
              f"{max(cfg['canary_reps'])}x canaries minus the never-inserted controls ({cfg['n_candidates']} "
              "candidates). MIA: the attack chosen on one half of the people, AUC on the other half with a "
-             "bootstrap 95% interval. The data seed is reproducible (canaries are no secret from whoever knows "
+             "bootstrap 95% interval; blind AUC: the text's zlib ratio, no model (away from 0.5 = a biased member/non-member split). The data seed is reproducible (canaries are no secret from whoever knows "
              "it); the DP noise and sampling come from a fresh OS secret per run.", "",
              "| N | method | DP target ε | ε spent | steps | accuracy [95%] | % of non-private | majority rate "
-             "| val loss | exposure gap (bits) | MIA AUC [95%] | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| val loss | exposure gap (bits) | MIA AUC [95%] | blind AUC | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["n"], list(METHODS).index(r["method"]), -1 if r["target_epsilon"] is None else r["target_epsilon"])):
         ref = reference.get((r["n"], r["method"]))
         share = f"{100 * r['accuracy'] / ref:.0f}%" if ref else "-"
@@ -328,7 +329,7 @@ def results_markdown(rows, majority, cfg, machine, wall_s):
                if r.get("mia_auc") is not None else "-")
         lines.append(f"| {r['n']} | {r['method']} | {fmt(r['target_epsilon'], 0) if r['target_epsilon'] else 'none'} "
                      f"| {fmt(r['epsilon'], 2)} | {r['steps'] or '-'} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
-                     f"| {share} | {majority[r['n']]:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} | {mia} "
+                     f"| {share} | {majority[r['n']]:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} | {mia} | {fmt(r.get('mia_blind_auc'))} "
                      f"| {r['train_time_s']:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -45,7 +45,7 @@ def test_matrix_writes_table_plots_and_sane_rows(matrix):
     for r in rows:
         assert 0.0 <= r["accuracy_interval"][0] <= r["accuracy"] <= r["accuracy_interval"][1] <= 1.0
         assert r["n_scored"] == 20 and r["steps"] > 0 and r["val_loss"] > 0
-        assert 0.0 <= r["mia_auc"] <= 1.0 and r["exposure_gap_reps"] == 16
+        assert 0.0 <= r["mia_auc"] <= 1.0 and 0.0 <= r["mia_blind_auc"] <= 1.0 and r["exposure_gap_reps"] == 16
 
 
 def test_base_is_pretrained_on_public_persons_without_the_department(matrix):
