@@ -168,7 +168,8 @@ def prepare_data(cfg, n, seed, fields=(TASK_INPUT, TASK_TARGET), canaries=True):
 
 def base_model(cfg, block_size):
     """The public base: base_ckpt, or a fresh byte-vocabulary GPT seeded with cfg['seed'], trained without DP
-    on pretrain_n public persons (out_dir/base/ckpt.pt, reused when it exists)."""
+    on pretrain_n public persons (out_dir/base_public<n>_block<T>/ckpt.pt: public data only, so a plaintext
+    checkpoint; reused when it exists)."""
     if cfg["base_ckpt"]:
         return model_from_checkpoint(load_checkpoint(cfg["base_ckpt"]), cfg["base_ckpt"])
     public = prepare_data(cfg, cfg["pretrain_n"], cfg["public_seed"], cfg["pretrain_fields"], False) \

@@ -8,8 +8,10 @@ n_persons = (1000, 10000, 30000)
 n_heldout = 1000
 methods = ("full", "freeze", "lora")
 epsilons = (1.0, 3.0, 8.0)
-# a fresh 2-layer d=128 byte model (base_ckpt = a public pretrained base for the anchors' setting)
+# a fresh 2-layer d=128 byte model, first trained without DP on 5,000 PUBLIC persons (public_seed) whose
+# records never ask the Department; or base_ckpt = your own public base (byte tokenizer, block >= ~230)
 base_ckpt = ""
+pretrain_n = 5000
 n_layer = 2
 n_embd = 128
 # DP recipe: large logical batches (Li et al. 2022); q = batch / N is capped at 0.25
