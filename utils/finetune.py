@@ -451,22 +451,20 @@ class Trainer:
                 warnings.filterwarnings("ignore", message="Secure RNG turned off")
                 self.engine = PrivacyEngine(accountant="rdp" if plan["accountant"] == "pld" else plan["accountant"],
                                             secure_mode=False)
-            noise_gen = None
             if self.mode == "bk":
                 # Book-keeping clipping (utils/bk_clipping.py) puts each physical batch's clipped sum in
                 # p.grad; Opacus's ghost-clipping optimizer then accumulates, noises, scales and accounts.
                 self.model = BookKeeping(module, cfg["max_grad_norm"])
                 optimizer_class = get_optimizer_class(clipping="flat", distributed=world_size > 1, grad_sample_mode="ghost")
                 self.optimizer = optimizer_class(optimizer, noise_multiplier=plan["noise_multiplier"],
-                                                 max_grad_norm=cfg["max_grad_norm"], expected_batch_size=cfg["batch_size"],
-                                                 generator=noise_gen, secure_mode=False)
+                                                 max_grad_norm=cfg["max_grad_norm"], expected_batch_size=cfg["batch_size"])
             else:
                 placeholder = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch_size"])
                 out = self.engine.make_private(
                     module=module, optimizer=optimizer, data_loader=placeholder,
                     criterion=torch.nn.CrossEntropyLoss(ignore_index=-1),
                     noise_multiplier=plan["noise_multiplier"], max_grad_norm=cfg["max_grad_norm"],
-                    grad_sample_mode=self.mode, poisson_sampling=True, noise_generator=noise_gen)
+                    grad_sample_mode=self.mode, poisson_sampling=True)  # noise: install_noise below
                 if self.mode == "ghost":
                     self.model, self.optimizer, self.criterion, _ = out
                 else:
