@@ -134,22 +134,11 @@ def public_drafter(cfg, template, model, log):
         if (ckpt.get("config") or {}).get("drafter") == key:
             log(f"public drafter: {path} (reused)")
             return drafter
-    import tempfile
-    from utils.data import write_meta, write_split
-    from utils.finetune import finetune
     rng = rs.seeded(-1)
     records = [template.warmup_record(rng) for _ in range(cfg["drafter_steps"] * cfg["drafter_batch_size"])]
     log(f"public drafter: {cfg['drafter_steps']} warm-up steps on {len(records)} public records (no private data)")
-    with tempfile.TemporaryDirectory(prefix="drafter_") as folder:
-        n_tok, n_rec = write_split(folder, "train", records, template.tok.vocab_size)
-        write_split(folder, "val", records[:2], template.tok.vocab_size)
-        write_meta(folder, {"tokenizer": template.tok.name, "vocab_size": template.tok.vocab_size, "dtype": "uint16",
-                            "splits": {"train": {"tokens": n_tok, "records": n_rec}}})
-        batch = cfg["drafter_batch_size"]
-        run = finetune({"base_ckpt": cfg["ckpt"], "data_dir": folder, "save": False, "dp": False, "sampling": "shuffle",
-                        "max_steps": cfg["drafter_steps"], "batch_size": batch, "microbatch_size": batch,
-                        "learning_rate": cfg["drafter_learning_rate"], "eval_interval": 0, "device": cfg["device"],
-                        "seed": secrets.randbits(31)}, log=lambda *a, **k: None)
+    run = su.finetuned_on_records(records, template.tok, cfg["ckpt"], cfg["drafter_steps"], cfg["drafter_batch_size"],
+                                  cfg["drafter_learning_rate"], cfg["device"], seed=secrets.randbits(31))
     drafter = run["model"].eval()
     save_checkpoint(path, drafter, config={"dataset": "public warm-up records", "drafter": key})
     log(f"public drafter: trained in {run.get('train_time_s', 0):.0f}s, saved to {path}")

@@ -125,26 +125,29 @@ def field_accuracy(model, tok, schema, people, fields, domains, batch_size=64):
     return acc
 
 
-def lines_dataset(folder, tok, texts):
-    """A record dataset with one Q/A line per record (a person's record can exceed block_size)."""
-    records = [tok.encode(line + "\n") + [tok.eot] for t in texts for line in t.splitlines() if line.strip()]
-    n_tok, n_rec = write_split(folder, "train", records, tok.vocab_size)
-    write_split(folder, "val", records[:2], tok.vocab_size)
-    write_meta(folder, {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": "uint16",
-                        "splits": {"train": {"tokens": n_tok, "records": n_rec}}})
-    return n_rec
+def qa_lines(tok, texts):
+    """One token record per Q/A line (a person's whole record can exceed block_size)."""
+    return [tok.encode(line + "\n") + [tok.eot] for t in texts for line in t.splitlines() if line.strip()]
+
+
+def finetuned_on_records(records, tok, base_ckpt, steps, batch_size, learning_rate, device="cpu", seed=0):
+    """The run of utils/finetune.py without privacy on token `records` (a temp dataset, removed afterwards):
+    the dict finetune() returns."""
+    from utils.finetune import finetune
+    with tempfile.TemporaryDirectory(prefix="synth_finetune_") as folder:
+        n_tok, n_rec = write_split(folder, "train", records, tok.vocab_size)
+        write_split(folder, "val", records[:2], tok.vocab_size)
+        write_meta(folder, {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": "uint16",
+                            "splits": {"train": {"tokens": n_tok, "records": n_rec}}})
+        batch = min(batch_size, n_rec)
+        return finetune({"base_ckpt": base_ckpt, "data_dir": folder, "save": False, "dp": False,
+                         "sampling": "shuffle", "max_steps": steps, "batch_size": batch, "microbatch_size": batch,
+                         "learning_rate": learning_rate, "eval_interval": 0, "device": device, "seed": seed},
+                        log=lambda *a, **k: None)
 
 
 def finetuned_on(texts, tok, base_ckpt, steps, batch_size, learning_rate, device="cpu", log=print):
-    """The base fine-tuned without privacy on `texts` (utils/finetune.py); the copies live in a temp
-    folder that is removed afterwards."""
-    from utils.finetune import finetune
-    with tempfile.TemporaryDirectory(prefix="synth_utility_") as folder:
-        n = lines_dataset(folder, tok, texts)
-        log(f"utility: fine-tuning on {len(texts)} people ({n} Q/A lines) for {steps} steps")
-        batch = min(batch_size, n)
-        run = finetune({"base_ckpt": base_ckpt, "data_dir": folder, "save": False, "dp": False,
-                        "sampling": "shuffle", "max_steps": steps, "batch_size": batch, "microbatch_size": batch,
-                        "learning_rate": learning_rate, "eval_interval": 0, "device": device, "seed": 0},
-                       log=lambda *a, **k: None)
-    return run["model"]
+    """The base fine-tuned without privacy on `texts`' Q/A lines."""
+    records = qa_lines(tok, texts)
+    log(f"utility: fine-tuning on {len(texts)} people ({len(records)} Q/A lines) for {steps} steps")
+    return finetuned_on_records(records, tok, base_ckpt, steps, batch_size, learning_rate, device)["model"]
