@@ -142,11 +142,6 @@ def dp_line(privacy):
             else "DP OFF: this patch is not differentially private")
 
 
-def base_model(loaded):
-    """utils.finetune.load_base's model: it is changing from returning the model to (model, checkpoint)."""
-    return loaded[0] if isinstance(loaded, tuple) else loaded
-
-
 @torch.no_grad()
 def wipe(model):
     """Zero a model's weights in place (the fine-tuned plaintext, once it is sealed)."""
@@ -188,7 +183,7 @@ def seal_main(argv):
     ft_cfg = {k: cfg[k] for k in ft_loop.DEFAULTS}
     ft_cfg["save"] = False
     ft_loop.check_config(ft_cfg)
-    base = base_model(ft_loop.load_base(cfg)).eval()
+    base = ft_loop.load_base(cfg)[0].eval()
     base_fp = base_fingerprint(base)
     tracker = DeltaTracker(base, dp=cfg["dp"])
     print(f"sealing a patch of tenant {tenant}: " + (
@@ -293,7 +288,7 @@ def apply_main(argv):
     sealed = SealedPatch.from_file(cfg["patch"], max_bytes=cfg["max_patch_mb"] << 20)
     if cfg["init_from"]:
         from utils import finetune as ft_loop
-        base = base_model(ft_loop.load_base({**ft_loop.DEFAULTS, "base_ckpt": "", "init_from": cfg["init_from"]}))
+        base = ft_loop.load_base({**ft_loop.DEFAULTS, "base_ckpt": "", "init_from": cfg["init_from"]})[0]
     else:
         base, _ = load_model(cfg["base_ckpt"])
     base = base.to(cfg["device"]).eval()
