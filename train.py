@@ -28,6 +28,7 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkp
 from utils.cli import UserError, run_cli
 from utils.data import REPO, get_batch, load_meta, tokens
 from utils.distributed import leave_process_group
+from utils.progress import format_eta
 
 DEFAULTS = dict(
     # I/O
@@ -306,11 +307,6 @@ class RunLog:
     def close(self):
         if self.file:
             self.file.close()
-
-
-def format_eta(seconds):
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def is_out_of_memory(e):
