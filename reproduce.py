@@ -39,7 +39,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from configurator import configure
-from demo import Steps, opts, repo_path
+from utils.script_steps import Steps, opts, repo_path
 from test_pipeline.report import get, read_json
 from utils.atomic import write_bytes, write_json
 from utils.cli import UserError, run_cli
