@@ -9,7 +9,7 @@ Stages (--stages picks some; a stage whose outputs exist is skipped unless --fre
   data      pydocs (the base corpus) and the synthetic employees records with canary phone numbers
   pretrain  the base model on pydocs (train.py)
   finetune  per method, ONE fine-tune (utils.finetune.finetune) whose training set also holds the one-run
-            audit's canaries, each included with probability 1/2 (test_pipeline/privacy_audit.py): the
+            audit's canaries, each included with probability 1/2 (utils/dp_audit.py): the
             audit lower bound is measured on the very run that is released. Its delta is sealed as an
             encrypted patch (utils/delta_tracker.DeltaTracker + utils/patch_cipher.seal) with the
             method's own key; the fine-tuned weights never reach the disk in plaintext.
@@ -91,7 +91,7 @@ DEFAULTS = dict(
     # one-run audit: canaries added to every fine-tune, half of them at random
     audit_m=100,                                                           # audit canaries per fine-tune
     audit_k=12,  # guesses "in" for the top k scores and "out" for the bottom k
-    audit_white_m=2000,  # white-box gradient canaries in a second run of each DP row's configuration
+    audit_white_m=30000,  # white-box gradient canaries in a second run of each DP row's configuration
     # tests
     n_candidates=10000,  # random phone numbers each canary is ranked among
     extraction_people=30,  # people per split whose fields are prompted for (extraction)
@@ -200,7 +200,7 @@ def finetune_and_seal(cfg, paths, name, log=print):
     """One fine-tune of `name` with the audit canaries in its training set; seal, export and check the
     patch; score the audit. Returns the method's finetune.json dict."""
     from utils import finetune as ft_loop
-    from test_pipeline import privacy_audit as audit
+    from utils import dp_audit as audit
     from utils import input_canaries
     from utils.delta_tracker import DeltaTracker
     from utils.patch_apply import apply_sealed_patch, base_fingerprint, compare
@@ -564,12 +564,12 @@ def stage_checks(cfg, paths, steps, methods):
 
 
 def white_box_audit(cfg, ft_cfg, log=print):
-    """test_pipeline/privacy_audit's white-box audit of a DP row's configuration: a second run with the
+    """utils/dp_audit's white-box audit of a DP row's configuration: a second run with the
     records, q, noise and steps (without the input canaries) and audit_white_m gradient canaries (already-clipped contributions just
     before the noise). The canaries' coins are seeded (reproducible: a test of the implementation, no
     guarantee of its own); the run's DP noise is the fine-tune's (a fresh secret unless the config sets
     reproducible_noise_seed). Returns its numbers."""
-    from test_pipeline import privacy_audit as audit
+    from utils import dp_audit as audit
     acfg = {**audit.DEFAULTS, **ft_cfg, "m": cfg["audit_white_m"], "m_input": 0,
             "full_batch": False, "audit_seed": cfg["seed"], "save": False}
     rep = audit.run_audit(acfg, log=lambda *a, **k: None)
@@ -804,7 +804,7 @@ def results_markdown(cfg, rows, checks, timings, figures, finetunes):
           "Mahloujifar et al. 2024's f-DP estimator at 95% confidence; (max) is the most these canaries can certify. "
           "**white-box audit ε ≥**: DP rows only, a second run of the same configuration with "
           f"{cfg['audit_white_m']} gradient canaries added as already-clipped contributions just before the noise, "
-          "scored from the per-step privatized gradient sums (test_pipeline/privacy_audit.py). Both must stay below "
+          "scored from the per-step privatized gradient sums (utils/dp_audit.py). Both must stay below "
           "the claimed ε; the audits' coins are seeded here (reproducible, so they test the implementation, not a "
           "deployment).",
           "- **latency**: median ms per generated token (greedy, KV cache, batch 1), base vs patched; **apply**: "

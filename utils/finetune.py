@@ -43,8 +43,9 @@ shuffled batches, non-private only) with the gradient sum divided by the same ex
 clipping and no noise. AdamW's weight decay (default 0) never touches embeddings, so in a non-private
 run tensors and embedding rows that never receive a gradient stay bit-identical to the base.
 
-finetune(cfg, model=None, on_model_ready=None, log=print) -> {"model", "privacy", "history",
-"train_time_s"}; with save=False nothing is written to disk. Otherwise out_dir gets ckpt.pt,
+finetune(cfg, model=None, on_model_ready=None, log=print, on_trainer_ready=None) -> {"model", "privacy",
+"history", "train_time_s"}; on_trainer_ready(trainer) runs once the DP optimizer exists, before the first
+step (the audit's gradient canaries hook its noise draw there); with save=False nothing is written to disk. Otherwise out_dir gets ckpt.pt,
 privacy.json (DP runs: epsilon, adjacency and what is public, the other relation's epsilon, the group
 guarantee per canary repetition count in data_dir/canaries.json, the history, the randomness) and
 log.jsonl (written as the run goes).
@@ -603,14 +604,14 @@ def evaluate(gpt, val_set, answer_set, batch_size, device, autocast, limit=0):
 
 
 # ----------------------------------------------------------------------------- the run
-def finetune(cfg, model=None, on_model_ready=None, log=print):
+def finetune(cfg, model=None, on_model_ready=None, log=print, on_trainer_ready=None):
     cfg = {**DEFAULTS, **cfg}
     check_config(cfg)
     rank, world_size, device, created_group = distributed_setup(cfg)
     say = log if rank == 0 else (lambda *a, **k: None)
     finished = False
     try:
-        result = _finetune(cfg, model, on_model_ready, say, rank, world_size, device)
+        result = _finetune(cfg, model, on_model_ready, say, rank, world_size, device, on_trainer_ready)
         finished = True
         return result
     finally:
@@ -618,7 +619,8 @@ def finetune(cfg, model=None, on_model_ready=None, log=print):
             leave_process_group(finished)
 
 
-def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_size=1, device=None):
+def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_size=1, device=None,
+              on_trainer_ready=None):
     """Load and check the data and base model, prepare the model, plan the budget, build the Trainer.
     Returns a namespace: trainer, gpt, plan, val_set, answer_set, autocast, n_trainable."""
     cfg = {**DEFAULTS, **cfg}
@@ -662,6 +664,8 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
     if on_model_ready is not None:
         on_model_ready(gpt)
     tr = Trainer(cfg, gpt, train_set, plan, rank, world_size, device, autocast, log)
+    if on_trainer_ready is not None:
+        on_trainer_ready(tr)
     if lineage["resume"]:
         tr.optimizer.original_optimizer.load_state_dict(base["optimizer"])
     n_trainable = gpt.get_num_params(non_embedding=False, trainable_only=True)
@@ -690,8 +694,8 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
                            autocast=autocast, n_trainable=n_trainable)
 
 
-def _finetune(cfg, model, on_model_ready, log, rank, world_size, device):
-    run = build_run(cfg, model, on_model_ready, log, rank, world_size, device)
+def _finetune(cfg, model, on_model_ready, log, rank, world_size, device, on_trainer_ready=None):
+    run = build_run(cfg, model, on_model_ready, log, rank, world_size, device, on_trainer_ready)
     tr, gpt, plan, val_set, answer_set, autocast = (run.trainer, run.gpt, run.plan, run.val_set, run.answer_set,
                                                     run.autocast)
     n, n_trainable, delta = plan["dataset_size"], run.n_trainable, plan.get("delta")
