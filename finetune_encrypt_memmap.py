@@ -37,8 +37,8 @@ from utils.delta_tracker import DeltaTracker
 from utils.patch_apply import apply_sealed_patch, base_fingerprint, compare
 from utils.patch_cipher import seal
 from utils.patch_errors import PatchError, as_user_error
-from utils.patch_format import DEFAULT_MAX_FILE_BYTES, SealedPatch, check_export_path, check_tenant
-from utils.patch_keys import generate_key_file, key_file_tenant, load_key
+from utils.patch_format import DEFAULT_MAX_FILE_BYTES, SealedPatch, check_export_path
+from utils.patch_keys import expected_tenant, generate_key_file, load_key
 from utils.secure_memory import harden_process
 from utils.timed_generation import generate
 from utils.tokenizer import get_tokenizer
@@ -92,16 +92,9 @@ def key_from_cfg(cfg):
                     passphrase_env=cfg["passphrase_env"] or None)
 
 
-def expected_tenant(cfg):
-    """--tenant, or the tenant the key file is bound to; they must agree when both are given."""
-    bound = key_file_tenant(cfg["key_file"]) if cfg["key_file"] else None
-    tenant = cfg["tenant"] or bound
-    if not tenant:
-        raise UserError("give --tenant (or a key file bound to a tenant: keygen --tenant NAME); "
-                        "a patch is never accepted for whichever tenant it names")
-    if bound and tenant != bound:
-        raise UserError(f"--tenant {tenant} but key file {cfg['key_file']} is bound to tenant {bound}")
-    return check_tenant(tenant)
+def tenant_of(cfg):
+    """--tenant, or the tenant the key file is bound to (patch_keys.expected_tenant: neither is exit 4)."""
+    return expected_tenant(cfg["tenant"] or None, cfg["key_file"] or None)
 
 
 def check_max_new_tokens(cfg):
@@ -174,7 +167,7 @@ def seal_main(argv):
     if cfg["generation"] < 0:
         raise UserError("generation must be >= 0")
     check_max_new_tokens(cfg)
-    tenant = expected_tenant(cfg)
+    tenant = tenant_of(cfg)
     if cfg["export"]:
         check_export_path(cfg["export"])
     key = key_from_cfg(cfg)
@@ -282,7 +275,7 @@ def apply_main(argv):
     check_max_new_tokens(cfg)
     if cfg["max_patch_mb"] <= 0:
         raise UserError("max_patch_mb must be positive")
-    tenant = expected_tenant(cfg)
+    tenant = tenant_of(cfg)
     key = key_from_cfg(cfg)
     prompts = read_prompts(cfg)
     sealed = SealedPatch.from_file(cfg["patch"], max_bytes=cfg["max_patch_mb"] << 20)

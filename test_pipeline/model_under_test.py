@@ -5,9 +5,9 @@ goes through here, so that a checkpoint, a patched checkpoint and a wrong key be
 - load_model_under_test: a checkpoint, optionally with a sealed patch applied with its key. Decrypting
   hardens the process (no core dumps, not attachable) and the patched weights live in locked,
   dump-excluded memory (utils/patch_apply.py). The expected tenant is the argument, or the tenant the
-  key file is bound to; with neither, the patch's own (authenticated) tenant is accepted with a warning
-  (the `apply` CLI refuses instead). A refused patch is a one-line UserError carrying the patch error's
-  exit code (3 auth failure, 4 wrong base/tenant).
+  key file is bound to; with neither the patch is refused before it is read (exit 4, like the `apply`
+  CLI: no patch is accepted for whichever tenant it names). A refused patch is a one-line UserError
+  carrying the patch error's exit code (2 bad input, 3 auth failure, 4 wrong base/tenant).
 - sequence_logprobs: log p(target_t | prefix, target_<t) for many (prefix, target) pairs, one batched
   forward per batch (right padding: causal attention never lets a pad change an earlier position).
 - continuation_logprobs: many continuations of ONE shared prefix (canary candidates): the prefix runs once
@@ -15,7 +15,6 @@ goes through here, so that a checkpoint, a patched checkpoint and a wrong key be
 - complete: left-padded batched decoding of many prompts with the KV cache (greedy or sampled).
 """
 import copy
-import sys
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from utils.checkpoint import load_model
 from utils.cli import UserError
 
 # what a refused patch means, by the patch error's exit code (finetune_encrypt_memmap's contract)
-PATCH_REFUSALS = {2: "bad patch or key input", 3: "auth failure", 4: "wrong base model or tenant",
+PATCH_REFUSALS = {2: "bad patch or key input", 3: "auth failure", 4: "wrong or missing tenant, or wrong base model",
                   5: "older than a patch already accepted"}
 
 
@@ -40,16 +39,12 @@ def load_model_under_test(ckpt, patch=None, key_file=None, device="cpu", tenant=
         from utils.patch_apply import apply_sealed_patch  # only patched runs need the crypto modules
         from utils.patch_errors import PatchError
         from utils.patch_format import SealedPatch
-        from utils.patch_keys import key_file_tenant, load_key
+        from utils.patch_keys import expected_tenant, load_key
         from utils.secure_memory import harden_process
         harden_process()  # before the key is read: this process is about to hold it and the plaintext
         try:
-            expected = tenant or key_file_tenant(key_file)
+            expected = expected_tenant(tenant, key_file)  # neither given: refused before the patch is read
             sealed = SealedPatch.from_file(patch)
-            if not expected:  # an analysis of the operator's own patch: authenticated, but say it is unchecked
-                expected = sealed.tenant
-                print(f"warning: --patch {patch}: no --tenant and the key file is bound to none, so the patch's own "
-                      f"tenant {expected!r} is accepted (keygen --tenant NAME binds one)", file=sys.stderr)
             try:
                 apply_sealed_patch(model, sealed, load_key(key_file=key_file), expected)
             finally:

@@ -476,8 +476,63 @@ def test_apply_refuses_bad_input_with_one_line(exported, tmp_path):
     with open(huge, "wb") as f:
         f.write(exported["patch"].read_bytes())
         f.truncate(20 << 30)  # 20 GB sparse: refused from its size, nothing allocated
-    for extra, words in [(common, "give --tenant"),  # a key file bound to no tenant, no --tenant: never "any tenant"
-                         (common[:4] + ["--patch", str(huge), "--tenant", "alice"], "size limit")]:
+    for extra, words, code in [(common, "give --tenant", 4),  # a key file bound to no tenant, no --tenant: never "any tenant"
+                               (common[:4] + ["--patch", str(huge), "--tenant", "alice"], "size limit", 2)]:
         r = apply_cli(exported, *extra)
-        assert r.returncode == 2 and words in r.stderr, (extra, r.stderr)
+        assert r.returncode == code and words in r.stderr, (extra, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- no "accept any tenant", in-place apply
+def test_apply_without_an_expected_tenant_is_refused_before_the_patch_is_read(monkeypatch):
+    from tests.sealed_fixtures import sealed_patch, tiny_pair
+    base, ft = tiny_pair()
+    key = os.urandom(32)
+    sealed = sealed_patch(base, ft, key)
+    before = state(base)
+    read = []
+    monkeypatch.setattr(pc, "authenticate", lambda *a: read.append(a) or pytest.fail("the patch was read"))
+    for tenant in (None, ""):
+        with pytest.raises(pe.WrongTenantError, match="no expected tenant") as info:
+            pa.apply_sealed_patch(base, sealed, key, tenant)
+        assert info.value.exit_code == 4
+        with pytest.raises(pe.WrongTenantError):
+            pc.open_patch(sealed, key, tenant)
+    assert not read and same_state(before, state(base))
+    sealed.close()
+
+
+def test_a_cold_apply_decrypts_values_straight_into_the_locked_patched_weights():
+    """One buffer the size of the model, not a plaintext copy beside the patched weights; still bit-exact,
+    exceptions included."""
+    from tests.sealed_fixtures import sealed_patch, tiny_pair
+    base, ft = tiny_pair()
+    with torch.no_grad():  # weights that shrink to ~0 cannot be base + delta: the exception bitmap carries them
+        ft.transformer.h[0].mlp.c_fc.weight[:4] = base.transformer.h[0].mlp.c_fc.weight[:4] * 1e-9
+    key = os.urandom(32)
+    sealed = sealed_patch(base, ft, key)
+    assert any(e["exceptions"] for e in sealed.header["tensors"])
+    payload = sum(e["plain_bytes"] for e in sealed.header["tensors"])
+    applied = pa.apply_sealed_patch(base, sealed, key, "alice")
+    assert equal_params(base, ft)
+    assert applied.storage.nbytes >= sum(p.numel() * p.element_size() for p in ft.parameters())
+    assert applied.plain_status["bytes"] < payload / 8  # only the exception bitmaps went through the plaintext buffer
+    applied.revert()
+    sealed.close()
+
+
+def test_a_failed_in_place_apply_leaves_no_plaintext_in_the_storage(monkeypatch):
+    """The last chunk is tampered: the values decrypted before it (into the patched storage) are zeroed."""
+    from tests.sealed_fixtures import sealed_patch, tiny_pair
+    base, ft = tiny_pair()
+    key = os.urandom(32)
+    raw = bytearray(sealed_patch(base, ft, key, chunk_bytes=256).tobytes())
+    raw[-20] ^= 1  # inside the last record's ciphertext
+    made = []
+    real = pa.PatchedStorage.tensors_for
+    monkeypatch.setattr(pa.PatchedStorage, "tensors_for", lambda self, layout: made.extend(real(self, layout)) or made)
+    before = state(base)
+    with pytest.raises(pe.TamperedError):
+        pa.apply_sealed_patch(base, bytes(raw), key, "alice")
+    assert made and same_state(before, state(base))
+    assert all(int(t.count_nonzero()) == 0 for t in made)  # decrypted deltas were there: now zeros

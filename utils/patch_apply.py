@@ -19,10 +19,10 @@ import torch
 
 from utils.patch_cipher import open_patch
 from utils.patch_errors import PatchFormatError, WrongBaseError
-from utils.patch_format import DEFAULT_MAX_FILE_BYTES, SealedPatch, dtype_name
-from utils.patch_keys import LABEL
+from utils.patch_format import DEFAULT_MAX_FILE_BYTES, DTYPES, SealedPatch, dtype_name
+from utils.patch_keys import LABEL, expected_tenant
 from utils.patch_payload import bits, set_bits
-from utils.secure_memory import harden_process, secure_empty_like
+from utils.secure_memory import harden_process, secure_empty
 
 
 def tensor_bytes(t):
@@ -52,11 +52,13 @@ class PatchedStorage:
     def __init__(self):
         self.layout, self.buffer, self.tensors = None, None, []
 
-    def tensors_like(self, bases):
-        layout = tuple((tuple(b.shape), b.dtype) for b in bases)
+    def tensors_for(self, layout):
+        """Empty tensors of `layout` [(shape, dtype), ...] in this storage (the previous ones when the
+        layout is the same)."""
+        layout = tuple((tuple(shape), dtype) for shape, dtype in layout)
         if layout != self.layout:
             self.close()
-            self.buffer, self.tensors = secure_empty_like(bases)
+            self.buffer, self.tensors = secure_empty(layout)
             self.layout = layout
         return self.tensors
 
@@ -155,12 +157,25 @@ def _check_fits(param, e):
                              f"patch {e['dtype']}{e['shape']}")
 
 
-def _patch_into(out, base, e, segs):
-    """Write the patched values of one parameter into `out`; base is only read."""
+def _patch_into(out, base, e, segs, direct=False):
+    """Write the patched values of one parameter into `out`; base is only read. `direct`: the values were
+    decrypted into `out` itself (kind delta or whole, stored in the parameter's dtype)."""
     rows, values, bitmap = segs
     dev, dt = base.device, base.dtype
-    vals = values.to(device=dev).to(dt)  # no copy when the dtype and device already match
     exc = set_bits(bitmap).to(dev) if e["exceptions"] else None  # indices of values that replace
+    if direct:
+        if e["kind"] == "delta":
+            flat = out.view(-1)
+            kept = None
+            if exc is not None:  # the flagged values, kept in locked memory while the sum overwrites them
+                kept_buf, (kept,) = secure_empty([((exc.numel(),), dt)])
+                torch.index_select(flat, 0, exc, out=kept)
+            torch.add(base, out, out=out)  # base + delta, in place: the same IEEE sums as into a new tensor
+            if kept is not None:
+                flat.index_copy_(0, exc, kept)
+                kept_buf.close()
+        return
+    vals = values.to(device=dev).to(dt)  # no copy when the dtype and device already match
     if e["kind"] == "whole":
         out.copy_(vals.view(base.shape))
     elif e["kind"] == "delta":
@@ -179,28 +194,52 @@ def _patch_into(out, base, e, segs):
         vals.zero_()
 
 
+def _decrypts_in_place(e):
+    """Whether a tensor's values can be decrypted straight into its patched tensor."""
+    return e["kind"] != "rows" and e["stored_dtype"] == e["dtype"]
+
+
 def apply_sealed_patch(model, patch, key, tenant, *, base_fp=None, scratch=None, storage=None, before_swap=None,
                        max_bytes=DEFAULT_MAX_FILE_BYTES):
     """Apply a sealed patch (a path, the file's bytes or a SealedPatch) of `tenant` to `model` in place,
     with the key from patch_keys.load_key(). Any failure raises a PatchError subclass and leaves the model
-    bit-exactly as it was. `tenant` is required: a patch of any other tenant is refused (there is no
-    "accept any tenant"). `base_fp`: the model's base_fingerprint() when already known. Registries pass
-    `scratch` (a SecureBuffer for the plaintext), `storage` (a PatchedStorage reused for the patched
-    tensors) and `before_swap` (called after verification, before the model changes). Returns an
-    AppliedPatch: .revert()."""
+    bit-exactly as it was. `tenant` is required: a patch of any other tenant is refused, and no tenant
+    at all is refused before the patch is read (there is no "accept any tenant"). `base_fp`: the model's
+    base_fingerprint() when already known. Registries pass `scratch` (a SecureBuffer for the plaintext),
+    `storage` (a PatchedStorage reused for the patched tensors: it holds the applied tenant's weights
+    until the new patch verified) and `before_swap` (called after verification, before the model
+    changes). Returns an AppliedPatch: .revert().
+
+    Without `storage`, on a CPU model, the patched tensors are laid out in fresh locked storage once the
+    header is authentic, and the values of `delta` / `whole` tensors are decrypted straight into them
+    and summed with the base in place: one buffer the size of the model instead of two, and one pass
+    fewer over it (the first touch of fresh memory is most of a cold apply's cost)."""
+    tenant = expected_tenant(tenant)
     harden_process()
     t0 = time.perf_counter()
+    owns_storage = storage is None
+    storage = PatchedStorage() if storage is None else storage
+    in_place = owns_storage and all(p.device.type == "cpu" for p in model.parameters())
+    outs = []
+
+    def values_into(header):  # authentic: lay the patched tensors out, and take the values straight in
+        outs.extend(storage.tensors_for([(e["shape"], DTYPES[e["dtype"]]) for e in header["tensors"]]))
+        return {i: out for i, (e, out) in enumerate(zip(header["tensors"], outs)) if _decrypts_in_place(e)}
+
     sealed, owned = SealedPatch.coerce(patch, max_bytes)
     try:
         if base_fp is None:
             base_fp = base_fingerprint(model)
-        opened = open_patch(sealed, key, tenant=tenant, base_fp=base_fp, scratch=scratch)
+        opened = open_patch(sealed, key, tenant=tenant, base_fp=base_fp, scratch=scratch,
+                            values_into=values_into if in_place else None)
+    except BaseException:
+        if owns_storage:
+            storage.close()
+        raise
     finally:
         if owned:
             sealed.close()
     plain_status = opened.plain.status()
-    owns_storage = storage is None
-    storage = PatchedStorage() if storage is None else storage
     undo, swapped = None, []
     try:
         if before_swap is not None:
@@ -214,11 +253,12 @@ def apply_sealed_patch(model, patch, key, tenant, *, base_fp=None, scratch=None,
                     raise WrongBaseError(f"tensor {e['name']} is not a parameter of this model")
                 _check_fits(params[e["name"]], e)
             bases = [params[e["name"]].data for e in entries]
-            on_cpu = [b for b in bases if b.device.type == "cpu"]
-            secure = iter(storage.tensors_like(on_cpu))
-            outs = [next(secure) if b.device.type == "cpu" else torch.empty_like(b) for b in bases]
+            if not in_place:
+                on_cpu = [(b.shape, b.dtype) for b in bases if b.device.type == "cpu"]
+                secure = iter(storage.tensors_for(on_cpu))
+                outs = [next(secure) if b.device.type == "cpu" else torch.empty_like(b) for b in bases]
             for i, (e, base, out) in enumerate(zip(entries, bases, outs)):
-                _patch_into(out, base, e, opened.segments(i))
+                _patch_into(out, base, e, opened.segments(i), direct=in_place and _decrypts_in_place(e))
             for e, base, out in zip(entries, bases, outs):  # nothing above wrote to the model's tensors
                 param = params[e["name"]]
                 swapped.append((param, base, out))

@@ -21,7 +21,7 @@ from utils.patch_errors import (PatchFormatError, SwappedBlobError, TamperedErro
 from utils.patch_format import (DEFAULT_CHUNK_BYTES, DTYPES, FORMAT_VERSION, MAC_BYTES, MAX_CHUNK_BYTES,
                                 NONCE_BYTES, SALT_BYTES, TAG_BYTES, SealedPatch, check_header, check_tenant,
                                 chunk_ad, encode_header, lay_out, payload_layout, record_sizes, valid_name)
-from utils.patch_keys import header_mac, master_key, new_key_spec, subkey, tensor_key
+from utils.patch_keys import expected_tenant, header_mac, master_key, new_key_spec, subkey, tensor_key
 from utils.patch_payload import set_bits
 from utils.secure_memory import SecureBuffer, aligned, harden_process
 
@@ -81,24 +81,29 @@ def seal(tensors, key, *, tenant, base_fingerprint, structure=None, meta=None, g
 
 @dataclass
 class OpenPatch:
-    """A patch whose key, header and every chunk have been verified, decrypted into `plain`."""
+    """A patch whose key, header and every chunk have been verified, decrypted into `plain` (and the values
+    of the tensors in `values`, into the caller's tensors)."""
     header: dict
     plain: SecureBuffer
-    offsets: list  # byte offset of each tensor's payload in `plain`
+    offsets: list  # byte offset of each tensor's payload in `plain` (without the values of `values`' tensors)
+    values: dict = None  # tensor index -> the caller's tensor its values were decrypted into
 
     def segments(self, i):
-        """(row indices int64, values, exception bitmap uint8) tensors viewing `plain`."""
+        """(row indices int64, values, exception bitmap uint8) tensors viewing `plain` (values: `values[i]`)."""
         e = self.header["tensors"][i]
         sizes = payload_layout(e["kind"], e["dtype"], e["stored_dtype"], e["shape"], e["rows"], e["exceptions"])
         out, off = [], self.offsets[i]
-        for size, dt in zip(sizes, (torch.int64, DTYPES[e["stored_dtype"]], torch.uint8)):
+        for k, (size, dt) in enumerate(zip(sizes, (torch.int64, DTYPES[e["stored_dtype"]], torch.uint8))):
+            if k == 1 and self.values and i in self.values:
+                out.append(self.values[i].reshape(-1).view(dt))
+                continue
             out.append(self.plain.tensor(dt, off, size // dt.itemsize))
             off += size
         return out
 
 
 def authenticate(sealed, key):
-    """Derive the keys and verify the header (PATCH_FORMAT.md 8.2-8.4). Returns the master key."""
+    """Derive the keys and verify the header (PATCH_FORMAT.md 8.4-8.6). Returns the master key."""
     h = sealed.header
     master = master_key(key, h["key"])
     salt = bytes.fromhex(h["salt"])
@@ -113,20 +118,23 @@ def authenticate(sealed, key):
 
 
 def check_target(header, base_fp, tenant):
-    """PATCH_FORMAT.md 8.7: the expected tenant (None only for callers that check it themselves) and base."""
-    if tenant is not None and header["tenant"] != tenant:
+    """PATCH_FORMAT.md 8.9: the expected tenant (always given) and base."""
+    if header["tenant"] != tenant:
         raise WrongTenantError(f"patch belongs to tenant {header['tenant']!r}, not {tenant!r}")
     if base_fp is not None and header["base_fingerprint"] != base_fp:
         raise WrongBaseError(f"patch was made for another base model (fingerprint {header['base_fingerprint'][:12]}..., "
                              f"this model {base_fp[:12]}...)")
 
 
-def payload_offsets(header):
-    """Where each tensor's payload goes in the plaintext buffer (64-byte aligned), and the total."""
+def payload_offsets(header, direct=()):
+    """Where each tensor's payload goes in the plaintext buffer (64-byte aligned), and the total; the
+    values of the tensors in `direct` go elsewhere and take no room here."""
     offsets, pos = [], 0
-    for e in header["tensors"]:
+    for i, e in enumerate(header["tensors"]):
         offsets.append(pos)
-        pos += aligned(e["plain_bytes"])
+        rows_b, values_b, bitmap_b = payload_layout(e["kind"], e["dtype"], e["stored_dtype"], e["shape"], e["rows"],
+                                                    e["exceptions"])
+        pos += aligned(rows_b + bitmap_b if i in direct else rows_b + values_b + bitmap_b)
     return offsets, pos
 
 
@@ -134,36 +142,50 @@ def plaintext_bytes(header):
     return payload_offsets(header)[1]
 
 
-def open_patch(sealed, key, tenant, base_fp=None, scratch=None):
+def open_patch(sealed, key, tenant, base_fp=None, scratch=None, values_into=None):
     """Authenticate, decrypt every chunk into locked anonymous memory (`scratch` when it is a large enough
-    SecureBuffer, else a new one), check payloads, then tenant and base. Any failure zeroes what was
-    decrypted and raises; the caller touches its model only after this returns. The process is hardened
-    first: it is about to hold plaintext."""
+    SecureBuffer, else a new one), check payloads, then tenant and base. `values_into(header)`, called
+    once the header is authentic, may return {tensor index: tensor} to decrypt those tensors' values
+    straight into (the caller's locked storage: one buffer and one pass fewer). Any failure zeroes what
+    was decrypted, there too, and raises; the caller touches its model only after this returns. The
+    process is hardened first: it is about to hold plaintext."""
+    tenant = expected_tenant(tenant)
     harden_process()
     master = authenticate(sealed, key)
     h = sealed.header
-    offsets, total = payload_offsets(h)
+    direct = values_into(h) if values_into is not None else {}
+    offsets, total = payload_offsets(h, direct)
     plain = scratch if scratch is not None and scratch.nbytes >= total else SecureBuffer(total)
     header_sha = hashlib.sha256(sealed.image.view(0, sealed.signed_len)).hexdigest()
     salt = bytes.fromhex(h["salt"])
     keys = [tensor_key(master, salt, e["name"]) for e in h["tensors"]]
     data, out = sealed.image.view(), plain.view()
-    records = []  # (tensor index, chunk index, file position, plaintext length, plaintext position)
+    records = []  # (tensor index, chunk index, file position, plaintext length, [(offset in chunk, length, destination)])
     for ti, e in enumerate(h["tensors"]):
-        pos, dst = sealed.blob_start + e["offset"], offsets[ti]
+        rows_b, values_b, bitmap_b = payload_layout(e["kind"], e["dtype"], e["stored_dtype"], e["shape"], e["rows"],
+                                                    e["exceptions"])
+        at = offsets[ti]
+        if ti in direct:  # values into the caller's tensor, row indices and bitmap into `plain`
+            dst = memoryview(direct[ti].reshape(-1).view(torch.uint8).numpy())
+            segments = [(rows_b, out[at:at + rows_b]), (values_b, dst), (bitmap_b, out[at + rows_b:at + rows_b + bitmap_b])]
+        else:
+            segments = [(e["plain_bytes"], out[at:at + e["plain_bytes"]])]
+        pos, start = sealed.blob_start + e["offset"], 0
         for ci, n in enumerate(record_sizes(e["plain_bytes"], h["chunk_bytes"])):
-            records.append((ti, ci, pos, n, dst))
-            pos, dst = pos + NONCE_BYTES + n + TAG_BYTES, dst + n
+            records.append((ti, ci, pos, n, _scatter(segments, start, n)))
+            pos, start = pos + NONCE_BYTES + n + TAG_BYTES, start + n
     try:
-        for ti, ci, pos, n, dst in records:
-            if not _decrypt_record(data, pos, n, keys[ti], chunk_ad(h, header_sha, h["tensors"][ti], ci), out[dst:dst + n]):
-                raise _diagnose(h, header_sha, keys, records, data, (ti, ci, pos, n), out[dst:dst + n])
-        result = OpenPatch(h, plain, offsets)
+        for ti, ci, pos, n, pieces in records:
+            if not _decrypt_record(data, pos, n, keys[ti], chunk_ad(h, header_sha, h["tensors"][ti], ci), pieces):
+                raise _diagnose(h, header_sha, keys, records, data, (ti, ci, pos, n), pieces)
+        result = OpenPatch(h, plain, offsets, direct)
         _check_payloads(result)
         check_target(h, base_fp, tenant)
         return result
     except BaseException:
-        del data, out
+        del data, out, records
+        for t in direct.values():
+            t.zero_()
         if plain is scratch:
             plain.zero()
         else:
@@ -171,37 +193,53 @@ def open_patch(sealed, key, tenant, base_fp=None, scratch=None):
         raise
 
 
-def _decrypt_record(data, pos, n, key, ad, dst):
-    """Decrypt one chunk record into dst; False (dst zeroed) when the tag does not verify."""
+def _scatter(segments, start, n):
+    """The pieces (offset in the chunk, length, destination view) of payload bytes [start, start + n),
+    given the payload's segments in order as (length, destination view)."""
+    pieces, pos = [], 0
+    for length, dst in segments:
+        lo, hi = max(start, pos), min(start + n, pos + length)
+        if lo < hi:
+            pieces.append((lo - start, hi - lo, dst[lo - pos:hi - pos]))
+        pos += length
+    return pieces
+
+
+def _decrypt_record(data, pos, n, key, ad, pieces):
+    """Decrypt one chunk into its pieces; False (pieces zeroed) when the tag does not verify."""
     nonce = bytes(data[pos:pos + NONCE_BYTES])
     tag = bytes(data[pos + NONCE_BYTES + n:pos + NONCE_BYTES + n + TAG_BYTES])
     dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
     dec.authenticate_additional_data(ad)
-    dec.update_into(data[pos + NONCE_BYTES:pos + NONCE_BYTES + n], dst)
+    body = pos + NONCE_BYTES
+    for off, length, dst in pieces:  # GCM is a stream: one message may be decrypted piece by piece
+        dec.update_into(data[body + off:body + off + length], dst)
     try:
         dec.finalize()
         return True
     except InvalidTag:
-        dst[:] = bytes(n)
+        for _, length, dst in pieces:
+            dst[:] = bytes(length)
         return False
 
 
-def _diagnose(h, header_sha, keys, records, data, failed, dst):
+def _diagnose(h, header_sha, keys, records, data, failed, pieces):
     """A chunk failed: if it authenticates as another (tensor, chunk) of this patch, blobs were swapped or
     reordered; otherwise its bytes were modified."""
     ti, ci, pos, n = failed
     name = h["tensors"][ti]["name"]
     for tj, cj, _, m, _ in records:
         if m == n and (tj, cj) != (ti, ci):
-            if _decrypt_record(data, pos, n, keys[tj], chunk_ad(h, header_sha, h["tensors"][tj], cj), dst):
-                dst[:] = bytes(n)
+            if _decrypt_record(data, pos, n, keys[tj], chunk_ad(h, header_sha, h["tensors"][tj], cj), pieces):
+                for _, length, dst in pieces:
+                    dst[:] = bytes(length)
                 return SwappedBlobError(f"blob of tensor {name} chunk {ci} was replaced by the blob of "
                                         f"{h['tensors'][tj]['name']} chunk {cj} (swapped or reordered)")
     return TamperedError(f"tensor {name} chunk {ci} does not authenticate (nonce, ciphertext or tag modified)")
 
 
 def _check_payloads(opened):
-    """PATCH_FORMAT.md 8.6: row indices in range and strictly increasing, bitmap popcount = exceptions and
+    """PATCH_FORMAT.md 8.8: row indices in range and strictly increasing, bitmap popcount = exceptions and
     no bit past the last value (authentic, but an apply must never index out of bounds)."""
     for i, e in enumerate(opened.header["tensors"]):
         rows, values, bitmap = opened.segments(i)

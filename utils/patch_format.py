@@ -157,7 +157,7 @@ def parse_header(data, file_bytes):
 
 
 def check_header(header):
-    """Structural checks of an AUTHENTICATED header (PATCH_FORMAT.md 8.4): a failure means a broken or
+    """Structural checks of an AUTHENTICATED header (PATCH_FORMAT.md 8.6): a failure means a broken or
     newer writer, exit 2."""
     try:
         assert header["format"] == "private-nanogpt sealed patch" and header["version"] == FORMAT_VERSION

@@ -149,6 +149,21 @@ def key_file_tenant(path):
     return read_key_file(path, warn=lambda msg: None)[1] if path else None
 
 
+def expected_tenant(tenant=None, key_file=None):
+    """The tenant a patch must belong to: `tenant`, or the tenant `key_file` is bound to; they must agree
+    when both are given. Neither is WrongTenantError (exit 4, PATCH_FORMAT.md 8.9), raised before any patch
+    is read: a patch is never accepted for whichever tenant it names."""
+    from utils.patch_errors import WrongTenantError
+    from utils.patch_format import check_tenant
+    bound = key_file_tenant(key_file)
+    if tenant and bound and tenant != bound:
+        raise WrongTenantError(f"tenant {tenant} was asked for, but key file {key_file} is bound to tenant {bound}")
+    if not (tenant or bound):
+        raise WrongTenantError("no expected tenant: give --tenant NAME (or a key file bound to a tenant: keygen "
+                               "--tenant NAME); a patch is never accepted for whichever tenant it names")
+    return check_tenant(tenant or bound)
+
+
 def generate_key_file(path, tenant=None):
     """Write a fresh random key (64 hex chars; `tenant=` line when bound) owner-only, atomically."""
     lines = [secrets.token_hex(KEY_BYTES)]

@@ -4,9 +4,13 @@ Memory for secrets: plaintext deltas, decrypted payloads and the patched (fine-t
 SecureBuffer is anonymous private memory (never backed by a file), excluded from core dumps
 (MADV_DONTDUMP), zero in a forked child (MADV_WIPEONFORK), mlock'ed where RLIMIT_MEMLOCK allows (the soft
 limit is raised to the hard one first), zeroed before it is released and, for buffers still alive, at
-interpreter exit. Fresh buffers ask for transparent huge pages and are pre-faulted in one call
-(MADV_HUGEPAGE + MADV_POPULATE_WRITE, Linux >= 5.14): faulting 4 KiB pages one by one cost as much as
-the AES-GCM pass over them (BENCHMARKS.md, "Sealed patches"). memfd_secret would also hide the pages from
+interpreter exit. Fresh buffers are pre-faulted in one call (mlock, or MADV_POPULATE_WRITE on Linux
+>= 5.14), not page by page on first use. They do NOT ask for transparent huge pages: on a VM whose
+balloon driver reports free memory back to the host (virtio-balloon free page reporting, for free
+blocks of 2 MiB and more), a huge-page fault takes exactly such a reported block and the host must back
+it again: measured here, 500 MiB cost 0.9-1.1 CPU s with MADV_HUGEPAGE against 0.11 s with 4 KiB pages
+(which come from unreported smaller free blocks) and 0.06 s with huge pages the host still backed
+(BENCHMARKS.md, "Sealed patches"). memfd_secret would also hide the pages from
 the kernel's own mappings, but it cannot be mapped by torch tensors we hand to other code, so it is not
 used.
 
@@ -22,7 +26,7 @@ import weakref
 
 import torch
 
-MADV_HUGEPAGE, MADV_WIPEONFORK, MADV_POPULATE_WRITE = 14, 18, 23  # Linux values; absent from older mmap modules
+MADV_WIPEONFORK, MADV_POPULATE_WRITE = 18, 23  # Linux values; absent from older mmap modules
 PR_SET_DUMPABLE, PR_GET_DUMPABLE = 4, 3
 ALIGN = 64  # byte alignment of tensor views laid out in one buffer
 
@@ -74,7 +78,6 @@ class SecureBuffer:
         self._size = max(1, self.nbytes)
         self.mm = mmap.mmap(-1, self._size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self._madvise(MADV_HUGEPAGE)  # before the first touch, so that faults can take 2 MiB pages
         self.dontdump = self._madvise(getattr(mmap, "MADV_DONTDUMP", 16))
         self.wipeonfork = self._madvise(MADV_WIPEONFORK)
         probe = (ctypes.c_char * self._size).from_buffer(self.mm)
@@ -150,13 +153,14 @@ class SecureBuffer:
             pass
 
 
-def secure_empty_like(tensors, lock=True):
-    """(SecureBuffer, [empty tensors shaped like `tensors`, laid out in it]) for CPU tensors."""
-    sizes = [aligned(t.numel() * t.element_size()) for t in tensors]
+def secure_empty(layout, lock=True):
+    """(SecureBuffer, [empty CPU tensors of `layout` [(shape, dtype), ...], laid out in it])."""
+    counts = [int(torch.Size(shape).numel()) for shape, _ in layout]
+    sizes = [aligned(n * dtype.itemsize) for n, (_, dtype) in zip(counts, layout)]
     buf = SecureBuffer(sum(sizes), lock=lock)
     out, off = [], 0
-    for t, size in zip(tensors, sizes):
-        out.append(buf.tensor(t.dtype, off, t.numel(), t.shape))
+    for n, (shape, dtype), size in zip(counts, layout, sizes):
+        out.append(buf.tensor(dtype, off, n, tuple(shape)))
         off += size
     return buf, out
 
