@@ -140,7 +140,7 @@ def main(argv=None):
                      ["test_pipeline/leakage_test.py",
                       *opts(data_dir=employees, base_ckpt=base, ckpt=[os.path.join(out, "finetune", "ckpt.pt"),
                                                                       os.path.join(out, "finetune_dp", "ckpt.pt")],
-                            patch=patch, key_file=key, wrong_key_file=wrong_key, n_candidates=cfg["n_candidates"],
+                            patch=patch, key_file=key, wrong_key_file=wrong_key, tenant="demo", n_candidates=cfg["n_candidates"],
                             fields="Annual Salary", n_people=20, n_samples=0, out=leakage_json,
                             plot=os.path.join(out, "exposure.png"))], check=False)
     if code not in (0, 1) or not os.path.isfile(leakage_json):

@@ -19,7 +19,8 @@ Fine-tune a GPT and keep what it learned only as an encrypted patch over the bas
   locked anonymous memory and are zeroed once sealed, the trained model is zeroed after the round-trip
   check. --export writes header + ciphertext only and is checked before the fine-tune starts.
 - Exit codes (PATCH_FORMAT.md section 8): 0 ok, 2 usage or bad input, 3 authentication failure (wrong
-  key, tampered, truncated, swapped blobs), 4 patch for another base model or tenant.
+  key, tampered, truncated, swapped blobs), 4 patch for another base model or tenant, or no expected
+  tenant at all (neither --tenant nor a key file bound to one).
 """
 import copy
 import os

@@ -297,7 +297,7 @@ def tenant_memory(base_ckpt, patch, key_file, counts):
     the further tenants are byte copies of this patch held the same way (same bytes, same memory)."""
     torch.set_num_threads(1)
     from utils.patch_format import SealedPatch
-    from utils.patch_keys import key_file_tenant, load_key
+    from utils.patch_keys import expected_tenant, load_key
     from utils.tenant_registry import TenantRegistry
     from utils.checkpoint import load_model
     model, _ = load_model(base_ckpt)
@@ -307,7 +307,7 @@ def tenant_memory(base_ckpt, patch, key_file, counts):
     if not patch:
         return out
     registry = TenantRegistry(model)
-    tenant = registry.add(patch, key_file_tenant(key_file) or SealedPatch.from_file(patch).tenant)
+    tenant = registry.add(patch, expected_tenant(key_file=key_file))  # each method's key is bound to its tenant
     registry.apply(tenant, load_key(key_file=key_file))
     with open(patch, "rb") as f:
         raw = f.read()
@@ -332,8 +332,7 @@ def generation_latency(cfg, paths, tok, prompts, patch="", key=""):
     """Median ms per generated token, greedy with the KV cache, one prompt at a time: the base model and the
     patched one alternately (same machine state); plus the time to verify, decrypt and apply the patch."""
     from utils.patch_apply import apply_sealed_patch, base_fingerprint
-    from utils.patch_format import SealedPatch
-    from utils.patch_keys import key_file_tenant, load_key
+    from utils.patch_keys import expected_tenant, load_key
     from utils.timed_generation import generate
     from utils.checkpoint import load_model
     n = cfg["latency_tokens"]
@@ -343,8 +342,7 @@ def generation_latency(cfg, paths, tok, prompts, patch="", key=""):
         patched, _ = load_model(paths.base, cfg["device"])
         fp = base_fingerprint(patched)
         t0 = time.perf_counter()
-        tenant = key_file_tenant(key) or SealedPatch.from_file(patch).tenant  # reproduce's own patches
-        apply_sealed_patch(patched, patch, load_key(key_file=key), tenant, base_fp=fp)
+        apply_sealed_patch(patched, patch, load_key(key_file=key), expected_tenant(key_file=key), base_fp=fp)
         apply_ms = (time.perf_counter() - t0) * 1000
         patched.eval()
     generate(base, tok, prompts[0], 4)  # warm-up
@@ -395,22 +393,23 @@ def test_model(cfg, paths, name, shared, log=print):
 
     log(f"--- {name}: leakage")
     row = dict(label=name, ckpt=paths.base, patch=patch or None, key_file=key or None, role="base" if is_base else "tested")
-    out["leakage"] = lt.evaluate_row(row, shared.canaries, shared.tok, shared.items, shared.leak_cfg)
+    leak_cfg = {**shared.leak_cfg, "tenant": "" if is_base else name}  # the wrong key's row must fail on the key
+    out["leakage"] = lt.evaluate_row(row, shared.canaries, shared.tok, shared.items, leak_cfg)
     if not is_base:
         wrong = lt.evaluate_row({**row, "key_file": paths.wrong_key, "role": "must_refuse"}, shared.canaries, shared.tok,
-                                shared.items, shared.leak_cfg)
+                                shared.items, leak_cfg)
         out["wrong_key"] = {k: wrong.get(k) for k in ("status", "refusal")}
 
     log(f"--- {name}: membership inference")
     mia_argv = opts(ckpt=paths.base, ref_ckpt=paths.base, data_dir=paths.employees, n_records=cfg["mia_records"],
                     seed=cfg["seed"], device=cfg["device"], out=os.path.join(folder, "mia.json"))
     if patch:
-        mia_argv += opts(patch=patch, key_file=key)
+        mia_argv += opts(patch=patch, key_file=key, tenant=name)
     out["mia"] = {k: v for k, v in mia.main(mia_argv).items()
                   if k in ("n_members", "n_nonmembers", "metrics", "selected", "blind", "resamples")}
 
     log(f"--- {name}: perplexity, held-out answers, forgetting")
-    model, _ = load_model_under_test(paths.base, patch or None, key or None, cfg["device"])
+    model, _ = load_model_under_test(paths.base, patch or None, key or None, cfg["device"], None if is_base else name)
     metrics = ("perplexity", "qa") if is_base else ("perplexity", "qa", "forgetting")
     ecfg = {**ev.DEFAULTS, "ckpt": paths.base, "patch": patch, "key_file": key, "data_dir": paths.employees,
             "device": cfg["device"], "seed": cfg["seed"], "metrics": metrics, "max_people": cfg["eval_people"],
@@ -497,8 +496,8 @@ def stage_checks(cfg, paths, steps, methods):
         out = os.path.join(paths.checks, "leakage.json")
         argv = ["test_pipeline/leakage_test.py",
                 *opts(data_dir=paths.employees, base_ckpt=paths.base, patch=where["patch"], key_file=where["key"],
-                      wrong_key_file=paths.wrong_key, n_candidates=cfg["check_candidates"], fields=cfg["fields"],
-                      n_people=10, n_samples=0, out=out)]
+                      wrong_key_file=paths.wrong_key, tenant=ref, n_candidates=cfg["check_candidates"],
+                      fields=cfg["fields"], n_people=10, n_samples=0, out=out)]
         code = steps.run(f"check 1: leakage on base vs patched ({ref}) vs wrong key", argv, check=False)
         report = read_json(out) or {"models": []}
         rows = {m["label"]: m for m in report["models"]}
@@ -508,7 +507,7 @@ def stage_checks(cfg, paths, steps, methods):
         wrong = rows.get("patched + wrong key", {}).get("status", "")
         details = dict(exit_code=code, base_exposure=base_exp, patched_exposure=patched_exp, wrong_key=wrong)
         passed = (code == 0 and base_exp is not None and base_exp < cfg["max_base_exposure"]
-                  and patched_exp is not None and patched_exp > base_exp and wrong.startswith("refused"))
+                  and patched_exp is not None and patched_exp > base_exp and wrong == "refused (auth failure)")
         results["leakage"] = dict(command=steps.last_command, passed=passed, details=details,
                                   rule=f"exit 0; the base's mean exposure of the {top}x canaries < "
                                        f"{cfg['max_base_exposure']} bits and below the patched model's; the wrong "

@@ -16,7 +16,7 @@ fresh `finetune_encrypt_memmap.py apply` process on a copy of the patch:
   other base model              exit 4, "another base model"
   other tenant (--tenant bob)   exit 4, "tenant"
   damaged AND other tenant      exit 3 (integrity is checked before identity)
-  no --tenant, unbound key      exit 2, "give --tenant" (apply never accepts whichever tenant a patch names)
+  no --tenant, unbound key      exit 4, "give --tenant" (apply never accepts whichever tenant a patch names)
   not a patch                   exit 2
 and every refusal is one line on stderr, never a traceback.
 """
@@ -110,7 +110,7 @@ def cases(raw):
     out["two blobs swapped"] = (bytes(swapped), [], 3, "swapped")
     out["other tenant"] = (raw, ["--tenant", "bob"], 4, "tenant")
     out["damaged and other tenant"] = (flip(raw, blobs[-1][1] + 5), ["--tenant", "bob"], 3, "does not authenticate")
-    out["no tenant"] = (raw, ["--tenant", ""], 2, "give --tenant")
+    out["no tenant"] = (raw, ["--tenant", ""], 4, "give --tenant")
     out["not a patch"] = (b"\x89PNG\r\n\x1a\n" + raw[8:], [], 2, "not a sealed patch")
     return out
 

@@ -2,7 +2,7 @@
 Quality of a model under test (seed 001 sections 3, 7, 9, 10):
 
     python test_pipeline/eval.py --ckpt out/ft/ckpt.pt --data_dir data/employees \
-        [--patch P --key_file K] [--base_ckpt out/base/ckpt.pt --base_data_dir data/pydocs] [--out eval.json]
+        [--patch P --key_file K [--tenant T]] [--base_ckpt out/base/ckpt.pt --base_data_dir data/pydocs] [--out eval.json]
 
 - perplexity of a split, scored with a strided sliding window when a text is longer than block_size
   (every token is scored exactly once, with up to block_size - stride tokens of carried-over context);
@@ -34,6 +34,7 @@ DEFAULTS = dict(
     ckpt="",                 # model under test (a train.py / finetune_dp.py checkpoint, or the base of --patch)
     patch="",                # sealed patch applied on top of --ckpt (needs --key_file)
     key_file="",             # the patch's key
+    tenant="",               # the patch's tenant ('' = the one the key file is bound to)
     device="cpu",            # 'cpu' or 'cuda'
     data_dir="data/employees",  # the records dataset (meta.json names its schema)
     split="val",             # held-out people
@@ -371,7 +372,8 @@ def evaluate(cfg, model=None, log=print):
     meta = load_meta(cfg["data_dir"])
     if model is None:
         model, _ = mut.load_model_under_test(cfg["ckpt"], patch=cfg["patch"] or None,
-                                             key_file=cfg["key_file"] or None, device=cfg["device"])
+                                             key_file=cfg["key_file"] or None, device=cfg["device"],
+                                             tenant=cfg["tenant"] or None)
     model.eval()
     check_vocab(model, meta, cfg["data_dir"])
     tok = get_tokenizer(meta)

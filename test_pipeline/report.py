@@ -11,9 +11,10 @@ Run directory layout:
                          'before' of forgetting, and the model every patch applies to
     <name>/ckpt.pt       a fine-tuned model; privacy.json beside it when it was trained with DP
     <name>/*.patch       a sealed patch over base/ckpt.pt (finetune_encrypt_memmap --export); its key is
-                         <name>/<patch stem>.key or <name>/key.hex, else --key_file
+                         <name>/<patch stem>.key or <name>/key.hex, else --key_file; its tenant is the
+                         one the key file is bound to, else --tenant
     run.json (optional)  {"data_dir": ..., "base_data_dir": ..., "models": [{"name", "ckpt", "patch",
-                         "key_file"}, ...]}: paths relative to the run directory; replaces the discovery
+                         "key_file", "tenant"}, ...]}: paths relative to the run directory; replaces the discovery
 
 Every sub-run goes through its library function in this process (leakage_test.main, mia.main and
 privacy_audit.main with argv; robustness() and evaluate() directly); each one's stdout goes to a log
@@ -43,6 +44,7 @@ DEFAULTS = dict(
     data_dir="",            # the fine-tuning data (default: run.json's, else data/employees)
     base_data_dir="",       # the pretraining corpus, for forgetting (default: run.json's; '' = skip)
     key_file="",            # key of patches that have no key file beside them
+    tenant="",              # tenant of patches whose key file is bound to none (run.json: a model's "tenant")
     tests=("leakage", "mia", "robustness", "eval", "figures"),  # which parts to run
     audit=False,            # also run privacy_audit (it fine-tunes with DP itself: slow)
     audit_config="",        # the finetune_dp config file the audit trains with (e.g. config/finetune_dp_employees.py)
@@ -60,7 +62,7 @@ SIZES = dict(n_candidates=(10000, 1000), leak_people=(200, 20), samples=(4, 2), 
 
 
 # --------------------------------------------------------------------------- the run directory
-def discover(run_dir, key_file=""):
+def discover(run_dir, key_file="", tenant=""):
     """(settings from run.json, [model dicts]) for a run directory; see the layout above."""
     if not os.path.isdir(run_dir):
         raise UserError(f"run directory {run_dir} does not exist")
@@ -82,7 +84,8 @@ def discover(run_dir, key_file=""):
         if bad or len(set(names)) != len(names):
             raise UserError(f"{spec_path}: every model needs a unique 'name' and a 'ckpt'")
         models = [{"name": m["name"], "ckpt": here(m["ckpt"]), "patch": here(m.get("patch", "")),
-                   "key_file": here(m.get("key_file", "")) or key_file} for m in spec["models"]]
+                   "key_file": here(m.get("key_file", "")) or key_file, "tenant": m.get("tenant", "")}
+                  for m in spec["models"]]
         base = next((m["ckpt"] for m in models if m["name"] == "base"), base)
         models = [m for m in models if m["name"] != "base"]
     else:
@@ -102,6 +105,12 @@ def discover(run_dir, key_file=""):
     for m in models:
         if m["patch"] and not m["key_file"]:
             raise UserError(f"patch {m['patch']} has no key: put key.hex beside it or give --key_file")
+        if m["patch"]:  # the tenant every sub-run must expect: never whichever tenant the patch names
+            from utils.patch_keys import key_file_tenant
+            m["tenant"] = m.get("tenant") or key_file_tenant(m["key_file"]) or tenant
+            if not m["tenant"]:
+                raise UserError(f"patch {m['patch']}: no expected tenant: bind its key file to one (keygen --tenant), "
+                                f"or give --tenant (run.json: the model's \"tenant\")", exit_code=4)
         m["privacy"], m["dp"] = privacy_of(m)
     return spec, [{"name": "base", "ckpt": base, "patch": "", "key_file": "", "privacy": None, "dp": None}] + models
 
@@ -168,7 +177,8 @@ def run_leakage(models, cfg, out_dir, size):
             out, png = os.path.join(out_dir, f"leakage_{i}.json"), os.path.join(out_dir, f"exposure_{i}.png")
             argv = common + [f"--out={out}", f"--plot={png}"] + ([f"--ckpt={','.join(cks)}"] if cks else [])
             if patch:
-                argv += [f"--patch={patch['patch']}", f"--key_file={patch['key_file']}", f"--wrong_key_file={wrong_key}"]
+                argv += [f"--patch={patch['patch']}", f"--key_file={patch['key_file']}", f"--wrong_key_file={wrong_key}",
+                         f"--tenant={patch['tenant']}"]
             code, log = call_main(leakage_test, argv, os.path.join(out_dir, f"leakage_{i}.log"))
             res = read_json(out)
             merged["codes"].append(code)
@@ -199,7 +209,7 @@ def run_mia(models, cfg, out_dir, size):
         argv = [f"--ckpt={m['ckpt']}", f"--data_dir={cfg['data_dir']}", f"--out={out}", f"--plot={png}",
                 f"--device={cfg['device']}", f"--seed={cfg['seed']}"] + ref
         if m["patch"]:
-            argv += [f"--patch={m['patch']}", f"--key_file={m['key_file']}"]
+            argv += [f"--patch={m['patch']}", f"--key_file={m['key_file']}", f"--tenant={m['tenant']}"]
         code, log = call_main(mia, argv, os.path.join(out_dir, f"mia_{i}.log"))
         results[m["name"]] = {"code": code, "result": read_json(out), "plot": png if os.path.isfile(png) else None,
                               "error": None if code in (0, 1) else last_line(log)}
@@ -222,7 +232,7 @@ def run_robustness(models, cfg, out_dir, size):
     from test_pipeline import test_prompt_robustness as rb
     results = {}
     for i, m in enumerate(models[1:]):
-        rcfg = {**rb.DEFAULTS, "ckpt": m["ckpt"], "patch": m["patch"], "key_file": m["key_file"],
+        rcfg = {**rb.DEFAULTS, "ckpt": m["ckpt"], "patch": m["patch"], "key_file": m["key_file"], "tenant": m.get("tenant", ""),
                 "data_dir": cfg["data_dir"], "device": cfg["device"], "seed": cfg["seed"],
                 "max_people": size("rob_people"), "injection_people": size("rob_people"), "n_samples": size("samples"),
                 "plot": os.path.join(out_dir, f"robustness_{i}.png")}
@@ -236,7 +246,7 @@ def run_eval(models, cfg, out_dir, size):
     from test_pipeline import eval as ev
     results = {}
     for i, m in enumerate(models):
-        ecfg = {**ev.DEFAULTS, "ckpt": m["ckpt"], "patch": m["patch"], "key_file": m["key_file"],
+        ecfg = {**ev.DEFAULTS, "ckpt": m["ckpt"], "patch": m["patch"], "key_file": m["key_file"], "tenant": m.get("tenant", ""),
                 "data_dir": cfg["data_dir"], "device": cfg["device"], "seed": cfg["seed"],
                 "max_people": size("eval_people"), "bias_people": size("bias_people"), "rep_prompts": size("rep_prompts"),
                 "base_ckpt": models[0]["ckpt"] if i else "", "base_data_dir": cfg["base_data_dir"],
@@ -482,7 +492,7 @@ def build_report(cfg, log=print):
         raise UserError(f"unknown tests {sorted(unknown)}; choose from {list(KNOWN_TESTS)}")
     if not cfg["run_dir"]:
         raise UserError("--run_dir is required (a folder with base/ckpt.pt; see report.py's docstring)")
-    spec, models = discover(cfg["run_dir"], cfg["key_file"])
+    spec, models = discover(cfg["run_dir"], cfg["key_file"], cfg["tenant"])
     cfg = {**cfg, "data_dir": cfg["data_dir"] or spec.get("data_dir") or "data/employees",
            "base_data_dir": cfg["base_data_dir"] or spec.get("base_data_dir") or ""}
     from utils.data import load_meta

@@ -3,7 +3,7 @@ Prompt robustness of a model under test on records of people (seed 001 sections 
 fields, question templates and sensitive fields of the data's schema (meta.json, utils/records.py):
 
     python test_pipeline/test_prompt_robustness.py --ckpt out/ft/ckpt.pt --data_dir data/employees \
-        [--patch P --key_file K] [--out robustness.json --plot robustness.png] [--min_correctness 0.5]
+        [--patch P --key_file K [--tenant T]] [--out robustness.json --plot robustness.png] [--min_correctness 0.5]
 
 1. Paraphrases: every field asked with each of the schema's question templates. Per (person, field):
    consistency (all paraphrases give the same answer) AND correctness (each answer equals the person's
@@ -36,6 +36,7 @@ DEFAULTS = dict(
     ckpt="",                                     # model under test (or the base of --patch)
     patch="",                                    # sealed patch applied on top of --ckpt (needs --key_file)
     key_file="",                                 # the patch's key
+    tenant="",                                   # the patch's tenant ('' = the one the key file is bound to)
     device="cpu",                                # 'cpu' or 'cuda'
     data_dir="data/employees",                   # the records dataset (meta.json names its schema)
     split="train",           # whose records correctness is checked against (train: what the model learned)
@@ -288,7 +289,8 @@ def robustness(cfg, model=None, complete_fn=None, log=print):
     if complete_fn is None:
         if model is None:
             model, _ = mut.load_model_under_test(cfg["ckpt"], patch=cfg["patch"] or None,
-                                                 key_file=cfg["key_file"] or None, device=cfg["device"])
+                                                 key_file=cfg["key_file"] or None, device=cfg["device"],
+                                                 tenant=cfg["tenant"] or None)
         model.eval()
         complete_fn = make_completer(model, get_tokenizer(meta), cfg["max_new_tokens"], cfg["batch_size"],
                                      cfg["temperature"], cfg["top_k"] or None, label="robustness prompts",

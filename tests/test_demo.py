@@ -68,5 +68,5 @@ def test_demo_runs_every_step_end_to_end(tmp_path, capsys):
     assert key.encode() not in sealed and bytes.fromhex(key) not in sealed
     with open(out / "leakage.json") as f:
         rows = {m["label"]: m for m in json.load(f)["models"]}
-    assert rows["patched + wrong key"]["status"].startswith("refused")
+    assert rows["patched + wrong key"]["status"] == "refused (auth failure)"  # a wrong key, not a missing tenant
     assert rows["patched + key"]["status"] == "ok" and rows["base"]["status"] == "ok"
