@@ -39,8 +39,8 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from configurator import configure
-from utils.script_steps import Steps, opts, repo_path
-from test_pipeline.report import get, read_json
+from utils.report_io import get, read_json
+from utils.script_steps import Steps, opts, repo_path, run_script
 from utils.atomic import write_bytes, write_json
 from utils.cli import UserError, run_cli
 from utils.machine import describe_machine
@@ -361,29 +361,31 @@ class Shared:
     """What every model's tests share: the tokenizer, the canaries and their candidates, the prompts."""
 
     def __init__(self, cfg, paths):
-        from test_pipeline import leakage_test as lt
         from utils import employees
+        from utils.canary_exposure import prepare_canaries
         from utils.data import load_meta
+        from utils.model_leakage import extraction_items
+        from utils.records import read_people
         from utils.tokenizer import get_tokenizer
         self.meta = load_meta(paths.employees)
         self.tok = get_tokenizer(self.meta)
-        self.leak_cfg = {**lt.DEFAULTS, "device": cfg["device"], "seed": cfg["seed"], "n_samples": 0,
-                         "n_candidates": cfg["n_candidates"]}
-        self.canaries = lt.prepare_canaries(os.path.join(paths.employees, "canaries.json"), self.tok,
-                                            cfg["n_candidates"], cfg["seed"])
-        people = {s: lt.read_people(paths.employees, s) for s in ("train", "val")}
-        self.items = lt.extraction_items(people, list(self.meta["fields"]), self.tok, cfg["extraction_people"],
-                                         cfg["seed"])
+        # what model_leakage.evaluate_row reads (leakage_test.py's batch sizes; greedy extraction only)
+        self.leak_cfg = dict(device=cfg["device"], seed=cfg["seed"], tenant="", n_samples=0, batch_size=512,
+                             gen_batch_size=64)
+        self.canaries = prepare_canaries(os.path.join(paths.employees, "canaries.json"), self.tok,
+                                         cfg["n_candidates"], cfg["seed"])
+        people = {s: read_people(paths.employees, s) for s in ("train", "val")}
+        self.items = extraction_items(people, list(self.meta["fields"]), self.tok, cfg["extraction_people"],
+                                      cfg["seed"])
         val = people["val"][:cfg["latency_prompts"]]
         self.prompts = [employees.qa_prompt(p, self.meta["fields"][0]) for p in val]
 
 
 def test_model(cfg, paths, name, shared, log=print):
     """The test pipeline on the base model (name 'base') or on a method's patch applied with its key."""
-    from test_pipeline import eval as ev
-    from test_pipeline import leakage_test as lt
-    from test_pipeline import mia
     from test_pipeline.model_under_test import load_model_under_test
+    from utils.model_leakage import evaluate_row
+    from utils.quality_metrics import perplexity, stream_head
     is_base = name == "base"
     where = None if is_base else paths.method(name)
     patch, key = ("", "") if is_base else (where["patch"], where["key"])
@@ -394,33 +396,41 @@ def test_model(cfg, paths, name, shared, log=print):
     log(f"--- {name}: leakage")
     row = dict(label=name, ckpt=paths.base, patch=patch or None, key_file=key or None, role="base" if is_base else "tested")
     leak_cfg = {**shared.leak_cfg, "tenant": "" if is_base else name}  # the wrong key's row must fail on the key
-    out["leakage"] = lt.evaluate_row(row, shared.canaries, shared.tok, shared.items, leak_cfg)
+    out["leakage"] = evaluate_row(row, shared.canaries, shared.tok, shared.items, leak_cfg)
     if not is_base:
-        wrong = lt.evaluate_row({**row, "key_file": paths.wrong_key, "role": "must_refuse"}, shared.canaries, shared.tok,
-                                shared.items, leak_cfg)
+        wrong = evaluate_row({**row, "key_file": paths.wrong_key, "role": "must_refuse"}, shared.canaries, shared.tok,
+                             shared.items, leak_cfg)
         out["wrong_key"] = {k: wrong.get(k) for k in ("status", "refusal")}
 
     log(f"--- {name}: membership inference")
+    mia_out = os.path.join(folder, "mia.json")
     mia_argv = opts(ckpt=paths.base, ref_ckpt=paths.base, data_dir=paths.employees, n_records=cfg["mia_records"],
-                    seed=cfg["seed"], device=cfg["device"], out=os.path.join(folder, "mia.json"))
+                    seed=cfg["seed"], device=cfg["device"], out=mia_out)
     if patch:
         mia_argv += opts(patch=patch, key_file=key, tenant=name)
-    out["mia"] = {k: v for k, v in mia.main(mia_argv).items()
+    if run_script(["test_pipeline/mia.py", *mia_argv]) != 0:
+        raise UserError(f"test_pipeline/mia.py failed on {name} (its error is above)", exit_code=1)
+    out["mia"] = {k: v for k, v in read_json(mia_out).items()
                   if k in ("n_members", "n_nonmembers", "metrics", "selected", "blind", "resamples")}
 
     log(f"--- {name}: perplexity, held-out answers, forgetting")
-    model, _ = load_model_under_test(paths.base, patch or None, key or None, cfg["device"], None if is_base else name)
+    eval_out = os.path.join(folder, "eval.json")
     metrics = ("perplexity", "qa") if is_base else ("perplexity", "qa", "forgetting")
-    ecfg = {**ev.DEFAULTS, "ckpt": paths.base, "patch": patch, "key_file": key, "data_dir": paths.employees,
-            "device": cfg["device"], "seed": cfg["seed"], "metrics": metrics, "max_people": cfg["eval_people"],
-            "base_ckpt": paths.base, "base_data_dir": paths.pydocs, "base_max_tokens": cfg["base_eval_tokens"]}
-    result = ev.evaluate(ecfg, model=model, log=log)
+    eval_argv = opts(ckpt=paths.base, data_dir=paths.employees, device=cfg["device"], seed=cfg["seed"], metrics=metrics,
+                     max_people=cfg["eval_people"], base_ckpt=paths.base, base_data_dir=paths.pydocs,
+                     base_max_tokens=cfg["base_eval_tokens"], out=eval_out)
+    if patch:
+        eval_argv += opts(patch=patch, key_file=key, tenant=name)
+    if run_script(["test_pipeline/eval.py", *eval_argv]) != 0:
+        raise UserError(f"test_pipeline/eval.py failed on {name} (its error is above)", exit_code=1)
+    result = read_json(eval_out)
     if is_base:  # the base corpus perplexity of the base itself: the 'before' of forgetting
-        result["base_corpus"] = ev.perplexity(model, ev.stream_head(paths.pydocs, "val", cfg["base_eval_tokens"]))
+        model, _ = load_model_under_test(paths.base, device=cfg["device"])
+        result["base_corpus"] = perplexity(model, stream_head(paths.pydocs, "val", cfg["base_eval_tokens"]))
+        del model
     out["eval"] = {k: result[k] for k in ("perplexity", "qa", "forgetting", "base_corpus") if k in result}
     if "qa" in out["eval"]:
         out["eval"]["qa"].pop("examples", None)
-    del model
 
     log(f"--- {name}: generation latency and resident memory")
     out["latency"] = generation_latency(cfg, paths, shared.tok, shared.prompts, patch, key)
@@ -439,10 +449,10 @@ def robustness_tenant(cfg, paths, steps):
     wordings at about the rate of guessing the most common answer; trained on several it learns the facts
     and does better on the held-out wording too (measured: check 3's details). Written through
     utils/prepare; fine-tuned and sealed by finetune_encrypt_memmap.py in its own process."""
-    from test_pipeline.leakage_test import read_people
     from utils import employees
     from utils.data import load_meta
     from utils.prepare import write_records
+    from utils.records import read_people
     from utils.tokenizer import get_tokenizer
     folder = os.path.join(paths.checks, "robustness_tenant")
     data, patch, key = os.path.join(folder, "data"), os.path.join(folder, "tenant.patch"), os.path.join(folder, "key.hex")
@@ -520,7 +530,7 @@ def stage_checks(cfg, paths, steps, methods):
                                           rule="exit 0: the right key works in another process and every wrong key, "
                                                "tampered byte, truncation, swap, other base or tenant is refused")
     if "robustness" in cfg["checks"]:
-        from test_pipeline.leakage_test import read_people
+        from utils.records import read_people
         patch, key, data = where["patch"], where["key"], paths.employees
         if cfg["robustness_tenant"]:
             patch, key, data, scored = robustness_tenant(cfg, paths, steps)

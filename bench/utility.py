@@ -55,9 +55,10 @@ import torch
 
 from configurator import configure
 from model import GPT, GPTConfig
-from test_pipeline.leakage_test import exposure_by_repetitions, first_line, prepare_canaries, score_canaries
-from test_pipeline.mia import attack_metrics, blind_scores, mia_scores, read_records, scored_text, select_and_score, token_scores
 from test_pipeline.model_under_test import complete, pyplot, save_figure
+from utils.canary_exposure import exposure_by_repetitions, prepare_canaries, score_canaries
+from utils.membership import attack_metrics, blind_scores, mia_scores, read_records, scored_text, select_and_score, token_scores
+from utils.model_leakage import first_line
 from utils.atomic import write_bytes, write_json
 from utils.audit_bounds import clopper_pearson
 from utils.checkpoint import load_checkpoint, model_from_checkpoint

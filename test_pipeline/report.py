@@ -16,17 +16,15 @@ Run directory layout:
     run.json (optional)  {"data_dir": ..., "base_data_dir": ..., "models": [{"name", "ckpt", "patch",
                          "key_file", "tenant"}, ...]}: paths relative to the run directory; replaces the discovery
 
-Every sub-run goes through its library function in this process (leakage_test.main, mia.main and
-privacy_audit.main with argv; robustness() and evaluate() directly); each one's stdout goes to a log
-under <run_dir>/report/. The audit fine-tunes its own model from base/ckpt.pt (--audit_config: the
+Every sub-run is its script's command line (leakage_test.py, mia.py, privacy_audit.py,
+test_prompt_robustness.py, eval.py) in a process of its own, which writes the JSON this script reads;
+each one's stdout and stderr go to a log under <run_dir>/report/. The audit fine-tunes its own model from base/ckpt.pt (--audit_config: the
 finetune_dp config it trains with). A patched model is also tested with a freshly generated wrong key, which must be
 refused. Writes <run_dir>/REPORT.md and <run_dir>/report/report.json; exit code 1 when a sub-run fails its
 checks or errors, 0 otherwise.
 """
-import contextlib
 import datetime
 import glob
-import io
 import json
 import math
 import os
@@ -38,6 +36,8 @@ from configurator import configure
 from utils.atomic import write_bytes, write_json
 from utils.cli import UserError, run_cli
 from utils.progress import Progress
+from utils.report_io import get, read_json
+from utils.script_steps import opts, run_script
 
 DEFAULTS = dict(
     run_dir="",             # the run folder (run.json, checkpoints, patches); REPORT.md goes here
@@ -126,42 +126,28 @@ def privacy_of(m):
 
 
 # --------------------------------------------------------------------------- running the sub-runs
-@contextlib.contextmanager
-def captured(log_path):
-    """Send stdout and stderr to a log file (written atomically at the end), e.g. a sub-run's tables."""
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            yield buf
-    finally:
-        write_bytes(log_path, buf.getvalue().encode())
+def sub_run(script, argv, out, log_path):
+    """`python test_pipeline/SCRIPT argv...` in its own process, writing its JSON result to `out`; its exit
+    status (0, 1 failed checks, 2+ errors) and its log (stdout and stderr)."""
+    if os.path.exists(out):
+        os.remove(out)  # a result an earlier report left must not stand in for this run's
+    code = run_script([os.path.join("test_pipeline", script)] + argv, log_path)
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        return code, f.read()
 
 
-def call_main(module, argv, log_path):
-    """module.main(argv) in this process; its exit status (0, 1 failed checks, 2+ errors) and its log."""
-    with captured(log_path) as buf:
-        try:
-            code = module.main(argv)
-            code = code if isinstance(code, int) else 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except UserError as e:
-            print(f"error: {e}")
-            code = e.exit_code
-    return code, buf.getvalue()
-
-
-def read_json(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+def result_or_error(out, log):
+    """A sub-run's JSON result, or {'error': its last line, 'passed': False} when it wrote none (e.g. a
+    refused patch: 'error: ...' is the last line a script prints)."""
+    result = read_json(out)
+    if result is None:
+        return {"error": last_line(log).removeprefix("error: "), "passed": False}
+    return result
 
 
 def run_leakage(models, cfg, out_dir, size):
     """One leakage_test run with the base, every fine-tuned checkpoint and the first patch (with its key
     and a fresh wrong key); one more run per further patch. Returns the merged result."""
-    from test_pipeline import leakage_test
     from utils.patch_keys import generate_key_file
     base = models[0]["ckpt"]
     ckpts = [m["ckpt"] for m in models[1:] if not m["patch"]]
@@ -179,7 +165,7 @@ def run_leakage(models, cfg, out_dir, size):
             if patch:
                 argv += [f"--patch={patch['patch']}", f"--key_file={patch['key_file']}", f"--wrong_key_file={wrong_key}",
                          f"--tenant={patch['tenant']}"]
-            code, log = call_main(leakage_test, argv, os.path.join(out_dir, f"leakage_{i}.log"))
+            code, log = sub_run("leakage_test.py", argv, out, os.path.join(out_dir, f"leakage_{i}.log"))
             res = read_json(out)
             merged["codes"].append(code)
             if res is None:
@@ -199,9 +185,8 @@ def run_leakage(models, cfg, out_dir, size):
 
 
 def run_mia(models, cfg, out_dir, size):
-    """mia.main on every model: the base model is the reference of the others, and its own row is the
+    """mia.py on every model: the base model is the reference of the others, and its own row is the
     no-memorization baseline (AUC near 0.5)."""
-    from test_pipeline import mia
     results = {}
     for i, m in enumerate(models):
         out, png = os.path.join(out_dir, f"mia_{i}.json"), os.path.join(out_dir, f"roc_{i}.png")
@@ -210,66 +195,63 @@ def run_mia(models, cfg, out_dir, size):
                 f"--device={cfg['device']}", f"--seed={cfg['seed']}"] + ref
         if m["patch"]:
             argv += [f"--patch={m['patch']}", f"--key_file={m['key_file']}", f"--tenant={m['tenant']}"]
-        code, log = call_main(mia, argv, os.path.join(out_dir, f"mia_{i}.log"))
+        code, log = sub_run("mia.py", argv, out, os.path.join(out_dir, f"mia_{i}.log"))
         results[m["name"]] = {"code": code, "result": read_json(out), "plot": png if os.path.isfile(png) else None,
                               "error": None if code in (0, 1) else last_line(log)}
     return {"models": results, "passed": all(r["code"] == 0 for r in results.values())}
 
 
 def run_audit(models, cfg, out_dir):
-    """privacy_audit.main once: it fine-tunes its own DP model from the base on the data."""
-    from test_pipeline import privacy_audit
+    """privacy_audit.py once: it fine-tunes its own DP model from the base on the data."""
     out, png = os.path.join(out_dir, "audit.json"), os.path.join(out_dir, "audit.png")
     argv = ([cfg["audit_config"]] if cfg["audit_config"] else []) + [
         f"--base_ckpt={models[0]['ckpt']}", f"--data_dir={cfg['data_dir']}", f"--out={out}", f"--plot={png}",
         f"--device={cfg['device']}", f"--seed={cfg['seed']}"]
-    code, log = call_main(privacy_audit, argv, os.path.join(out_dir, "audit.log"))
+    code, log = sub_run("privacy_audit.py", argv, out, os.path.join(out_dir, "audit.log"))
     return {"code": code, "result": read_json(out), "passed": code == 0, "plot": png if os.path.isfile(png) else None,
             "error": None if code in (0, 1) else last_line(log)}
 
 
+def model_flags(m):
+    """The flags that name a model under test: its checkpoint, and its patch with the key and tenant when it has one."""
+    return opts(ckpt=m["ckpt"]) + (opts(patch=m["patch"], key_file=m["key_file"], tenant=m["tenant"]) if m["patch"] else [])
+
+
 def run_robustness(models, cfg, out_dir, size):
-    from test_pipeline import test_prompt_robustness as rb
+    """test_prompt_robustness.py on every model but the base (which learned no records), with its plot."""
     results = {}
     for i, m in enumerate(models[1:]):
-        rcfg = {**rb.DEFAULTS, "ckpt": m["ckpt"], "patch": m["patch"], "key_file": m["key_file"], "tenant": m.get("tenant", ""),
-                "data_dir": cfg["data_dir"], "device": cfg["device"], "seed": cfg["seed"],
-                "max_people": size("rob_people"), "injection_people": size("rob_people"), "n_samples": size("samples"),
-                "plot": os.path.join(out_dir, f"robustness_{i}.png")}
-        results[m["name"]] = in_process(lambda: rb.robustness(rcfg), os.path.join(out_dir, f"robustness_{i}.log"))
-        if "error" not in results[m["name"]]:
-            results[m["name"]]["plot"] = rb.plot(results[m["name"]], rcfg["plot"])
+        out = os.path.join(out_dir, f"robustness_{i}.json")
+        argv = model_flags(m) + opts(data_dir=cfg["data_dir"], device=cfg["device"], seed=cfg["seed"],
+                                     max_people=size("rob_people"), injection_people=size("rob_people"),
+                                     n_samples=size("samples"), plot=os.path.join(out_dir, f"robustness_{i}.png"), out=out)
+        _, log = sub_run("test_prompt_robustness.py", argv, out, os.path.join(out_dir, f"robustness_{i}.log"))
+        results[m["name"]] = result_or_error(out, log)
     return results
 
 
 def run_eval(models, cfg, out_dir, size):
-    from test_pipeline import eval as ev
+    """eval.py on every model; forgetting (against the base corpus) for all but the base itself."""
     results = {}
     for i, m in enumerate(models):
-        ecfg = {**ev.DEFAULTS, "ckpt": m["ckpt"], "patch": m["patch"], "key_file": m["key_file"], "tenant": m.get("tenant", ""),
-                "data_dir": cfg["data_dir"], "device": cfg["device"], "seed": cfg["seed"],
-                "max_people": size("eval_people"), "bias_people": size("bias_people"), "rep_prompts": size("rep_prompts"),
-                "base_ckpt": models[0]["ckpt"] if i else "", "base_data_dir": cfg["base_data_dir"],
-                "metrics": tuple(x for x in ev.DEFAULTS["metrics"] if x != "forgetting" or i)}
-        results[m["name"]] = in_process(lambda: ev.evaluate(ecfg), os.path.join(out_dir, f"eval_{i}.log"))
+        out = os.path.join(out_dir, f"eval_{i}.json")
+        metrics = ("perplexity", "qa", "repetition", "bias") + (("forgetting",) if i else ())
+        argv = model_flags(m) + opts(data_dir=cfg["data_dir"], device=cfg["device"], seed=cfg["seed"],
+                                     max_people=size("eval_people"), bias_people=size("bias_people"),
+                                     rep_prompts=size("rep_prompts"), metrics=metrics, out=out)
+        if i and cfg["base_data_dir"]:
+            argv += opts(base_ckpt=models[0]["ckpt"], base_data_dir=cfg["base_data_dir"])
+        _, log = sub_run("eval.py", argv, out, os.path.join(out_dir, f"eval_{i}.log"))
+        results[m["name"]] = result_or_error(out, log)
     return results
-
-
-def in_process(fn, log_path):
-    """fn() with its prints in a log; a UserError (e.g. a refused patch) becomes {'error': message}."""
-    with captured(log_path):
-        try:
-            return fn()
-        except UserError as e:
-            return {"error": str(e), "passed": False}
 
 
 def run_figures(models, cfg, out_dir):
     """Attention maps and gradient saliency of the first fine-tuned model (else the base) for one Q/A prompt."""
-    from test_pipeline.eval import dataset_fields
     from test_pipeline.model_under_test import load_model_under_test
     from utils.data import load_meta
     from utils.plot import model_title, plot_attention_maps, plot_saliency
+    from utils.quality_metrics import dataset_fields
     from utils.records import load_people, load_schema
     from utils.tokenizer import get_tokenizer
     m = next((x for x in models[1:] if not x["patch"]), models[0])
@@ -302,14 +284,6 @@ def md_table(headers, rows):
 def last_line(text):
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else "no output"
-
-
-def get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
 
 
 def summary_rows(report):
@@ -395,7 +369,7 @@ def audit_md(a):
 
 
 def leakage_md(leak):
-    from test_pipeline.leakage_test import CHANCE_EXPOSURE
+    from utils.canary_exposure import CHANCE_EXPOSURE
     lines = []
     reps = sorted({int(k) for r in leak["models"] for k in (r.get("exposure_by_repetitions") or {})})
     n = leak.get("n_candidates")
@@ -426,8 +400,7 @@ def leakage_md(leak):
 
 
 def write_markdown(report, path):
-    from test_pipeline import eval as ev
-    from test_pipeline import test_prompt_robustness as rb
+    from utils import prompt_probes, quality_metrics
     where = os.path.dirname(os.path.abspath(path))
     fig = lambda p, alt: f"![{alt}]({os.path.relpath(p, where)})"  # noqa: E731
     md = [f"# Test report: {report['run_dir']}", "",
@@ -462,7 +435,7 @@ def write_markdown(report, path):
                audit_md(a["result"]) if a["result"] else f"error: {a['error']}"]
         if a.get("plot"):
             md += ["", fig(a["plot"], "audit scores")]
-    for key, title, mod in (("robustness", "Prompt robustness", rb), ("eval", "Quality", ev)):
+    for key, title, mod in (("robustness", "Prompt robustness", prompt_probes), ("eval", "Quality", quality_metrics)):
         if key not in report:
             continue
         md += ["", f"## {title}"]

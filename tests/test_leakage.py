@@ -16,6 +16,7 @@ from utils.checkpoint import save_checkpoint
 from utils.cli import run_cli
 
 from test_pipeline import leakage_test as lt
+from utils import model_leakage as ml
 from test_pipeline.model_under_test import continuation_logprobs, load_model_under_test, sequence_logprobs
 
 PY = sys.executable
@@ -131,29 +132,6 @@ def test_batched_scoring_equals_one_forward_per_sequence():
     assert np.allclose(cached, naive, atol=1e-4) and np.allclose(batched, naive, atol=1e-4)
 
 
-def test_candidates_have_the_format_exclude_the_secret_and_are_distinct():
-    rng = np.random.default_rng(0)
-    cands = lt.candidate_secrets("###-####", "555-0123", 5000, rng)
-    assert len(cands) == len(set(cands)) == 5000 and "555-0123" not in cands
-    assert all(len(c) == 8 and c[3] == "-" and (c[:3] + c[4:]).isdigit() for c in cands)
-    everything = lt.candidate_secrets("##", "42", 10000, rng)  # small space: every other value, exact rank
-    assert sorted(everything) == sorted(f"{i:02d}" for i in range(100) if i != 42)
-    with pytest.raises(lt.UserError):
-        lt.candidate_secrets("###-####", "55-01234", 10, rng)
-
-
-def test_rank_and_exposure():
-    cands = np.array([-5.0, -4.0, -3.0, -2.0])
-    assert lt.rank_among(-1.0, cands) == 1 and lt.rank_among(-3.5, cands) == 3
-    assert lt.rank_among(-4.0, np.array([-4.0, -4.0, -4.0])) == 2.5  # ties: a constant model is not "first"
-    assert lt.exposure_from_rank(1, 1023) == pytest.approx(10.0)
-    assert lt.exposure_from_rank(1024, 1023) == pytest.approx(0.0)
-    # skew-normal: a secret at the candidates' median has ~1 bit; far in the tail, many (capped)
-    nll = np.random.default_rng(0).normal(30, 2, 10000)
-    assert lt.skewnorm_exposure(np.median(nll), nll, 23.0) == pytest.approx(1.0, abs=0.1)
-    assert lt.skewnorm_exposure(10.0, nll, 23.0) == 23.0
-
-
 # ---------------------------------------------------------------- on a memorizing model
 def test_canary_seen_16_times_is_exposed_and_controls_are_at_chance(report):
     ft = report["rows"]["fine-tuned (ft)"]["exposure_by_repetitions"]
@@ -200,22 +178,15 @@ def test_max_exposure_counts_only_inserted_canaries(monkeypatch):
     def scored(control_bits, inserted_bits):
         return [dict(id=0, repetitions=0, exposure=control_bits, rank=1.0), dict(id=1, repetitions=4,
                                                                                  exposure=inserted_bits, rank=1.0)]
-    monkeypatch.setattr(lt, "load_model_under_test", lambda *a, **k: (None, None))
-    monkeypatch.setattr(lt, "exposure_by_repetitions", lambda results: {})
+    monkeypatch.setattr(ml, "load_model_under_test", lambda *a, **k: (None, None))
+    monkeypatch.setattr(ml, "exposure_by_repetitions", lambda results: {})
     cfg = {**lt.DEFAULTS, "max_exposure": 5.0}
     row = dict(label="ft", ckpt="x", role="tested")
     for bits, fails in (((7.31, 2.0), 0), ((2.0, 7.31), 1)):
-        monkeypatch.setattr(lt, "score_canaries", lambda *a, bits=bits: scored(*bits))
-        out = lt.evaluate_row(row, [{}], None, [], cfg)
+        monkeypatch.setattr(ml, "score_canaries", lambda *a, bits=bits: scored(*bits))
+        out = ml.evaluate_row(row, [{}], None, [], cfg)
         assert out["control_max_exposure"] == bits[0] and out["max_exposure"] == bits[1]
         assert len(lt.failures_of([out], cfg)) == fails
-
-
-def test_exposure_interval_from_the_exact_rank():
-    lo, hi = lt.exposure_interval(1, 10000)  # nothing beat the secret: at least log2(10^4 / 3.7), no upper end
-    assert 11 < lo < lt.exposure_from_rank(1, 10000) and hi is None
-    lo, hi = lt.exposure_interval(5000, 10000)  # half the candidates beat it: about 1 bit
-    assert 0.9 < lo < 1.0 < hi < 1.1
 
 
 def test_a_wrong_key_that_applies_is_a_failure():
@@ -233,17 +204,3 @@ def test_bad_input_is_one_line(memorized, tmp_path, capsys):
         assert e.value.code == 2 and err.startswith("error:") and words in err and err.count("\n") == 1
 
 
-def test_extraction_rates_count_exact_first_lines(monkeypatch):
-    """The bookkeeping on a stub decoder: training people's answers come back exactly, held-out ones don't."""
-    from utils.tokenizer import ByteTokenizer
-    tok = ByteTokenizer()
-    items = [("train", "Annual Salary", tok.encode("Context: A. Question: pay? Answer:"), "100.00"),
-             ("train", "Hourly Rate", tok.encode("Context: B. Question: rate? Answer:"), "12.50"),
-             ("val", "Annual Salary", tok.encode("Context: C. Question: pay? Answer:"), "300.00")]
-    replies = {tuple(items[0][2]): " 100.00\nContext: more", tuple(items[1][2]): " 12.5\n",
-               tuple(items[2][2]): " 999.00\n"}
-    monkeypatch.setattr(lt, "complete", lambda model, prompts, *a, **k: [tok.encode(replies[tuple(p)]) for p in prompts])
-    cfg = {**lt.DEFAULTS, "n_samples": 3}
-    e = lt.extraction_rates(tiny_model(), tok, items, cfg)
-    assert e["train"]["greedy"] == 0.5 and e["val"]["greedy"] == 0.0 and e["greedy_gap"] == 0.5
-    assert e["train"]["by_field"]["Annual Salary"]["sampled"] == 1.0 and e["train"]["by_field"]["Hourly Rate"]["sampled_any"] == 0.0

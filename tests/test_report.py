@@ -63,6 +63,15 @@ def test_discover_the_layout(run_dir, tmp_path):
         rp.discover(str(other))
 
 
+def test_a_sub_run_that_writes_no_result_is_an_error_not_an_earlier_result(tmp_path):
+    out = tmp_path / "eval_0.json"
+    out.write_text('{"passed": true}')  # what an earlier report left in the run directory
+    code, log = rp.sub_run("eval.py", ["--ckpt=", f"--out={out}"], str(out), str(tmp_path / "eval_0.log"))
+    assert code == 2 and not out.exists()
+    assert rp.result_or_error(str(out), log) == {
+        "error": "--ckpt is required (the model under test, or the base model of --patch)", "passed": False}
+
+
 def test_markdown_helpers():
     assert rp.md_table(["a", "b"], [[1.23456, None], ["x|y", True]]) == \
         "| a | b |\n|---|---|\n| 1.235 | – |\n| x\\|y | True |"

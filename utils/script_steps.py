@@ -43,6 +43,18 @@ class Steps:
         return "\n".join(lines)
 
 
+def run_script(argv, log_path=None):
+    """Run `python SCRIPT args...` (SCRIPT relative to the repository root) in its own process, without a
+    step's banner: its output goes to log_path when given (test_pipeline/report.py's sub-runs), else to
+    this process's stdout. Returns the exit code."""
+    cmd = [sys.executable, repo_path(argv[0])] + argv[1:]
+    if log_path is None:
+        sys.stdout.flush()  # what this process printed comes before the child's output
+        return subprocess.call(cmd)
+    with open(log_path, "wb") as log:
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
 def repo_path(path):
     """A file of the repository, as a path from the current directory (just `path` from the root)."""
     return os.path.relpath(os.path.join(REPO, path))
