@@ -58,7 +58,8 @@ DEFAULTS = dict(
     batch_salt="",                  # '' = a fresh random salt (written to the report)
     label="",                       # the records' label (class), part of the batch hash
     c=10.0,                         # clipping range of the recentred logits
-    tau=2.0,                        # temperature of the private exponential mechanism
+    tau=2.0,                        # temperature of the private exponential mechanism; 0 = from the plan (structured)
+    sharpness=6.0,                  # tau=0: the plan's tau is the smallest the budget pays for, but 2c/tau <= this
     svt=True,                       # public drafter + sparse vector technique
     sigma=0.5,                      # SVT Laplace scale: Lap(sigma) on the threshold, Lap(2 sigma) on d
     theta=0.8,                      # SVT threshold on d in [0, 2]
@@ -98,6 +99,9 @@ DEFAULTS = dict(
 
 # ----------------------------------------------------------------------------- checks and plan
 def check_config(cfg):
+    if cfg["tau"] == 0 and not (cfg["structured"] and cfg["epsilon"] > 0 and cfg["sharpness"] > 0):
+        raise UserError("tau=0 (the plan picks tau) needs --structured=True, an --epsilon and --sharpness > 0: "
+                        "give --tau otherwise")
     if cfg["max_examples_per_batch"] <= 0 or cfg["max_new_tokens"] <= 0 or cfg["max_value_tokens"] <= 0:
         raise UserError("max_examples_per_batch, max_new_tokens and max_value_tokens must be positive")
     if cfg["structured"]:
@@ -128,32 +132,53 @@ def public_drafter(cfg, template, model, log):
         return model
     path = cfg["drafter_ckpt"] or os.path.join(os.path.dirname(cfg["out"]) or ".", "drafter.pt")
     key = {"base": os.path.abspath(cfg["ckpt"]), "header": template.header, "fields": template.fields,
-           "domains": template.domains, "digits": template.digits, "steps": cfg["drafter_steps"]}
+           "domains": template.domains, "digits": template.digits, "steps": cfg["drafter_steps"],
+           "batch_size": cfg["drafter_batch_size"], "learning_rate": cfg["drafter_learning_rate"],
+           "warmup": "copy the context record's values; draft from the header (loss on values only)"}
     if os.path.isfile(path):
         drafter, ckpt = load_model(path, cfg["device"])
-        if (ckpt.get("config") or {}).get("drafter") == key:
-            log(f"public drafter: {path} (reused)")
+        conf = ckpt.get("config") or {}
+        if conf.get("drafter") == key:
+            log(f"public drafter: {path} (reused); p(own value | prompt) on held-out public records: "
+                + copy_report(conf.get("copy_probability", {})))
             return drafter
     rng = rs.seeded(-1)
-    records = [template.warmup_record(rng) for _ in range(cfg["drafter_steps"] * cfg["drafter_batch_size"])]
+    records, masks = zip(*[template.warmup_record(rng) for _ in range(cfg["drafter_steps"] * cfg["drafter_batch_size"])])
     log(f"public drafter: {cfg['drafter_steps']} warm-up steps on {len(records)} public records (no private data)")
-    run = su.finetuned_on_records(records, template.tok, cfg["ckpt"], cfg["drafter_steps"], cfg["drafter_batch_size"],
-                                  cfg["drafter_learning_rate"], cfg["device"], seed=secrets.randbits(31))
+    run = su.finetuned_on_records(list(records), template.tok, cfg["ckpt"], cfg["drafter_steps"],
+                                  cfg["drafter_batch_size"], cfg["drafter_learning_rate"], cfg["device"],
+                                  seed=secrets.randbits(31), loss_masks=list(masks))
     drafter = run["model"].eval()
-    save_checkpoint(path, drafter, config={"dataset": "public warm-up records", "drafter": key})
-    log(f"public drafter: trained in {run.get('train_time_s', 0):.0f}s, saved to {path}")
+    copying = rs.copy_probability(drafter, template, rs.seeded(-1))  # fresh public records, not trained on
+    save_checkpoint(path, drafter, config={"dataset": "public warm-up records", "drafter": key,
+                                           "copy_probability": copying})
+    log(f"public drafter: trained in {run.get('train_time_s', 0):.0f}s, saved to {path}; p(own value | prompt) "
+        f"on held-out public records: {copy_report(copying)}")
     return drafter
+
+
+def copy_report(copying):
+    return ", ".join(f"{f} {p:.2f}" for f, p in copying.items()) or "not measured"
 
 
 def plan(cfg, privacy, template, model, gen, log):
     """From the config and the public drafter alone: the private tokens a record costs at most (every
-    token neither a label nor forced), the records each batch can finish, the expected total."""
+    token neither a label nor forced), with tau=0 the tau that pays for max_examples_per_batch such records
+    (pp.planned_tau), the records each batch can finish, the expected total. Returns (plan, privacy)."""
     decoder = pp.BatchDecoder(model, [template.public_ids()], template.max_new_tokens(), cfg["use_kv_cache"])
     mech = pp.Mechanism.from_config(cfg)
     drafts, _, _ = rs.synthesize_records(decoder, 0, mech, template, 0, gen, cfg["plan_records"], public_only=True,
                                          max_value_tokens=cfg["max_value_tokens"])
     per_record = float(np.mean([c["public"] for _, c in drafts])) if drafts else float("inf")
     forced = float(np.mean([c["forced"] for _, c in drafts])) if drafts else 0.0
+    if cfg["planned_tau"]:
+        # 10% over the dry run's mean: private draws run a little longer than the drafter's (e.g. 6 digits)
+        tau = pp.planned_tau(cfg, 1.1 * cfg["max_examples_per_batch"] * per_record) if drafts else None
+        cfg["tau"] = tau or 2 * cfg["c"] / cfg["sharpness"]
+        privacy = pp.privacy_budget(cfg)
+        log(f"plan: tau={cfg['tau']:.3g} (2c/tau = {2 * cfg['c'] / cfg['tau']:.2f}, at most --sharpness="
+            f"{cfg['sharpness']:g}), from the config and the public dry run alone")
+        log_privacy(privacy, log)
     per_batch = min(cfg["max_examples_per_batch"], int(privacy["r"] // per_record)) if drafts else 0
     out = {"batches": cfg["n_batches"], "s": cfg["s"], "r": privacy["r"], "private_tokens_per_record": per_record,
            "forced_tokens_per_record": forced, "records_per_batch": per_batch,
@@ -166,19 +191,27 @@ def plan(cfg, privacy, template, model, gen, log):
                         f"(r={privacy['r']} private tokens, about {per_record:.1f} per record): raise --epsilon, "
                         f"--s (and lower --n_batches: s ~ N / n_batches), --tau or lower --c, use fewer --fields, or "
                         + ("--svt=False (the SVT costs a share of r)" if cfg["svt"] else "a larger --sigma with --svt"))
-    return out
+    out["tau"] = cfg["tau"]
+    return out, privacy
+
+
+def log_privacy(privacy, log):
+    log(f"privacy: epsilon={privacy['epsilon']:.4g} delta={privacy['delta']:.3g} rho={privacy['rho']:.4g} "
+        f"r={privacy['r']} private tokens per batch (rho {privacy['rho_per_private_token']:.3g} each)")
 
 
 # ----------------------------------------------------------------------------- the run
 def synthesize(cfg, model=None, log=print):
     """Run the mechanism. Returns {"examples", "privacy", "plan", "drafts"}. Nothing is written."""
     cfg = {**DEFAULTS, **cfg}
-    privacy = pp.privacy_budget(cfg)  # before any data is read
     check_config(cfg)
+    cfg["planned_tau"] = cfg["tau"] == 0
     if not cfg["batch_salt"]:
-        cfg["batch_salt"] = privacy["batching"]["salt"] = secrets.token_hex(16)
-    log(f"privacy: epsilon={privacy['epsilon']:.4g} delta={privacy['delta']:.3g} rho={privacy['rho']:.4g} "
-        f"r={privacy['r']} private tokens per batch (rho {privacy['rho_per_private_token']:.3g} each)")
+        cfg["batch_salt"] = secrets.token_hex(16)
+    # before any data is read; with tau=0 provisional (checks the budget) until the plan sets tau
+    privacy = pp.privacy_budget({**cfg, "tau": 2 * cfg["c"] / cfg["sharpness"]} if cfg["planned_tau"] else cfg)
+    if not cfg["planned_tau"]:
+        log_privacy(privacy, log)
     if cfg["seed"] >= 0:
         log(f"warning: seed={cfg['seed']} fixes the noise; whoever knows it can replay the sampling, which voids "
             "the guarantee (keep the default -1 for a release)")
@@ -198,7 +231,7 @@ def synthesize(cfg, model=None, log=print):
                         f"python data/employees/prepare.py --tokenizer byte --fields \"{','.join(cfg['fields'])}\"")
     template = rs.RecordTemplate(schema, cfg["fields"], cfg["domains"], cfg["digits"], tok, cfg["record_header"])
     model = public_drafter(cfg, template, model, log)
-    the_plan = plan(cfg, privacy, template, model, gen, log)  # still no record read
+    the_plan, privacy = plan(cfg, privacy, template, model, gen, log)  # still no record read
     people = load_people(cfg["data_dir"], cfg["split"], schema)
     if cfg["delta"] >= 1 / len(people):
         log(f"warning: delta={cfg['delta']:.3g} is not below 1/N = {1 / len(people):.3g}: use a smaller delta")

@@ -16,14 +16,19 @@ delta = 1e-6  # well below 1 / (910 people)
 # never read off the data. Fewer, larger batches give more private tokens in all (r grows as s^2).
 n_batches = 4
 s = 225
-# 2c/tau sets how sharply a batch's majority wins (the exponential mechanism puts log-odds 2c/tau * f on a
-# value held by a fraction f of the batch); ~6 fits these marginals best, and rho per token is (c/(s tau))^2/2.
+# tau = 0: the plan picks tau from the config and the public dry run alone: the smallest the budget pays
+# for at max_examples_per_batch records per batch, but 2c/tau at most `sharpness`. A batch's vote gives
+# p ~ exp(2c f / tau) for a value held by a fraction f of the batch (not p ~ f): ~6 fits a skewed
+# 14-value field (past it the output collapses onto the mode), so at epsilon 8 the surplus buys records,
+# not sharpness; at epsilon 1 tau rises to pay for them. Two-valued fields decode at 2c/tau = 2
+# (record_synthesis.field_tau). rho per private token is (c/(s tau))^2/2.
 c = 3.0
-tau = 1.0
+tau = 0.0
+sharpness = 6.0
 # The template is free and forced tokens too: what is left is value tokens the drafter cannot know, so
 # the sparse vector technique would mostly answer "private" and cost 2/(s sigma)^2 more per token.
 svt = False
-max_examples_per_batch = 52  # 208 records at most (the goal is 200); each costs ~5 s of one loaded core here
+max_examples_per_batch = 52  # 208 records at most (the goal is 200)
 
 structured = True
 fields = ("Department", "Full or Part-Time", "Salary or Hourly", "Annual Salary")
@@ -36,7 +41,7 @@ domains = {
 }
 digits = {"Annual Salary": (4, 6)}  # 1000.00 .. 999999.99 (two decimals: the schema's)
 record_header = "Employee record:\n"
-drafter_steps = 200
+drafter_steps = 300  # the copier's warm-up (public records only; cached beside out as drafter.pt)
 
 utility_check = True
 histogram_bins = {"Annual Salary": (0.0, 200000.0, 40)}

@@ -182,6 +182,37 @@ def test_plan_comes_before_any_record_is_read_and_refuses_below_one_record_per_b
     assert not os.path.exists(tmp / "out")
 
 
+def test_tau_from_the_plan_depends_on_the_config_alone_and_spends_the_budget_on_records(records_setup, tmp_path):
+    """tau=0: the plan picks the sharpest tau (2c/tau <= sharpness) that pays for max_examples_per_batch
+    records at the epsilon, from the config and the public dry run; two different private crowds get the
+    same tau and r, and the epsilon stays at the target (checked by the conversion the tests anchor)."""
+    data, ckpt, tmp = records_setup
+    other = make_record_dataset(tmp_path / "other", [SCHEMA.render_record(p, 0) for p in people(24, seed=5)])
+    meta = json.load(open(os.path.join(other, "meta.json")))
+    json.dump({**meta, "schema": SCHEMA.to_json()}, open(os.path.join(other, "meta.json"), "w"))
+    for split, group in (("train", people(24, seed=5)), ("val", people(6, seed=6))):
+        with open(os.path.join(other, f"{split}_people.jsonl"), "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in group)
+    def run(eps, folder):
+        cfg = S.configure(S.DEFAULTS, structured_args(folder, ckpt, tmp, f"--epsilon={eps}", "--tau=0",
+                                                      "--sharpness=6", "--utility_check=False"))
+        return S.synthesize(cfg, log=lambda *a: None)
+    rich, poor = run(1e4, data), run(2.0, data)
+    assert rich["plan"]["tau"] == pytest.approx(1.0)  # 2c/6: an abundant budget buys no more sharpness
+    assert poor["plan"]["tau"] > 1.0  # a scarce one flattens the vote to pay for the planned records
+    wanted = 1.1 * 3 * poor["plan"]["private_tokens_per_record"]
+    assert wanted - 1 <= poor["privacy"]["r"] <= wanted + 1 and poor["plan"]["records_per_batch"] >= 2
+    for result in (rich, poor):
+        privacy = result["privacy"]
+        assert privacy["tau"] == result["plan"]["tau"] and privacy["epsilon"] <= privacy["epsilon_target"]
+        assert privacy["epsilon"] == P.zcdp_to_epsilon(privacy["r"] * P.rho_per_private_token(
+            12, 3.0, privacy["tau"], svt=False), privacy["delta"])
+    elsewhere = run(2.0, other)  # other people, the same plan (seed 0: the same public dry run)
+    assert elsewhere["plan"] == poor["plan"] and elsewhere["privacy"]["r"] == poor["privacy"]["r"]
+    with pytest.raises(UserError, match="tau=0"):
+        S.main(structured_args(data, ckpt, tmp, "--r=300", "--tau=0"))  # an explicit r needs an explicit tau
+
+
 def run_script(args, tmp):
     """(command, output rows) of synthesize_dp.py run as a user runs it, which must succeed."""
     cmd = [sys.executable, os.path.join(REPO, "synthesize_dp.py"), *args]

@@ -79,6 +79,23 @@ def rho_per_private_token(s, c, tau, sigma=None, svt=True, capped=False):
     return rho
 
 
+def planned_tau(cfg, private_tokens):
+    """The sharpest tau (>= 2c / sharpness) whose budget at cfg's epsilon pays for `private_tokens` per
+    batch, a count the plan takes from the config and the public drafter alone (never the records). A
+    private token costs (c/(s tau))^2/2 (+ the SVT's 2/(s sigma)^2), so tau = c / (s sqrt(2 rho_token)).
+    Why a floor: with records the model copies, a batch's vote puts log-odds (2c/tau) (f_a - f_b) between
+    values held by fractions f_a, f_b, i.e. p ~ exp(2c f / tau), not p ~ f; past 2c/tau ~ 6 the output
+    collapses onto the mode, so an abundant budget buys records, not sharpness. None if the SVT alone
+    spends the budget."""
+    k = 2.0 if cfg["max_batch_size"] > 0 else 1.0
+    rho = max_rho_for_epsilon(cfg["epsilon"], cfg["delta"]) / max(private_tokens, 1e-9)
+    if cfg["svt"]:
+        rho -= 2.0 * (k / (cfg["s"] * cfg["sigma"])) ** 2
+    if rho <= 0:
+        return None
+    return max(2.0 * cfg["c"] / cfg["sharpness"], k * cfg["c"] / (cfg["s"] * math.sqrt(2.0 * rho)))
+
+
 def privacy_budget(cfg):
     """Everything the guarantee depends on, computed from the config alone (no data is read)."""
     s, c, tau, sigma, delta = cfg["s"], cfg["c"], cfg["tau"], cfg["sigma"], cfg["delta"]
@@ -207,21 +224,23 @@ class Mechanism:
         top = torch.zeros_like(z_pub, dtype=torch.bool).scatter_(0, masked(z_pub, allowed).topk(k).indices, True)
         return top if allowed is None else top & allowed
 
-    def private_token(self, Z, z_pub, gen, allowed=None):
+    def private_token(self, Z, z_pub, gen, allowed=None, tau=None):
+        """A token from softmax(z_bar / tau); a `tau` below the accounted self.tau is never used."""
         allowed = self.restrict(z_pub, allowed)
-        logp = private_log_probs(aggregate(Z, self.c, self.s, allowed), self.tau, allowed)
+        tau = self.tau if tau is None else max(self.tau, tau)
+        logp = private_log_probs(aggregate(Z, self.c, self.s, allowed), tau, allowed)
         return int(torch.multinomial(logp.exp().double().cpu(), 1, generator=gen))
 
     def public_token(self, z_pub, gen, allowed=None):
         probs = F.softmax(masked(z_pub.double().cpu(), None if allowed is None else allowed.cpu()) / self.tau_pub, -1)
         return int(torch.multinomial(probs, 1, generator=gen))
 
-    def choose(self, Z, z_pub, gen, allowed=None):
+    def choose(self, Z, z_pub, gen, allowed=None, tau=None):
         """(token, private?): with SVT a token the public drafter predicts well enough is public and free;
-        a private one spends one of the batch's r (and redraws the threshold)."""
+        a private one spends one of the batch's r (and redraws the threshold). `tau`: see private_token."""
         if self.svt and not self.wants_private(Z, z_pub, gen, allowed):
             return self.public_token(z_pub, gen, allowed), False
-        token = self.private_token(Z, z_pub, gen, allowed)
+        token = self.private_token(Z, z_pub, gen, allowed, tau)
         if self.svt:
             self.threshold = self.noisy_threshold(gen)
         return token, True

@@ -130,19 +130,21 @@ def qa_lines(tok, texts):
     return [tok.encode(line + "\n") + [tok.eot] for t in texts for line in t.splitlines() if line.strip()]
 
 
-def finetuned_on_records(records, tok, base_ckpt, steps, batch_size, learning_rate, device="cpu", seed=0):
+def finetuned_on_records(records, tok, base_ckpt, steps, batch_size, learning_rate, device="cpu", seed=0,
+                         loss_masks=None):
     """The run of utils/finetune.py without privacy on token `records` (a temp dataset, removed afterwards):
-    the dict finetune() returns."""
+    the dict finetune() returns. loss_masks (0/1 per token, like records): the loss on the 1s only."""
     from utils.finetune import finetune
     with tempfile.TemporaryDirectory(prefix="synth_finetune_") as folder:
-        n_tok, n_rec = write_split(folder, "train", records, tok.vocab_size)
-        write_split(folder, "val", records[:2], tok.vocab_size)
+        n_tok, n_rec = write_split(folder, "train", records, tok.vocab_size, loss_masks)
+        write_split(folder, "val", records[:2], tok.vocab_size, loss_masks and loss_masks[:2])
         write_meta(folder, {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": "uint16",
                             "splits": {"train": {"tokens": n_tok, "records": n_rec}}})
         batch = min(batch_size, n_rec)
         return finetune({"base_ckpt": base_ckpt, "data_dir": folder, "save": False, "dp": False,
                          "sampling": "shuffle", "max_steps": steps, "batch_size": batch, "microbatch_size": batch,
-                         "learning_rate": learning_rate, "eval_interval": 0, "device": device, "seed": seed},
+                         "learning_rate": learning_rate, "eval_interval": 0, "device": device, "seed": seed,
+                         "loss_on": "all" if loss_masks is None else "answer"},
                         log=lambda *a, **k: None)
 
 

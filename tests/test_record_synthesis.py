@@ -1,0 +1,90 @@
+"""utils/record_synthesis.py: the public drafter's warm-up records (a copier, in the synthesis prompt
+format), the copy probe, one forward per choice, and the per-field temperature. The grammar and the
+mechanism on records are tested in tests/test_synthesize_dp.py."""
+import random
+
+import torch
+
+import utils.private_prediction as P
+import utils.record_synthesis as RS
+from tests.conftest import tiny_model
+from tests.test_synthesize_dp import DEPARTMENTS, CopyingLM, people, template
+from utils import synthetic_utility as SU
+from utils.checkpoint import save_checkpoint
+
+
+def test_warmup_records_are_the_synthesis_prompts_with_the_loss_on_the_copied_values_only():
+    tpl, rng = template(), random.Random(0)
+    kinds = {"copy": 0, "draft": 0}
+    for _ in range(200):
+        ids, mask = tpl.warmup_record(rng)
+        assert len(ids) == len(mask) and ids[-1] == tpl.tok.eot and mask[-1] == 0
+        text = tpl.tok.decode(ids[:-1])
+        taught = tpl.tok.decode([t for t, m in zip(ids, mask) if m])
+        records = text.split(tpl.header)[1:]
+        values = tpl.parse(tpl.header + records[-1])
+        assert values is not None and taught == "".join(f"{values[f]}\n" for f in tpl.fields)  # values only
+        if len(records) == 2:  # a private row: its record first (as prompt_ids writes it), then the copy
+            kinds["copy"] += 1
+            prompt = tpl.prompt_ids(tpl.person(values, "A. Person"), 10 ** 6)
+            assert ids[:len(prompt)] == prompt and sum(mask[:len(prompt)]) == 0  # nothing taught on the prompt
+        else:  # the public row: the header alone, then a record
+            kinds["draft"] += 1
+    assert 100 < kinds["copy"] < 190 and kinds["draft"] > 10
+
+
+def test_warmup_makes_a_copier_and_the_probe_measures_it(tmp_path):
+    """The base cannot copy (p(own Department) ~ 1/6: the six values' first letters differ); a short
+    warm-up on public records alone lifts it well above chance."""
+    tpl = template()
+    base = tiny_model(block_size=256)
+    before = RS.copy_probability(base, tpl, random.Random(1), n=32)
+    assert abs(before["Department"] - 1 / len(DEPARTMENTS)) < 0.05
+    ckpt = tmp_path / "base.pt"
+    save_checkpoint(ckpt, base, config={"dataset": "pydocs"})
+    records, masks = zip(*[tpl.warmup_record(random.Random(i)) for i in range(150 * 16)])
+    torch.set_num_threads(1)
+    model = SU.finetuned_on_records(list(records), tpl.tok, str(ckpt), 150, 16, 3e-3, loss_masks=list(masks))["model"]
+    after = RS.copy_probability(model, tpl, random.Random(1), n=32)
+    assert after["Department"] > 0.5, after
+
+
+class CountingDecoder(P.BatchDecoder):
+    forwards = 0
+
+    def _forward(self, start, end):
+        CountingDecoder.forwards += 1
+        return super()._forward(start, end)
+
+
+class OneAtATime(P.BatchDecoder):
+    def extend(self, tokens):
+        return [super(OneAtATime, self).extend([t]) for t in tokens][-1]
+
+
+def test_one_forward_per_choice_and_the_same_records_as_token_by_token():
+    tpl, crowd = template(), people(12)
+    prompts = [tpl.prompt_ids(p, 200) for p in crowd] + [tpl.public_ids()]
+    mech = P.Mechanism(s=12, c=3.0, tau=1.0, svt=False, sigma=1.0, theta=0.0, tau_pub=1.0)
+    decoder = CountingDecoder(CopyingLM(tpl.header), prompts, tpl.max_new_tokens(), use_kv_cache=False)
+    CountingDecoder.forwards = 0
+    kept, _, _ = RS.synthesize_records(decoder, 12, mech, tpl, 200, torch.Generator().manual_seed(0), 5)
+    choices = sum(c["private"] + c["public"] for _, c in kept)
+    # labels and forced runs ride along with the next choice; + 1 per record: reset() without the cache
+    assert len(kept) == 5 and CountingDecoder.forwards == choices + len(kept)
+    # token by token (one forward per token, the old way) the logits and so the records are the same
+    slow = OneAtATime(CopyingLM(tpl.header), prompts, tpl.max_new_tokens(), use_kv_cache=False)
+    again, _, _ = RS.synthesize_records(slow, 12, mech, tpl, 200, torch.Generator().manual_seed(0), 5)
+    assert [v for v, _ in again] == [v for v, _ in kept]
+
+
+def test_field_temperature_follows_the_domain_size_and_is_never_sharper_than_accounted():
+    tpl = template()
+    mech = P.Mechanism(s=10, c=3.0, tau=1.0, svt=False, sigma=1.0, theta=0.0, tau_pub=1.0)
+    assert RS.field_tau(mech, tpl, "Full or Part-Time") == 3.0  # 2c / 2 values
+    assert RS.field_tau(mech, tpl, "Department") == 1.0  # 2c / 6 = tau: the accounted one
+    assert RS.field_tau(mech, tpl, "Annual Salary") == 1.0
+    # a caller asking for a sharper tau than accounted gets the accounted one
+    Z, g = torch.randn(10, 20), torch.Generator()
+    draws = lambda tau: [mech.private_token(Z, Z[0], g.manual_seed(k), tau=tau) for k in range(50)]
+    assert draws(0.01) == draws(None)
