@@ -1,5 +1,7 @@
-"""Leakage test: canary exposure (rank among same-format candidates, skew-normal extrapolation), extraction
-of sensitive fields vs held-out people, and the side-by-side table with a wrong key failing closed."""
+"""test_pipeline/leakage_test.py on a memorizing model: canary exposure by repetition count, extraction of
+sensitive fields vs held-out people, the side-by-side table with a wrong key failing closed, thresholds
+that count inserted canaries only, bad input. (The exposure arithmetic: tests/test_canary_exposure.py;
+extraction bookkeeping: tests/test_model_leakage.py.)"""
 import json
 import math
 import os
@@ -7,9 +9,7 @@ import random
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
 
 from tests.conftest import REPO, tiny_model
 from utils.checkpoint import save_checkpoint
@@ -17,7 +17,7 @@ from utils.cli import run_cli
 
 from test_pipeline import leakage_test as lt
 from utils import model_leakage as ml
-from test_pipeline.model_under_test import continuation_logprobs, load_model_under_test, sequence_logprobs
+from test_pipeline.model_under_test import load_model_under_test
 
 PY = sys.executable
 
@@ -113,23 +113,6 @@ def report(memorized, tmp_path_factory):
     assert r.returncode == 0, r.stderr
     rep = json.loads((out / "leak.json").read_text())
     return dict(stdout=r.stdout, json=rep, rows={x["label"]: x for x in rep["models"]}, plot=out / "exposure.png")
-
-
-# ---------------------------------------------------------------- scoring cores
-def test_batched_scoring_equals_one_forward_per_sequence():
-    m = tiny_model().eval()
-    g = torch.Generator().manual_seed(1)
-    prefix = torch.randint(0, 257, (12,), generator=g).tolist()
-    conts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (1, 3, 8, 5, 8, 2, 7)]
-    naive = []
-    for c in conts:
-        s = torch.tensor([prefix + c])
-        logits, _ = m(s[:, :-1])
-        lp = torch.log_softmax(logits, -1)[0, len(prefix) - 1:].gather(1, torch.tensor(c)[:, None])
-        naive.append(lp.sum().item())
-    cached = continuation_logprobs(m, prefix, conts, batch_size=3)
-    batched = [s.sum() for s in sequence_logprobs(m, [prefix] * len(conts), conts, batch_size=4)]
-    assert np.allclose(cached, naive, atol=1e-4) and np.allclose(batched, naive, atol=1e-4)
 
 
 # ---------------------------------------------------------------- on a memorizing model
