@@ -54,4 +54,8 @@ def test_the_tenant_is_always_named(generations):
         reg.add(old)  # no "whichever tenant the patch names"
     with pytest.raises(WrongTenantError):
         reg.add(old, "bob")
+    for missing in (None, ""):  # no tenant at all: the wrong-tenant refusal, before the patch is read
+        with pytest.raises(WrongTenantError, match="no expected tenant") as info:
+            reg.add(old, missing)
+        assert info.value.exit_code == 4
     reg.close()

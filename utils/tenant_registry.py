@@ -15,7 +15,8 @@ last generation) can.
 from utils.patch_apply import PatchedStorage, apply_sealed_patch, base_fingerprint
 from utils.patch_cipher import plaintext_bytes
 from utils.patch_errors import PatchFormatError, RollbackError, WrongBaseError, WrongTenantError
-from utils.patch_format import SealedPatch, check_tenant
+from utils.patch_format import SealedPatch
+from utils.patch_keys import expected_tenant
 from utils.secure_memory import SecureBuffer, harden_process
 
 
@@ -44,7 +45,7 @@ class TenantRegistry:
         """Hold a sealed patch (path, bytes or SealedPatch) of `tenant`. Tenant, base and generation are
         checked here against the unauthenticated header (an early refusal) and again, authenticated, at
         apply time."""
-        check_tenant(tenant)
+        tenant = expected_tenant(tenant)  # None or '' is refused like any missing tenant (exit 4)
         sealed, owned = SealedPatch.coerce(patch)
         if not owned:
             sealed = SealedPatch.from_bytes(sealed.image.view())
