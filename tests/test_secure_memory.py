@@ -1,6 +1,8 @@
 """utils/secure_memory.py and where the plaintext lives: buffers, the patched (fine-tuned) parameters, and
 hardened processes. Pages are checked in /proc/self/smaps: `Locked:` (mlock) and the `dd` VmFlag
 (MADV_DONTDUMP)."""
+import ctypes
+import mmap
 import os
 import resource
 import subprocess
@@ -57,6 +59,19 @@ def test_plaintext_buffers_are_anonymous_undumpable_and_wiped():
     view = buf.tensor(torch.uint8, 0, 4)
     buf.close()  # zeroes even while a view is still alive
     assert view.tolist() == [0, 0, 0, 0]
+
+
+def test_fresh_buffers_are_prefaulted_without_asking_for_huge_pages():
+    """MADV_HUGEPAGE ('hg' in VmFlags) makes a fresh buffer take 2 MiB free blocks, which a VM's balloon
+    driver has often handed back to the host: 10x the CPU time of 4 KiB pages (BENCHMARKS.md)."""
+    buf = sm.SecureBuffer(4 << 20, lock=False)
+    _, flags, _ = mapping(buf.address)
+    assert "hg" not in flags and "dd" in flags
+    resident = (ctypes.c_ubyte * ((4 << 20) // mmap.PAGESIZE))()  # populated at creation, before any write
+    libc = ctypes.CDLL(None)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    assert libc.mincore(buf.address, 4 << 20, resident) == 0 and all(v & 1 for v in resident)
+    buf.close()
 
 
 def test_patched_parameters_live_in_locked_undumpable_memory_and_are_zeroed_on_revert():
