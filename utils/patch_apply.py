@@ -8,6 +8,11 @@ Applying a sealed patch to a base model, and reverting it exactly (PATCH_FORMAT.
   tensors made over it: locked where RLIMIT_MEMLOCK allows, excluded from core dumps), zeroed on revert
   and, if still applied, at interpreter exit. CUDA tensors cannot live there; their host-side payload
   still does.
+- A cold apply on the CPU decrypts the values of `delta` / `whole` tensors straight into that storage
+  (laid out once the header is authentic) and adds the base in place: no second, plaintext copy of the
+  model, and one pass fewer over fresh memory, whose first touch is most of a cold apply's cost
+  (BENCHMARKS.md, "Apply latency"). A registry's reused storage holds the applied tenant until the next
+  patch verified, so a registry decrypts into its plaintext scratch buffer instead.
 - Applying hardens the process (secure_memory.harden_process): whoever holds the key and the plaintext
   gets no core dumps and cannot be attached to.
 """
