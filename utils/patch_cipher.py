@@ -3,8 +3,10 @@ Sealing and opening patches: AES-256-GCM per chunk under per-tensor HKDF subkeys
 header MAC (PATCH_FORMAT.md sections 3, 7, 8).
 
 open_patch() runs the checks in the order of PATCH_FORMAT.md section 8 (integrity before identity: a
-damaged patch is exit 3 even when it belongs to another tenant) and decrypts into one SecureBuffer; any
-failure zeroes what was decrypted. Nothing here touches a model.
+damaged patch is exit 3 even when it belongs to another tenant) and decrypts into one SecureBuffer, or,
+for the values a caller asks for, straight into its own locked tensors; any failure zeroes what was
+decrypted, wherever it went. A missing expected tenant is refused before anything is read. Nothing here
+touches a model.
 """
 import hashlib
 import hmac
