@@ -41,7 +41,7 @@ from utils.patch_payload import delta_tensor, whole_tensor
 from utils.secure_memory import raise_memlock_limit
 from utils.tenant_registry import TenantRegistry
 from utils.atomic import write_bytes
-from utils.cli import run_cli
+from utils.cli import UserError, run_cli
 from utils.data import write_meta, write_split
 from utils.machine import describe_machine
 
@@ -446,6 +446,8 @@ def tenants_rss(cfg, out, base, held):
 
 def main(argv=None):
     cfg = configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
+    if cfg["first_apply_pause_s"] < 0 or cfg["repeats"] < 1:
+        raise UserError("first_apply_pause_s must be >= 0 and repeats >= 1")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t_start = time.time()
     out = ["## Sealed patches (bench/patches.py)", "", f"Machine: {machine()}.", ""]
