@@ -17,8 +17,9 @@ Run directory layout:
                          "key_file", "tenant"}, ...]}: paths relative to the run directory; replaces the discovery
 
 Every sub-run is its script's command line (leakage_test.py, mia.py, privacy_audit.py,
-test_prompt_robustness.py, eval.py) in a process of its own, which writes the JSON this script reads;
-each one's stdout and stderr go to a log under <run_dir>/report/. The audit fine-tunes its own model from base/ckpt.pt (--audit_config: the
+test_prompt_robustness.py, eval.py), run in this process as `python SCRIPT ...` would run it
+(utils.script_steps.run_script), which writes the JSON this script reads; each one's stdout and stderr
+go to a log under <run_dir>/report/. The audit fine-tunes its own model from base/ckpt.pt (--audit_config: the
 finetune_dp config it trains with). A patched model is also tested with a freshly generated wrong key, which must be
 refused. Writes <run_dir>/REPORT.md and <run_dir>/report/report.json; exit code 1 when a sub-run fails its
 checks or errors, 0 otherwise.
@@ -127,8 +128,8 @@ def privacy_of(m):
 
 # --------------------------------------------------------------------------- running the sub-runs
 def sub_run(script, argv, out, log_path):
-    """`python test_pipeline/SCRIPT argv...` in its own process, writing its JSON result to `out`; its exit
-    status (0, 1 failed checks, 2+ errors) and its log (stdout and stderr)."""
+    """`python test_pipeline/SCRIPT argv...`, writing its JSON result to `out`; its exit status (0, 1 failed
+    checks, 2+ errors) and its log (stdout and stderr)."""
     if os.path.exists(out):
         os.remove(out)  # a result an earlier report left must not stand in for this run's
     code = run_script([os.path.join("test_pipeline", script)] + argv, log_path)

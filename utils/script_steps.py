@@ -1,7 +1,9 @@
 """Scripts that run other scripts as numbered, timed steps (demo.py, reproduce.py): each step is one
 shell command, printed and then run exactly, so the run is also a recipe."""
+import contextlib
 import os
 import resource
+import runpy
 import shlex
 import subprocess
 import sys
@@ -44,15 +46,31 @@ class Steps:
 
 
 def run_script(argv, log_path=None):
-    """Run `python SCRIPT args...` (SCRIPT relative to the repository root) in its own process, without a
-    step's banner: its output goes to log_path when given (test_pipeline/report.py's sub-runs), else to
-    this process's stdout. Returns the exit code."""
-    cmd = [sys.executable, repo_path(argv[0])] + argv[1:]
-    if log_path is None:
-        sys.stdout.flush()  # what this process printed comes before the child's output
-        return subprocess.call(cmd)
-    with open(log_path, "wb") as log:
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    """Run `python SCRIPT args...` (SCRIPT relative to the repository root) in this process, as that command
+    runs it (runpy, as __main__, with sys.argv set; like tests/test_help.py), without a step's banner: the
+    libraries are imported once for every script a run calls, not once per child process. Its output goes
+    to log_path when given (test_pipeline/report.py's sub-runs), else to this process's stdout. Returns the
+    exit code. A script that decrypts a patch hardens this process (utils/secure_memory.py)."""
+    path = repo_path(argv[0])
+    saved_argv, sys.argv = sys.argv, [path] + argv[1:]
+    try:
+        with contextlib.ExitStack() as stack:
+            if log_path is not None:
+                log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
+                stack.enter_context(contextlib.redirect_stdout(log))
+                stack.enter_context(contextlib.redirect_stderr(log))
+            try:
+                runpy.run_path(path, run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+    if code == 130:  # run_cli's exit for Ctrl-C: stop the caller too
+        raise KeyboardInterrupt
+    return code
 
 
 def repo_path(path):
