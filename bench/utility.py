@@ -3,14 +3,15 @@ DP utility at realistic scale (issue 17): does DP-SGD keep what holds across the
 forgetting what is specific to one person? One command runs the matrix and writes the results:
 
     python bench/utility.py config/utility.py                        # make utility: N = 1k, 10k, 30k
-    python bench/utility.py config/utility.py --n_persons=(1000,) --methods=(full,) --epsilons=(8.0,)
+    python bench/utility.py config/utility.py "--n_persons=(1000,)" "--methods=('full',)" "--epsilons=(8.0,)"
+    python bench/utility.py config/utility.py --report_only=True     # the table of the runs finished so far
     python bench/utility.py config/utility.py --sweep=True           # tune the recipe on PUBLIC data only
 
 Data: the synthetic employees generator (utils/employees.py, data/employees/prepare.py) at N training
 persons plus n_heldout held-out persons (the val split: scored, never trained on), with canaries inserted
 1, 4 and 16 times and never-inserted controls. Records ask two fields, Job Titles and Department, with
-the canonical question wording, byte tokenizer: a record is ~230 bytes, so a 2-layer d=128 model costs
-~0.5 GFLOP per record and N = 10,000 at epsilon 8 fits ~30 minutes on 2 cores; a byte vocabulary (257)
+the canonical question wording, byte tokenizer: a record is ~185 bytes (at most ~240: block_size 256),
+so a 2-layer d=128 model trains on ~60 records a second on 2 idle cores; a byte vocabulary (257)
 keeps the head and embedding small (BPE would cut T to ~60 but give a 50k-row head that dominates
 both the compute and the DP noise, which grows with the trainable dimension).
 
@@ -21,8 +22,13 @@ persons). Privacy side of the same runs: canary exposure (test_pipeline/leakage_
 2019), 16x canaries against the controls, and membership inference (test_pipeline/mia.py: the attack
 chosen on one half of the people, scored with a bootstrap interval on the other).
 
-Runs: per N, methods full / freeze (first freeze_first_blocks blocks and the embeddings fixed) / lora,
-each non-private and at every target epsilon (utils.finetune.finetune, grad_sample_mode 'bk'). The base
+Runs: per N, methods full / freeze (first freeze_first_blocks blocks and the embeddings fixed) / lora at
+every target epsilon, and the non-private full fine-tune, the reference of every row's "% of non-private"
+(utils.finetune.finetune, grad_sample_mode 'bk', loss on the answer bytes only: the names and the
+question scaffold carry nothing the task needs and would take a share of each person's clipped
+gradient). Every run has a fixed budget of steps x batch (~20k records seen, ~6 minutes on 2 idle cores
+whatever N), so a larger N does not cost more: it lowers the DP sample rate q = batch / N, and with it
+the noise needed for the same epsilon (the fixed-steps view of Sander et al. 2023, TAN). The base
 is base_ckpt, or, with base_ckpt='', a fresh model seeded with `seed`, trained without DP on
 pretrain_n PUBLIC persons (public_seed) whose records ask pretrain_fields: Job Titles and Salary or
 Hourly, never the Department. The base thus knows the record format, names and titles, as the anchors'
@@ -31,7 +37,7 @@ department answers, and which title goes with which department) comes only from 
 fresh model with no pretraining (pretrain_n=0) spends 60 non-private steps at N=1,000 learning only the
 format (0% task accuracy in the check of this harness), and DP far more.
 
-Recipe (--sweep=True): batch size, epochs, clip norm, learning rate and method, at sweep_epsilon, on the
+Recipe (--sweep=True): batch size, steps, clip norm, learning rate and method, at sweep_epsilon, on the
 generator with public_seed, which shares nothing with the evaluated data but the public generator: tuning
 on the private data would leak (Papernot & Steinke 2022). The ranking goes to results_dir/sweep.md.
 
@@ -94,29 +100,34 @@ DEFAULTS = dict(
     n_layer=2,  # fresh model blocks
     n_head=4,  # fresh model heads
     n_embd=128,  # fresh model width
+    block_size=256,  # fresh model context (a record of the two fields is <= ~240 bytes; a longer one is refused)
     # the matrix
     methods=("full", "freeze", "lora"),  # what is trained (METHODS)
     epsilons=(1.0, 3.0, 8.0),  # DP targets; every method also runs without DP
     freeze_first_blocks=1,  # 'freeze': these blocks and the embeddings stay fixed
     lora_rank=8,  # 'lora': adapter rank on attention and MLP
-    # the recipe, non-private
+    # the recipe, non-private (the reference every DP run is compared with: full fine-tune, no noise)
+    nodp_methods=("full",),  # methods that also run without DP ('full' is the reference of every row)
     batch_size=64,  # expected batch (records)
-    epochs=4.0,  # passes over the training persons
-    learning_rate=2e-3,  # peak learning rate
-    # the recipe, DP (the sweep's winner goes here)
-    dp_batch_size=1024,  # expected logical batch; capped at N/4 so that q = batch/N stays <= 0.25
-    dp_epochs=4.0,  # passes over the training persons
-    dp_learning_rate=4e-3,  # peak learning rate
-    max_grad_norm=0.5,  # per-person clipping norm
+    steps=300,  # logical steps (~19k records seen: at N >= 10,000 about one pass or less)
+    learning_rate=2e-3,  # peak learning rate (constant)
+    loss_on="answer",  # 'answer': the loss (and so each person's clipped gradient) only on answer bytes
+    # the recipe, DP: a fixed number of steps at a fixed large batch, so a run costs the same at every N
+    # and a larger N only lowers q = batch / N (and so the noise for the same epsilon); Sander et al. 2023
+    dp_batch_size=512,  # expected logical batch; capped at N/4 so that q = batch/N stays <= 0.25
+    dp_steps=100,  # logical DP steps
+    dp_learning_rate=1e-3,  # peak learning rate (constant)
+    max_grad_norm=0.1,  # per-person clipping norm
     microbatch_size=64,  # physical batch (work split only)
-    # the sweep (DP at sweep_epsilon on public_seed data of sweep_n persons; 16 runs by default)
+    # the sweep (DP at sweep_epsilon on public_seed data of sweep_n persons; every combination runs)
     sweep_n=10000,  # training persons of the sweep data (batch sizes are capped at sweep_n / 4)
     sweep_epsilon=8.0,  # the target the recipe is tuned for
-    sweep_batch_sizes=(512, 2048),  # logical batch sizes tried
-    sweep_epochs=(4.0,),  # epochs tried
+    sweep_batch_sizes=(512,),  # logical batch sizes tried
+    sweep_steps=(40,),  # DP steps tried
     sweep_clip=(0.1, 1.0),  # clip norms tried
-    sweep_learning_rates=(2e-3, 8e-3),  # learning rates tried
-    sweep_methods=("full", "lora"),  # what is trained, tried
+    sweep_learning_rates=(4e-3, 1.6e-2),  # learning rates tried
+    sweep_methods=("full",),  # what is trained, tried
+    report_only=False,  # True: write RESULTS.md from the finished runs of this matrix, train nothing
     # scoring
     n_candidates=1000,  # random secrets each canary is ranked among
     mia_records=500,  # members and non-members each
@@ -176,7 +187,10 @@ def base_model(cfg, block_size):
     public = prepare_data(cfg, cfg["pretrain_n"], cfg["public_seed"], cfg["pretrain_fields"], False) \
         if cfg["pretrain_n"] else None
     torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(block_size=max(block_size, longest_record(public) if public else 0), vocab_size=257,
+    need = max(block_size, longest_record(public) if public else 0)
+    if need > cfg["block_size"]:
+        raise UserError(f"records of {need} tokens do not fit block_size={cfg['block_size']}: raise --block_size")
+    model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=257,
                           n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0))
     if not public:
         return model
@@ -201,14 +215,15 @@ def run_config(cfg, data_dir, n, method, epsilon, recipe=None):
     r = recipe or {}
     dp = epsilon is not None
     run = dict(data_dir=data_dir, save=False, dp=dp, grad_sample_mode="bk", microbatch_size=cfg["microbatch_size"],
-               eval_interval=0, eval_records=200, log_interval=25, seed=cfg["seed"], device=cfg["device"])
+               loss_on=cfg["loss_on"], eval_interval=0, eval_records=200, log_interval=10, seed=cfg["seed"],
+               device=cfg["device"])
     if dp:
         batch = min(r.get("batch_size", cfg["dp_batch_size"]), max(1, n // 4))
-        run.update(target_epsilon=float(epsilon), batch_size=batch, epochs=r.get("epochs", cfg["dp_epochs"]),
+        run.update(target_epsilon=float(epsilon), batch_size=batch, max_steps=r.get("steps", cfg["dp_steps"]),
                    learning_rate=r.get("learning_rate", cfg["dp_learning_rate"]),
                    max_grad_norm=r.get("max_grad_norm", cfg["max_grad_norm"]))
     else:
-        run.update(batch_size=min(cfg["batch_size"], max(1, n // 4)), epochs=cfg["epochs"],
+        run.update(batch_size=min(cfg["batch_size"], max(1, n // 4)), max_steps=cfg["steps"],
                    learning_rate=cfg["learning_rate"])
     run["microbatch_size"] = min(run["microbatch_size"], run["batch_size"])
     if method == "freeze":
@@ -216,6 +231,13 @@ def run_config(cfg, data_dir, n, method, epsilon, recipe=None):
     elif method == "lora":
         run.update(lora_rank=cfg["lora_rank"], lora_targets=("attn", "mlp"))
     return run
+
+
+def recipe_of(run_cfg):
+    """What a finished run's JSON must match to be reused (everything but paths and logging)."""
+    return json.loads(json.dumps({k: run_cfg.get(k) for k in ("dp", "target_epsilon", "batch_size", "max_steps", "learning_rate",
+                                         "max_grad_norm", "loss_on", "freeze_first_blocks", "freeze_embeddings",
+                                         "lora_rank", "lora_targets")}))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -276,22 +298,29 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
     """Fine-tune a copy of the base, score it; the JSON is written as soon as the run ends."""
     tag = tag or f"n{n}_{method}_{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
     path = os.path.join(cfg["out_dir"], "runs", f"{tag}.json")
+    run_cfg = run_config(cfg, data_dir, n, method, epsilon, recipe)
     if os.path.isfile(path) and not cfg["fresh"]:
         with open(path) as f:
-            return json.load(f)
+            done = json.load(f)
+        if done.get("recipe") == recipe_of(run_cfg):
+            return done
+        print(f"{tag}: the finished run used another recipe; running it again")
+    if cfg["report_only"]:
+        return None
     meta = load_meta(data_dir)
     tok = get_tokenizer(meta)
-    run_cfg = run_config(cfg, data_dir, n, method, epsilon, recipe)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     out = finetune(run_cfg, model=copy.deepcopy(base))
+    train_cpu_s = time.process_time() - cpu0
     model = out["model"].eval()
     privacy, last_eval = out["privacy"] or {}, (out["history"] or [{}])[-1]
     row = dict(tag=tag, n=n, method=method, target_epsilon=epsilon, epsilon=privacy.get("epsilon"),
                delta=privacy.get("delta"), steps=last_eval.get("step"), val_loss=last_eval.get("val_loss"),
                noise_multiplier=privacy.get("noise_multiplier"), sample_rate=privacy.get("sample_rate"), batch_size=run_cfg["batch_size"],
-               epochs=run_cfg["epochs"], learning_rate=run_cfg["learning_rate"],
+               epochs=(last_eval.get("step") or 0) * run_cfg["batch_size"] / n, learning_rate=run_cfg["learning_rate"],
                max_grad_norm=run_cfg.get("max_grad_norm") if epsilon is not None else None,
-               train_time_s=out["train_time_s"])
+               train_time_s=out["train_time_s"], train_cpu_s=train_cpu_s, threads=torch.get_num_threads(),
+               recipe=recipe_of(run_cfg))
     with torch.no_grad():
         row.update(task_accuracy(model, task_prompts(data_dir, tok), tok, cfg["eval_batch_size"]))
         if score_privacy:
@@ -309,30 +338,42 @@ def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def results_markdown(rows, majority, cfg, machine, wall_s):
-    reference = {(r["n"], r["method"]): r["accuracy"] for r in rows if r["target_epsilon"] is None}
+def results_markdown(rows, majority, cfg, machine, wall_s, planned):
+    reference = {r["n"]: r["accuracy"] for r in rows if r["target_epsilon"] is None and r["method"] == "full"}
     lines = ["# DP utility at realistic scale (issue 17)", "",
-             f"Machine: {machine}. Wall time {wall_s / 60:.1f} min.", "",
+             f"Machine: {machine}. Wall time of the runs {wall_s / 60:.1f} min; train CPU s is the process CPU "
+             "time of the fine-tune alone (the honest figure on a shared machine).", "",
              f"Task: greedy Department after the held-out person's job-title line ({cfg['n_heldout']} held-out "
-             "persons per N); 95% Clopper-Pearson intervals. Records: Job Titles + Department, canonical "
-             "wording, byte tokenizer. Exposure gap: mean exposure of the "
-             f"{max(cfg['canary_reps'])}x canaries minus the never-inserted controls ({cfg['n_candidates']} "
-             "candidates). MIA: the attack chosen on one half of the people, AUC on the other half with a "
-             "bootstrap 95% interval; blind AUC: the text's zlib ratio, no model (away from 0.5 = a biased member/non-member split). The data seed is reproducible (canaries are no secret from whoever knows "
-             "it); the DP noise and sampling come from a fresh OS secret per run.", "",
-             "| N | method | DP target ε | ε spent | steps | accuracy [95%] | % of non-private | majority rate "
-             "| val loss | exposure gap (bits) | MIA AUC [95%] | blind AUC | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "persons per N); 95% Clopper-Pearson intervals; % of non-private: against the non-private full "
+             "fine-tune at the same N. Records: Job Titles + Department, canonical wording, byte tokenizer, "
+             f"loss on {cfg['loss_on']} bytes. Recipe: non-private batch {cfg['batch_size']} x {cfg['steps']} steps, "
+             f"lr {cfg['learning_rate']:g}; DP batch {cfg['dp_batch_size']} (at most N/4) x {cfg['dp_steps']} steps, "
+             f"lr {cfg['dp_learning_rate']:g}, clip {cfg['max_grad_norm']:g}, AdamW, tuned on public-seed data "
+             "(sweep.md). Privacy unit: a person (add/remove one person, RDP accountant). Exposure gap: mean "
+             f"exposure of the {max(cfg['canary_reps'])}x canaries minus the never-inserted controls "
+             f"({cfg['n_candidates']} candidates). MIA: the attack chosen on one half of the people, AUC on the "
+             "other half with a bootstrap 95% interval; blind AUC: the text's zlib ratio, no model (away from "
+             "0.5 = a biased member/non-member split). The data seed is reproducible (canaries are no secret "
+             "from whoever knows it); the DP noise and sampling come from a fresh OS secret per run.", "",
+             "| N | method | DP target ε | ε spent | q | σ | steps | accuracy [95%] | % of non-private "
+             "| majority rate | val loss | exposure gap (bits) | MIA AUC [95%] | blind AUC | train CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["n"], list(METHODS).index(r["method"]), -1 if r["target_epsilon"] is None else r["target_epsilon"])):
-        ref = reference.get((r["n"], r["method"]))
+        ref = reference.get(r["n"])
         share = f"{100 * r['accuracy'] / ref:.0f}%" if ref else "-"
         lo, hi = r["accuracy_interval"]
         mia = (f"{r['mia_auc']:.3f} [{r['mia_auc_interval'][0]:.3f}, {r['mia_auc_interval'][1]:.3f}]"
                if r.get("mia_auc") is not None else "-")
         lines.append(f"| {r['n']} | {r['method']} | {fmt(r['target_epsilon'], 0) if r['target_epsilon'] else 'none'} "
-                     f"| {fmt(r['epsilon'], 2)} | {r['steps'] or '-'} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
-                     f"| {share} | {majority[r['n']]:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} | {mia} | {fmt(r.get('mia_blind_auc'))} "
-                     f"| {r['train_time_s']:.0f} |")
+                     f"| {fmt(r['epsilon'], 2)} | {fmt(r.get('sample_rate'), 3)} | {fmt(r.get('noise_multiplier'), 2)} "
+                     f"| {r['steps'] or '-'} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
+                     f"| {share} | {majority[r['n']]:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} "
+                     f"| {mia} | {fmt(r.get('mia_blind_auc'))} | {fmt(r.get('train_cpu_s'), 0)} |")
+    missing = [p for p in planned if p not in {(r["n"], r["method"], r["target_epsilon"]) for r in rows}]
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)} of {len(planned)} planned runs): "
+                  + ", ".join(f"N={n} {m} {'no DP' if e is None else f'ε={e:g}'}" for n, m, e in missing)
+                  + ". The same command runs them (finished runs are reused)."]
     return "\n".join(lines) + "\n"
 
 
@@ -352,8 +393,8 @@ def plot_results(rows, majority, cfg, results_dir):
                 if r["n"] == n and r["method"] == method and r["target_epsilon"] is None:
                     ax.axhline(r["accuracy"], color=color, ls=":", lw=1)
         ax.axhline(majority[n], color="gray", ls="--", lw=1, label="majority class")
-        ax.set(title=f"N = {n} (dotted: no DP)", xlabel="target ε", ylabel="held-out accuracy", xscale="log",
-               ylim=(0, 1.02))
+        ax.set(title=f"N = {n} (dotted: no DP)", xlabel="target ε", ylabel="held-out accuracy", ylim=(0, 1.02),
+               xscale="log" if any(r["target_epsilon"] for r in rows) else "linear")
         ax.legend(fontsize=7)
     save_figure(fig, os.path.join(results_dir, "utility_vs_epsilon.png"))
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -364,39 +405,51 @@ def plot_results(rows, majority, cfg, results_dir):
             ax.plot([r["target_epsilon"] for r in dp], [r["exposure_gap_bits"] for r in dp], "o-",
                     label=f"N={n} {method}")
     ax.axhline(2.0, color="gray", ls="--", lw=1, label="goal: 2 bits")
-    ax.set(xlabel="target ε", ylabel=f"exposure gap, {max(cfg['canary_reps'])}x − controls (bits)", xscale="log")
+    ax.set(xlabel="target ε", ylabel=f"exposure gap, {max(cfg['canary_reps'])}x − controls (bits)",
+           xscale="log" if any(r["target_epsilon"] for r in rows) else "linear")
     ax.legend(fontsize=7)
     save_figure(fig, os.path.join(results_dir, "exposure_vs_epsilon.png"))
 
 
 # ----------------------------------------------------------------------------- the two modes
 def run_matrix(cfg):
-    t0 = time.time()
-    runs = [(n, m, e) for n in cfg["n_persons"] for m in cfg["methods"] for e in (None, *cfg["epsilons"])]
+    runs = [(n, m, e) for n in cfg["n_persons"] for m in cfg["methods"]
+            for e in ((None,) if m in cfg["nodp_methods"] else ()) + tuple(cfg["epsilons"])]
     progress = Progress("utility runs", len(runs), hint="--n_persons, --methods, --epsilons", interval=0)
     rows, majority = [], {}
     for n in cfg["n_persons"]:
         data_dir = prepare_data(cfg, n, cfg["seed"])
         majority[n] = majority_rate(data_dir)[1]
-        base = base_model(cfg, longest_record(data_dir))
+        base = None if cfg["report_only"] else base_model(cfg, longest_record(data_dir))
         for _, method, eps in (r for r in runs if r[0] == n):
-            rows.append(run_one(cfg, base, data_dir, n, method, eps))
+            row = run_one(cfg, base, data_dir, n, method, eps)
+            rows += [row] if row else []
             progress.update()
-    return rows, majority, time.time() - t0
+    if cfg["report_only"]:
+        print(f"{len(rows)} of {len(runs)} runs finished: the table shows those")
+    return rows, majority, sum(r["wall_s"] for r in rows), runs
 
 
 def run_sweep(cfg):
     t0 = time.time()
     n = cfg["sweep_n"]
-    grid = list(itertools.product(cfg["sweep_methods"], cfg["sweep_batch_sizes"], cfg["sweep_epochs"],
+    grid = list(itertools.product(cfg["sweep_methods"], cfg["sweep_batch_sizes"], cfg["sweep_steps"],
                                   cfg["sweep_clip"], cfg["sweep_learning_rates"]))
     data_dir = prepare_data(cfg, n, cfg["public_seed"])
+    if cfg["report_only"]:  # rank every finished sweep run at this N and epsilon, from any grid
+        rows = []
+        for name in sorted(os.listdir(os.path.join(cfg["out_dir"], "runs"))):
+            if name.startswith(f"sweep_n{n}_"):
+                with open(os.path.join(cfg["out_dir"], "runs", name)) as f:
+                    row = json.load(f)
+                rows += [row] if row["target_epsilon"] == cfg["sweep_epsilon"] else []
+        return rows, majority_rate(data_dir)[1], sum(r["wall_s"] for r in rows)
     base = base_model(cfg, longest_record(data_dir))
     progress = Progress("sweep runs", len(grid), hint="--sweep_* (fewer values)", interval=0)
     rows = []
-    for method, batch, epochs, clip, lr in grid:
-        recipe = dict(batch_size=batch, epochs=epochs, max_grad_norm=clip, learning_rate=lr)
-        tag = f"sweep_n{n}_{method}_b{batch}_e{epochs:g}_c{clip:g}_lr{lr:g}"
+    for method, batch, steps, clip, lr in grid:
+        recipe = dict(batch_size=batch, steps=steps, max_grad_norm=clip, learning_rate=lr)
+        tag = f"sweep_n{n}_{method}_b{batch}_s{steps}_c{clip:g}_lr{lr:g}"
         rows.append(run_one(cfg, base, data_dir, n, method, cfg["sweep_epsilon"], False, recipe, tag))
         progress.update()
     return rows, majority_rate(data_dir)[1], time.time() - t0
@@ -407,11 +460,14 @@ def sweep_markdown(rows, majority, cfg, machine, wall_s):
              f"Tuned on PUBLIC data: the employees generator with public_seed={cfg['public_seed']} (the evaluation "
              f"uses seed={cfg['seed']}), {cfg['sweep_n']} training persons, DP at target ε = {cfg['sweep_epsilon']:g}. "
              f"Majority-class rate {majority:.3f}. Machine: {machine}. Wall time {wall_s / 60:.1f} min.", "",
-             "| rank | method | batch | epochs | clip | lr | ε spent | accuracy [95%] |", "|---|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(sorted(rows, key=lambda r: -r["accuracy"]), 1):
+             "Ranked by held-out accuracy, then validation loss (answer bytes).", "",
+             "| rank | method | batch | steps | epochs | clip | lr | ε spent | val loss | accuracy [95%] |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(sorted(rows, key=lambda r: (-r["accuracy"], r.get("val_loss") or 0.0)), 1):
         lo, hi = r["accuracy_interval"]
-        lines.append(f"| {i} | {r['method']} | {r['batch_size']} | {r['epochs']:g} | {r['max_grad_norm']:g} "
-                     f"| {r['learning_rate']:g} | {fmt(r['epsilon'], 2)} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] |")
+        lines.append(f"| {i} | {r['method']} | {r['batch_size']} | {r['steps']} | {r['epochs']:.2f} | {r['max_grad_norm']:g} "
+                     f"| {r['learning_rate']:g} | {fmt(r['epsilon'], 2)} | {fmt(r.get('val_loss'))} "
+                     f"| {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -427,10 +483,10 @@ def main(argv=None):
                                                                          machine=machine, wall_s=wall))
         print(f"wrote {cfg['results_dir']}/sweep.md ({len(rows)} settings ranked)")
         return rows
-    rows, majority, wall = run_matrix(cfg)
+    rows, majority, wall, planned = run_matrix(cfg)
     machine = describe_machine()
     write_bytes(os.path.join(cfg["results_dir"], "RESULTS.md"),
-                results_markdown(rows, majority, cfg, machine, wall).encode())
+                results_markdown(rows, majority, cfg, machine, wall, planned).encode())
     write_json(os.path.join(cfg["results_dir"], "results.json"),
                dict(rows=rows, majority_rate={str(k): v for k, v in majority.items()}, machine=machine, wall_s=wall))
     plot_results(rows, majority, cfg, cfg["results_dir"])

@@ -13,7 +13,7 @@ from utils.cli import UserError
 from utils.tokenizer import ByteTokenizer
 
 TINY = ["--n_persons=(40,)", "--n_heldout=20", "--methods=('full',)", "--epsilons=(8.0,)", "--n_layer=1",
-        "--n_embd=32", "--n_head=2", "--epochs=1.0", "--dp_epochs=1.0", "--n_candidates=50", "--mia_records=10",
+        "--n_embd=32", "--n_head=2", "--steps=3", "--dp_steps=3", "--n_candidates=50", "--mia_records=10",
         "--resamples=100", "--canaries_per_rep=1", "--n_control_canaries=2", "--pretrain_n=30",
         "--pretrain_epochs=1.0"]
 
@@ -119,10 +119,10 @@ def test_rerun_resumes_from_finished_runs(matrix, monkeypatch):
 
 def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
     utility.main(tiny_args(tmp_path) + ["--sweep=True", "--sweep_n=40", "--sweep_methods=('lora',)",
-                                        "--sweep_batch_sizes=(8,)", "--sweep_epochs=(1.0,)", "--sweep_clip=(0.1, 1.0)",
+                                        "--sweep_batch_sizes=(8,)", "--sweep_steps=(2,)", "--sweep_clip=(0.1, 1.0)",
                                         "--sweep_learning_rates=(0.004,)"])
     table = (tmp_path / "results" / "sweep.md").read_text()
-    assert "public_seed=2027" in table and table.count("| lora | 8 | 1 |") == 2
+    assert "public_seed=2027" in table and table.count("| lora | 8 | 2 |") == 2
     assert os.path.isdir(tmp_path / "out" / "data_n40_seed2027")
     assert not os.path.exists(tmp_path / "out" / "data_n40_seed1337")
 
@@ -134,3 +134,38 @@ def test_bad_input_is_refused_before_work(tmp_path, bad):
     with pytest.raises(UserError):
         utility.main(tiny_args(tmp_path) + [bad])
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_report_only_trains_nothing_and_names_the_runs_not_finished(matrix, monkeypatch):
+    tmp, rows = matrix
+
+    def no_training(*a, **k):
+        raise AssertionError("report_only trained a model")
+    monkeypatch.setattr(utility, "finetune", no_training)
+    again = utility.main(tiny_args(tmp) + ["--report_only=True", "--epsilons=(3.0, 8.0)"])
+    assert [r["tag"] for r in again] == [r["tag"] for r in rows]
+    table = (tmp / "results" / "RESULTS.md").read_text()
+    assert "Not run yet (1 of 3 planned runs): N=40 full ε=3" in table
+
+
+def test_a_finished_run_with_another_recipe_is_trained_again(matrix, monkeypatch):
+    tmp, _ = matrix
+
+    class Trained(Exception):
+        pass
+
+    def trained(cfg, model=None):
+        raise Trained(cfg["learning_rate"])
+    monkeypatch.setattr(utility, "finetune", trained)
+    with pytest.raises(Trained) as e:
+        utility.main(tiny_args(tmp) + ["--nodp_methods=()", "--dp_learning_rate=0.0123"])
+    assert e.value.args == (0.0123,)
+
+
+def test_only_nodp_methods_run_without_dp(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(utility, "run_one", lambda cfg, base, d, n, m, e, *a, **k: seen.append((m, e)))
+    monkeypatch.setattr(utility, "base_model", lambda cfg, block: None)
+    utility.run_matrix(utility.configure(utility.DEFAULTS, tiny_args(tmp_path) + [
+        "--methods=('full', 'lora')", "--epsilons=(1.0, 8.0)"]))
+    assert seen == [("full", None), ("full", 1.0), ("full", 8.0), ("lora", 1.0), ("lora", 8.0)]
