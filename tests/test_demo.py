@@ -52,7 +52,7 @@ def test_demo_runs_every_step_end_to_end(tmp_path, capsys):
     with exit code 1, after the patch is sealed and the wrong key refused."""
     out = tmp_path / "demo"
     argv = [f"--out_dir={out}", "--pretrain_iters=4", "--n_layer=1", "--n_embd=32", "--block_size=128",
-            "--batch_size=4", "--n_people=12", "--epochs=1.0", "--dp_epochs=1.0", "--dp_batch_size=8",
+            "--batch_size=4", "--n_people=12", "--epochs=1.0", "--dp_steps=2", "--dp_batch_size=8",
             "--ft_batch_size=4", "--n_candidates=50"]
     with pytest.raises(UserError, match="story did not hold") as err:
         demo.main(argv)
