@@ -139,17 +139,18 @@ def public_drafter(cfg, template, model, log):
         drafter, ckpt = load_model(path, cfg["device"])
         conf = ckpt.get("config") or {}
         if conf.get("drafter") == key:
+            drafter.copy_probability = conf.get("copy_probability", {})
             log(f"public drafter: {path} (reused); p(own value | prompt) on held-out public records: "
-                + copy_report(conf.get("copy_probability", {})))
+                + copy_report(drafter.copy_probability))
             return drafter
     rng = rs.seeded(-1)
     records, masks = zip(*[template.warmup_record(rng) for _ in range(cfg["drafter_steps"] * cfg["drafter_batch_size"])])
     log(f"public drafter: {cfg['drafter_steps']} warm-up steps on {len(records)} public records (no private data)")
     run = su.finetuned_on_records(list(records), template.tok, cfg["ckpt"], cfg["drafter_steps"],
                                   cfg["drafter_batch_size"], cfg["drafter_learning_rate"], cfg["device"],
-                                  seed=secrets.randbits(31), loss_masks=list(masks))
+                                  seed=secrets.randbits(31), loss_masks=list(masks), log=log)
     drafter = run["model"].eval()
-    copying = rs.copy_probability(drafter, template, rs.seeded(-1))  # fresh public records, not trained on
+    copying = drafter.copy_probability = rs.copy_probability(drafter, template, rs.seeded(-1))  # fresh records
     save_checkpoint(path, drafter, config={"dataset": "public warm-up records", "drafter": key,
                                            "copy_probability": copying})
     log(f"public drafter: trained in {run.get('train_time_s', 0):.0f}s, saved to {path}; p(own value | prompt) "
@@ -192,6 +193,7 @@ def plan(cfg, privacy, template, model, gen, log):
                         f"--s (and lower --n_batches: s ~ N / n_batches), --tau or lower --c, use fewer --fields, or "
                         + ("--svt=False (the SVT costs a share of r)" if cfg["svt"] else "a larger --sigma with --svt"))
     out["tau"] = cfg["tau"]
+    out["drafter_copy_probability"] = getattr(model, "copy_probability", None)
     return out, privacy
 
 
@@ -367,27 +369,6 @@ def downstream(cfg, result, drafter_people, log):
     return {"people": n, "held_out": len(held_out), "steps": cfg["utility_steps"], "accuracy": scores}
 
 
-def utility_markdown(u):
-    lines = [f"Utility of {u['records']} synthetic records at epsilon={u['epsilon']:.3g}, delta={u['delta']:.3g} "
-             "(distance to the private people's distribution; lower is better; computed on real data: not private)", "",
-             "| marginal | metric | synthetic | public drafter (eps 0) | DP histogram | DP histogram, N samples |",
-             "|---|---|---|---|---|---|"]
-    for k, v in u["marginals"].items():
-        lines.append(f"| {k} | {v['metric']} | {v['synthetic']:.3f} | {v['public_drafter']:.3f} | "
-                     f"{v['dp_histogram']:.3f} | {v['dp_histogram_n_samples']:.3f} |")
-    lines += ["", f"Names shared with the private people: {u['names_shared_with_private']} (the public drafter alone, "
-              f"same count: {u['names_shared_public_drafter']}); canaries reproduced: {u['canaries_reproduced']}."]
-    if "downstream" in u:
-        d = u["downstream"]
-        fields = [k for k in next(iter(d["accuracy"].values())) if k != "mean"]
-        lines += ["", f"Downstream: field accuracy on {d['held_out']} held-out real people after fine-tuning on "
-                  f"{d['people']} people ({d['steps']} steps):", "",
-                  "| model | " + " | ".join(fields) + " | mean |", "|---|" + "---|" * (len(fields) + 1)]
-        for name, acc in d["accuracy"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{acc[f]:.3f}" for f in fields) + f" | {acc['mean']:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
 def report_path(cfg):
     return cfg["report"] or os.path.splitext(cfg["out"])[0] + ".privacy.json"
 
@@ -406,7 +387,7 @@ def main(argv=None):
         result["utility"] = utility(cfg, result)
         base = os.path.splitext(cfg["out"])[0]
         write_json(base + ".utility.json", result["utility"])
-        text = utility_markdown(result["utility"])
+        text = su.utility_markdown(result["utility"])
         write_bytes(base + ".utility.md", text.encode())
         print(text + f"wrote the utility table to {base}.utility.md (not private: keep it with the real data)")
     return result

@@ -13,19 +13,25 @@ Benchmark of DP synthesis by private prediction (synthesize_dp.py), side by side
 
     python bench/synthesis.py --out bench/results_synthesis.md [--parts=speed,utility] [--key=value ...]
 """
+import json
 import os
+import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
 import torch
 
-import synthesize_dp as S
 from configurator import configure
 from model import GPT, GPTConfig
 from utils import private_prediction as pp
+from utils import synthetic_utility as su
 from utils.atomic import write_bytes
 from utils.cli import run_cli
 from utils.machine import describe_machine
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULTS = dict(
     out="",                  # also write the markdown here
@@ -98,20 +104,32 @@ def speed(cfg, vocab):
 
 
 def utility_runs(cfg):
+    """The user's command at each epsilon, as a user runs it (a child process: its CPU time is the child's
+    rusage), then its reports read back from beside the output."""
     rows = []
     for eps in cfg["epsilons"]:
         out = os.path.join(cfg["workdir"], f"eps{eps:g}.jsonl")
-        argv = [cfg["config"], f"--ckpt={cfg['ckpt']}", f"--data_dir={cfg['data_dir']}", f"--out={out}",
-                f"--epsilon={eps}", f"--drafter_ckpt={os.path.join(cfg['workdir'], 'drafter.pt')}",
-                f"--downstream={eps == cfg['downstream_at']}"]
-        argv += [f"--max_examples_per_batch={cfg['max_examples_per_batch']}"] if cfg["max_examples_per_batch"] else []
-        t0, c0 = time.time(), time.process_time()
-        result = S.main(argv)
-        rows.append({"epsilon": eps, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
-                     "plan": result["plan"], "discarded": result["privacy"]["diagnostics"]["discarded"],
-                     "synthesis_s": result["privacy"]["diagnostics"]["seconds"], "utility": result["utility"],
-                     "load": load()})
+        cmd = [sys.executable, os.path.join(REPO, "synthesize_dp.py"), cfg["config"], f"--ckpt={cfg['ckpt']}",
+               f"--data_dir={cfg['data_dir']}", f"--out={out}", f"--epsilon={eps}",
+               f"--drafter_ckpt={os.path.join(cfg['workdir'], 'drafter.pt')}", f"--downstream={eps == cfg['downstream_at']}"]
+        cmd += [f"--max_examples_per_batch={cfg['max_examples_per_batch']}"] if cfg["max_examples_per_batch"] else []
+        load_start, t0, c0 = load(), time.time(), children_cpu()
+        subprocess.run(cmd, check=True)
+        wall, cpu = time.time() - t0, children_cpu() - c0
+        base = os.path.splitext(out)[0]
+        with open(base + ".privacy.json") as f:
+            privacy = json.load(f)
+        with open(base + ".utility.json") as f:
+            utility = json.load(f)
+        rows.append({"epsilon": eps, "c": privacy["c"], "wall_s": wall, "cpu_s": cpu, "plan": privacy["plan"],
+                     "discarded": privacy["diagnostics"]["discarded"], "synthesis_s": privacy["diagnostics"]["seconds"],
+                     "utility": utility, "load": (load_start, load())})
     return rows
+
+
+def children_cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def markdown(cfg, speed_rows, utility_rows, load_before):
@@ -130,12 +148,15 @@ def markdown(cfg, speed_rows, utility_rows, load_before):
         lines.append("")
     for row in utility_rows:
         u, p = row["utility"], row["plan"]
+        copying = ", ".join(f"{f} {v:.2f}" for f, v in (p.get("drafter_copy_probability") or {}).items())
         lines += [f"### epsilon = {row['epsilon']:g}", "",
-                  f"Plan: {p['batches']} batches, s={p['s']}, r={p['r']}, at most {p['private_tokens_per_record']:.1f} "
-                  f"private tokens per record -> {p['expected_records']} expected. Kept {u['records']} records "
-                  f"(discarded: {row['discarded'] or 'none'}); synthesis {row['synthesis_s']:.0f} s, whole command "
-                  f"{row['wall_s']:.0f} s wall / {row['cpu_s']:.0f} s CPU (load {row['load']:.1f} at the end).", "",
-                  S.utility_markdown(u)]
+                  f"Plan: {p['batches']} batches, s={p['s']}, tau={p['tau']:.3g} (2c/tau = {2 * row['c'] / p['tau']:.2f}), "
+                  f"r={p['r']}, at most {p['private_tokens_per_record']:.1f} private tokens per record -> "
+                  f"{p['expected_records']} expected. Kept {u['records']} records (discarded: {row['discarded'] or 'none'}); "
+                  f"synthesis {row['synthesis_s']:.0f} s wall, whole command {row['wall_s']:.0f} s wall / "
+                  f"{row['cpu_s']:.0f} s CPU (load {row['load'][0]:.1f} at the start, {row['load'][1]:.1f} at the end). "
+                  f"Public drafter, p(own value | prompt) on held-out public records: {copying or 'not measured'}.", "",
+                  su.utility_markdown(u)]
     return "\n".join(lines)
 
 

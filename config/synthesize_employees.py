@@ -41,7 +41,7 @@ domains = {
 }
 digits = {"Annual Salary": (4, 6)}  # 1000.00 .. 999999.99 (two decimals: the schema's)
 record_header = "Employee record:\n"
-drafter_steps = 300  # the copier's warm-up (public records only; cached beside out as drafter.pt)
+drafter_steps = 600  # the copier warm-up on public records (measured: p(own Department) 0.90 at 300, 0.96 at 600); cached as drafter.pt
 
 utility_check = True
 histogram_bins = {"Annual Salary": (0.0, 200000.0, 40)}

@@ -131,9 +131,10 @@ def qa_lines(tok, texts):
 
 
 def finetuned_on_records(records, tok, base_ckpt, steps, batch_size, learning_rate, device="cpu", seed=0,
-                         loss_masks=None):
+                         loss_masks=None, log=None):
     """The run of utils/finetune.py without privacy on token `records` (a temp dataset, removed afterwards):
-    the dict finetune() returns. loss_masks (0/1 per token, like records): the loss on the 1s only."""
+    the dict finetune() returns. loss_masks (0/1 per token, like records): the loss on the 1s only. log:
+    finetune's progress lines (every 50 steps), for public records only; None = silent."""
     from utils.finetune import finetune
     with tempfile.TemporaryDirectory(prefix="synth_finetune_") as folder:
         n_tok, n_rec = write_split(folder, "train", records, tok.vocab_size, loss_masks)
@@ -144,8 +145,8 @@ def finetuned_on_records(records, tok, base_ckpt, steps, batch_size, learning_ra
         return finetune({"base_ckpt": base_ckpt, "data_dir": folder, "save": False, "dp": False,
                          "sampling": "shuffle", "max_steps": steps, "batch_size": batch, "microbatch_size": batch,
                          "learning_rate": learning_rate, "eval_interval": 0, "device": device, "seed": seed,
-                         "loss_on": "all" if loss_masks is None else "answer"},
-                        log=lambda *a, **k: None)
+                         "loss_on": "all" if loss_masks is None else "answer", "log_interval": 50},
+                        log=log or (lambda *a, **k: None))
 
 
 def finetuned_on(texts, tok, base_ckpt, steps, batch_size, learning_rate, device="cpu", log=print):
@@ -153,3 +154,24 @@ def finetuned_on(texts, tok, base_ckpt, steps, batch_size, learning_rate, device
     records = qa_lines(tok, texts)
     log(f"utility: fine-tuning on {len(texts)} people ({len(records)} Q/A lines) for {steps} steps")
     return finetuned_on_records(records, tok, base_ckpt, steps, batch_size, learning_rate, device)["model"]
+
+
+def utility_markdown(u):
+    lines = [f"Utility of {u['records']} synthetic records at epsilon={u['epsilon']:.3g}, delta={u['delta']:.3g} "
+             "(distance to the private people's distribution; lower is better; computed on real data: not private)", "",
+             "| marginal | metric | synthetic | public drafter (eps 0) | DP histogram | DP histogram, N samples |",
+             "|---|---|---|---|---|---|"]
+    for k, v in u["marginals"].items():
+        lines.append(f"| {k} | {v['metric']} | {v['synthetic']:.3f} | {v['public_drafter']:.3f} | "
+                     f"{v['dp_histogram']:.3f} | {v['dp_histogram_n_samples']:.3f} |")
+    lines += ["", f"Names shared with the private people: {u['names_shared_with_private']} (the public drafter alone, "
+              f"same count: {u['names_shared_public_drafter']}); canaries reproduced: {u['canaries_reproduced']}."]
+    if "downstream" in u:
+        d = u["downstream"]
+        fields = [k for k in next(iter(d["accuracy"].values())) if k != "mean"]
+        lines += ["", f"Downstream: field accuracy on {d['held_out']} held-out real people after fine-tuning on "
+                  f"{d['people']} people ({d['steps']} steps):", "",
+                  "| model | " + " | ".join(fields) + " | mean |", "|---|" + "---|" * (len(fields) + 1)]
+        for name, acc in d["accuracy"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{acc[f]:.3f}" for f in fields) + f" | {acc['mean']:.3f} |")
+    return "\n".join(lines) + "\n"
