@@ -169,3 +169,14 @@ def test_only_nodp_methods_run_without_dp(tmp_path, monkeypatch):
     utility.run_matrix(utility.configure(utility.DEFAULTS, tiny_args(tmp_path) + [
         "--methods=('full', 'lora')", "--epsilons=(1.0, 8.0)"]))
     assert seen == [("full", None), ("full", 1.0), ("full", 8.0), ("lora", 1.0), ("lora", 8.0)]
+
+
+def test_sweep_report_only_ranks_the_runs_of_every_grid(tmp_path, monkeypatch):
+    args = tiny_args(tmp_path) + ["--sweep=True", "--sweep_n=40", "--sweep_methods=('full',)", "--sweep_batch_sizes=(8,)",
+                                  "--sweep_clip=(0.1,)"]
+    utility.main(args + ["--sweep_steps=(2,)", "--sweep_learning_rates=(0.004,)"])
+    utility.main(args + ["--sweep_steps=(3,)", "--sweep_learning_rates=(0.001,)"])
+    monkeypatch.setattr(utility, "finetune", lambda *a, **k: pytest.fail("report_only trained a model"))
+    rows = utility.main(args + ["--report_only=True"])
+    assert sorted((r["steps"], r["learning_rate"]) for r in rows) == [(2, 0.004), (3, 0.001)]
+    assert (tmp_path / "results" / "sweep.md").read_text().count("| full | 8 |") == 2
