@@ -173,6 +173,8 @@ class LoRALinear(nn.Module):
 
 
 LORA_TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
+# the hub names GPT.from_pretrained takes besides a save_pretrained directory
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 class GPT(nn.Module):

@@ -15,11 +15,11 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from model import GPT, UnsafeWeightsError
-from train import GPT2_NAMES, autocast_context, resolve_device, resolve_dtype
+from model import GPT, GPT2_NAMES, UnsafeWeightsError
 from utils.checkpoint import load_model
 from utils.cli import UserError, run_cli
 from utils.data import REPO, load_meta
+from utils.device import autocast_context, resolve_device, resolve_dtype
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(

@@ -1,6 +1,7 @@
 """
-Benchmark: training tokens/s and MFU of train.py's loop, and generation tokens/s with and without the
-KV cache, on the default CPU config (config/train_pydocs.py: 4 layers, 256 wide), side by side in one run.
+Benchmark: training tokens/s and MFU of train.py's loop (utils/pretrain.py), and generation tokens/s with
+and without the KV cache, on the default CPU config (config/train_pydocs.py: 4 layers, 256 wide), side by
+side in one run.
 With CUDA, also the GPT-2-124M shape in bf16 + torch.compile (MFU against the GPU's published bf16 peak).
 
     python bench/train_generate.py [--threads=1] [--key=value ...]    # writes bench/results_train_generate.md
@@ -8,7 +9,7 @@ With CUDA, also the GPT-2-124M shape in bf16 + torch.compile (MFU against the GP
 CPU figures are timed twice: wall clock, and this process's CPU time. On a shared machine where other
 jobs take the cores, CPU time (with one thread) still says what the code costs; on a quiet machine the
 two agree. CPU MFU has no published peak to divide by: it is against the fp32 matmul FLOP/s measured in
-this run, with the same clock and threads (train.measure_matmul_flops). Data are random tokens:
+this run, with the same clock and threads (utils/peak_flops.py). Data are random tokens:
 throughput does not depend on what they say.
 """
 import json
@@ -20,13 +21,15 @@ import time
 import numpy as np
 import torch
 
-import train
 from configurator import configure
 from model import GPT, GPTConfig
+from utils import pretrain
 from utils.atomic import write_bytes
 from utils.cli import run_cli
 from utils.data import REPO, write_meta, write_split
+from utils.device import resolve_dtype
 from utils.machine import describe_machine
+from utils.peak_flops import measure_matmul_flops, peak_flops_for
 
 TOKENIZER_VOCAB = {"byte": 257, "gpt2": 50257}
 
@@ -62,15 +65,15 @@ def clocks():
 
 
 def bench_training(base_cfg, tokenizer, iters, device="cpu"):
-    """A real train.train run logging every iteration: the median (wall, CPU) seconds per iteration after
-    two warm-up iterations, the trained model and the tokens per iteration. CPU time is read when each
-    progress line is logged; on CUDA only the wall clock means anything."""
+    """A real run of train.py's loop (pretrain.train) logging every iteration: the median (wall, CPU)
+    seconds per iteration after two warm-up iterations, the trained model and the tokens per iteration.
+    CPU time is read when each progress line is logged; on CUDA only the wall clock means anything."""
     stamps = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {**base_cfg, "data_dir": random_stream(os.path.join(tmp, "data"), tokenizer), "out_dir": tmp,
                "max_iters": iters, "log_interval": 1, "eval_interval": 10 ** 9, "eval_iters": 1, "patience": 0,
                "device": device, "peak_flops": 1.0, "warmup_iters": 0, "lr_decay_iters": iters + 1}
-        result = train.train(cfg, log=lambda line: stamps.append(clocks()) if line.startswith("iter") else None)
+        result = pretrain.train(cfg, log=lambda line: stamps.append(clocks()) if line.startswith("iter") else None)
         with open(os.path.join(tmp, "log.jsonl")) as f:
             wall = [json.loads(line)["ms_per_iter"] / 1000 for line in f if '"train"' in line][2:]
     cpu = [b[1] - a[1] for a, b in zip(stamps[1:], stamps[2:])]
@@ -103,17 +106,17 @@ def main(argv=None):
     cfg = configure(DEFAULTS, argv or [])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    base = configure(train.DEFAULTS, [os.path.join(REPO, cfg["train_config"])])
+    base = configure(pretrain.DEFAULTS, [os.path.join(REPO, cfg["train_config"])])
     base.update(dropout=0.0, device="cpu")
     info = machine()
     print(info)
-    peak_wall = train.measure_matmul_flops(n=1024, seconds=1.0)
-    peak_cpu = train.measure_matmul_flops(n=1024, seconds=1.0, clock=time.process_time)
+    peak_wall = measure_matmul_flops(n=1024, seconds=1.0)
+    peak_cpu = measure_matmul_flops(n=1024, seconds=1.0, clock=time.process_time)
     print(f"fp32 matmul (1024x1024): {peak_wall / 1e9:.1f} GFLOP/s wall, {peak_cpu / 1e9:.1f} GFLOP/s per CPU second")
     shape = f"{base['n_layer']} x {base['n_embd']}, block {base['block_size']}"
     rows_train, rows_gen = [], []
     for tokenizer in cfg["tokenizers"]:
-        vocab = train.vocab_size_for({"tokenizer": tokenizer, "vocab_size": TOKENIZER_VOCAB[tokenizer]})
+        vocab = pretrain.vocab_size_for({"tokenizer": tokenizer, "vocab_size": TOKENIZER_VOCAB[tokenizer]})
         wall, cpu, model, tpi = bench_training(base, tokenizer, cfg["train_iters"])
         fwdbwd = base["batch_size"] * base["gradient_accumulation_steps"]
         rows_train.append(f"| {shape}, vocab {vocab} | {tpi:,} | {tpi / wall:,.0f} / {tpi / cpu:,.0f} | "
@@ -140,13 +143,13 @@ def main(argv=None):
              "| model | KV cache tok/s | full recompute tok/s | speed-up |", "| --- | ---: | ---: | ---: |",
              *rows_gen]
     if torch.cuda.is_available():
-        gpt2 = configure(train.DEFAULTS, [os.path.join(REPO, "config", "train_gpt2.py")])
+        gpt2 = configure(pretrain.DEFAULTS, [os.path.join(REPO, "config", "train_gpt2.py")])
         gpt2.update(gradient_accumulation_steps=1, dtype="auto", compile=True)
-        gpu_peak = train.peak_flops_for("cuda")
+        gpu_peak = peak_flops_for("cuda")
         wall, _, model, tpi = bench_training(gpt2, "gpt2", cfg["gpu_iters"], device="cuda")
         mfu = f"{100 * model.estimate_mfu(gpt2['batch_size'], wall, gpu_peak):.1f}%" if gpu_peak else "n/a"
         lines += ["", f"GPU: GPT-2 124M shape (12 x 768, block 1024, batch {gpt2['batch_size']}), "
-                  f"{train.resolve_dtype('auto', 'cuda')} autocast + torch.compile, median of iterations "
+                  f"{resolve_dtype('auto', 'cuda')} autocast + torch.compile, median of iterations "
                   f"3..{cfg['gpu_iters']}, wall clock; MFU against the dense bf16 peak "
                   f"({gpu_peak / 1e12 if gpu_peak else 0:.0f} TFLOP/s; nanoGPT reports 37% on one A100).", "",
                   "| model | tokens/iter | tokens/s | MFU |", "| --- | ---: | ---: | ---: |",

@@ -14,10 +14,8 @@ from tests.conftest import REPO
 
 SCRIPT_FOLDERS = ("*.py", "bench/*.py", "test_pipeline/*.py", "data/*/prepare.py")
 LIBRARY_FOLDERS = ("utils/*.py", "test_pipeline/*.py")
-# Temporary, known and outside issue 16's change (their files belong to other engineers): sample.py takes
-# train.py's device / dtype helpers and GPT-2 names, bench/train_generate.py runs train.py's loop and
-# FLOP helpers in-process. Delete an entry when its import goes (test_allowances_are_still_needed says when).
-ALLOWED = {("sample.py", "train"), ("bench/train_generate.py", "train")}
+# Known exceptions; delete an entry when its import goes (test_allowances_are_still_needed says when).
+ALLOWED = set()
 
 
 def parse(path):
