@@ -16,6 +16,8 @@ Benchmark of DP synthesis by private prediction (synthesize_dp.py), side by side
 import json
 import os
 import resource
+import runpy
+import secrets
 import subprocess
 import sys
 import time
@@ -26,7 +28,12 @@ import torch
 from configurator import configure
 from model import GPT, GPTConfig
 from utils import private_prediction as pp
+from utils import record_synthesis as rs
 from utils import synthetic_utility as su
+from utils.checkpoint import load_model
+from utils.data import load_meta
+from utils.records import load_people, load_schema
+from utils.tokenizer import get_tokenizer
 from utils.atomic import write_bytes
 from utils.cli import run_cli
 from utils.machine import describe_machine
@@ -50,6 +57,8 @@ DEFAULTS = dict(
     downstream_at=8.0,       # utility: the epsilon whose run also fine-tunes downstream
     max_examples_per_batch=0,  # utility: 0 = the config's
     workdir="out/bench_synthesis",  # utility: outputs of each run (the drafter is trained once, reused)
+    exact_ckpt="",           # exact: the models to probe, comma-separated ('' = workdir/drafter.pt)
+    exact_tau=1.0,           # exact: the tau the plan picks at epsilon 8 (2c/tau = 6 with the config's c = 3)
 )
 
 
@@ -127,12 +136,56 @@ def utility_runs(cfg):
     return rows
 
 
+def exact_first_field(cfg):
+    """The exact distribution of the first field's value under the mechanism (every branch of the value
+    grammar, one batch of the real people, no sampling noise), and of the public row alone (the drafter),
+    against the private people's: what infinitely many records would give. For the operator (real data)."""
+    conf = runpy.run_path(cfg["config"])
+    schema, tok = load_schema(cfg["data_dir"]), get_tokenizer(load_meta(cfg["data_dir"]))
+    tpl = rs.RecordTemplate(schema, conf["fields"], conf["domains"], conf["digits"], tok, conf["record_header"])
+    model = load_model(cfg["exact_ckpt"] or os.path.join(cfg["workdir"], "drafter.pt"))[0].eval()
+    people = load_people(cfg["data_dir"], "train", schema)
+    batches, _ = pp.assign_batches([json.dumps(p, sort_keys=True) for p in people], "", secrets.token_hex(16),
+                                   conf["n_batches"])
+    members, room = batches[0], model.config.block_size - tpl.max_new_tokens()
+    prompts = [tpl.prompt_ids(people[i], room) for i in members] + [tpl.public_ids()]
+    decoder, n = pp.BatchDecoder(model, prompts, tpl.max_new_tokens()), len(members)
+    mech = pp.Mechanism(s=conf["s"], c=conf["c"], tau=cfg["exact_tau"], svt=False, sigma=1.0, theta=0.0, tau_pub=1.0)
+    field, private, public = tpl.fields[0], {}, {}
+    tau = rs.field_tau(mech, tpl, field)
+
+    def walk(tokens, text, p_priv, p_pub):
+        ids = tpl.allowed(field, text)
+        while len(ids) == 1 and not text.endswith("\n"):
+            tokens, text = tokens + ids, text + tpl.strings[ids[0]]
+            ids = tpl.allowed(field, text)
+        if text.endswith("\n"):
+            private[text[:-1]], public[text[:-1]] = p_priv, p_pub
+            return
+        decoder.reset()
+        logits = decoder.extend(tpl.label_ids[field] + tokens)[:, :tpl.vocab]
+        mask = tpl.mask(ids, logits.device)
+        q_priv = pp.private_log_probs(pp.aggregate(logits[:n], mech.c, mech.s, mask), tau, mask).exp()
+        q_pub = torch.softmax(pp.masked(logits[n], mask), -1)
+        for t in ids:
+            walk(tokens + [t], text + tpl.strings[t], p_priv * float(q_priv[t]), p_pub * float(q_pub[t]))
+
+    walk([], "", 1.0, 1.0)
+    real = su.distribution([p.get(field) for p in people])
+    as_keys = lambda d: {repr(k): v for k, v in d.items()}
+    return {"field": field, "batch_people": n, "tau": tau, "private": private, "public": public,
+            "tv_private": su.total_variation(as_keys(private), real),
+            "tv_public": su.total_variation(as_keys(public), real),
+            "tv_private_vs_its_batch": su.total_variation(as_keys(private), su.distribution(
+                [people[i].get(field) for i in members]))}
+
+
 def children_cpu():
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def markdown(cfg, speed_rows, utility_rows, load_before):
+def markdown(cfg, speed_rows, utility_rows, load_before, exact_rows=None):
     lines = ["## DP synthesis by private prediction (synthesize_dp.py)", "",
              f"Machine: {describe_machine()}; load average {load_before:.1f} at the start (shared with other "
              f"engineers' jobs). Command: `python bench/synthesis.py`.", ""]
@@ -157,6 +210,12 @@ def markdown(cfg, speed_rows, utility_rows, load_before):
                   f"{row['cpu_s']:.0f} s CPU (load {row['load'][0]:.1f} at the start, {row['load'][1]:.1f} at the end). "
                   f"Public drafter, p(own value | prompt) on held-out public records: {copying or 'not measured'}.", "",
                   su.utility_markdown(u)]
+    for row in exact_rows or []:
+        e = row["exact"]
+        lines += [f"Exact {e['field']} distribution under the mechanism (every grammar branch, one batch of {e['batch_people']} "
+                  f"real people, 2c/tau = {2 * 3.0 / e['tau']:.2f}; no sampling noise), model `{row['ckpt']}` "
+                  f"({row['cpu_s']:.0f} s CPU): TV to the private people {e['tv_private']:.3f} (to its own batch "
+                  f"{e['tv_private_vs_its_batch']:.3f}); the public row alone (the drafter, epsilon 0) {e['tv_public']:.3f}.", ""]
     return "\n".join(lines)
 
 
@@ -169,7 +228,13 @@ def main(argv=None):
         for name, (n, t) in rows.items():
             print(f"vocab {vocab}, {name}: {n} tokens in {t:.2f} CPU s = {n / t:.2f} tokens/s")
     utility_rows = utility_runs(cfg) if "utility" in cfg["parts"] else []
-    text = markdown(cfg, speed_rows, utility_rows, load_before)
+    exact_rows = []
+    for ckpt in (cfg["exact_ckpt"].split(",") if "exact" in cfg["parts"] else []):
+        c0 = time.process_time()
+        exact = exact_first_field({**cfg, "exact_ckpt": ckpt})
+        exact_rows.append({"ckpt": ckpt, "exact": exact, "cpu_s": time.process_time() - c0})
+        print(json.dumps(exact_rows[-1]))
+    text = markdown(cfg, speed_rows, utility_rows, load_before, exact_rows)
     print(text)
     if cfg["out"]:
         write_bytes(cfg["out"], (text + "\n").encode())
