@@ -76,6 +76,7 @@ DEFAULTS = dict(
     digits={},                      # {numeric field: (min, max) integer digits}; decimals from the schema
     record_header="Employee record:\n",  # the template's first line (the public prompt)
     max_value_tokens=40,            # length cap of one value (a record hitting it is discarded)
+    whole_values=True,              # a categorical value is one choice among the public values (not byte by byte)
     plan_records=8,                 # public dry-run records behind the plan
     drafter_steps=200,              # warm-up steps of the public drafter on public records (0 = the base as is)
     drafter_ckpt="",                # '' = beside out as drafter.pt (reused when present)
@@ -169,7 +170,7 @@ def plan(cfg, privacy, template, model, gen, log):
     decoder = pp.BatchDecoder(model, [template.public_ids()], template.max_new_tokens(), cfg["use_kv_cache"])
     mech = pp.Mechanism.from_config(cfg)
     drafts, _, _ = rs.synthesize_records(decoder, 0, mech, template, 0, gen, cfg["plan_records"], public_only=True,
-                                         max_value_tokens=cfg["max_value_tokens"])
+                                         max_value_tokens=cfg["max_value_tokens"], whole_values=cfg["whole_values"])
     per_record = float(np.mean([c["public"] for _, c in drafts])) if drafts else float("inf")
     forced = float(np.mean([c["forced"] for _, c in drafts])) if drafts else 0.0
     if cfg["planned_tau"]:
@@ -254,6 +255,7 @@ def synthesize(cfg, model=None, log=print):
         decoder = pp.BatchDecoder(model, prompts, template.max_new_tokens(), cfg["use_kv_cache"])
         kept, why, spent = rs.synthesize_records(decoder, len(members), mech, template, privacy["r"], gen,
                                                  cfg["max_examples_per_batch"], max_value_tokens=cfg["max_value_tokens"],
+                                                 whole_values=cfg["whole_values"],
                                                  on_record=progress.update)
         assert spent <= privacy["r"]
         discards += why
@@ -324,7 +326,8 @@ def utility(cfg, result, log=print):
     synthetic = [e["fields"] for e in result["examples"]]
     decoder = pp.BatchDecoder(result["model"], [template.public_ids()], template.max_new_tokens(), cfg["use_kv_cache"])
     drafts, _, _ = rs.synthesize_records(decoder, 0, pp.Mechanism.from_config(cfg), template, 0, result["gen"],
-                                         max(n, 1), public_only=True, max_value_tokens=cfg["max_value_tokens"])
+                                         max(n, 1), public_only=True, max_value_tokens=cfg["max_value_tokens"],
+                                         whole_values=cfg["whole_values"])
     drafter_people, _ = rs.qa_records(template, [v for v, _ in drafts], rs.seeded(cfg["seed"]))
     hist = su.histogram_baseline(real, categorical, template.domains, numeric, cfg["histogram_bins"],
                                  result["privacy"]["epsilon"], cfg["delta"], max(n, 1),

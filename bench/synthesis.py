@@ -58,6 +58,7 @@ DEFAULTS = dict(
     max_examples_per_batch=0,  # utility: 0 = the config's
     workdir="out/bench_synthesis",  # utility: outputs of each run (the drafter is trained once, reused)
     exact_ckpt="",           # exact: the models to probe, comma-separated ('' = workdir/drafter.pt)
+    exact_whole_values=True,  # exact: one choice per categorical value (False: byte by byte)
     exact_tau=1.0,           # exact: the tau the plan picks at epsilon 8 (2c/tau = 6 with the config's c = 3)
 )
 
@@ -170,10 +171,19 @@ def exact_first_field(cfg):
         for t in ids:
             walk(tokens + [t], text + tpl.strings[t], p_priv * float(q_priv[t]), p_pub * float(q_pub[t]))
 
-    walk([], "", 1.0, 1.0)
+    if cfg["exact_whole_values"]:  # one choice among the public values (record_synthesis.whole_value_scores)
+        decoder.reset()
+        Z = rs.whole_value_scores(decoder, tpl, field, tpl.label_ids[field])
+        q_priv = pp.private_log_probs(pp.aggregate(Z[:n], mech.c, mech.s), tau).exp()
+        q_pub = torch.softmax(Z[n], -1)
+        for k, v in enumerate(tpl.domains[field]):
+            private[v], public[v] = float(q_priv[k]), float(q_pub[k])
+    else:
+        walk([], "", 1.0, 1.0)
     real = su.distribution([p.get(field) for p in people])
     as_keys = lambda d: {repr(k): v for k, v in d.items()}
-    return {"field": field, "batch_people": n, "tau": tau, "private": private, "public": public,
+    return {"field": field, "batch_people": n, "tau": tau,
+            "mode": "whole values" if cfg["exact_whole_values"] else "byte by byte", "private": private, "public": public,
             "tv_private": su.total_variation(as_keys(private), real),
             "tv_public": su.total_variation(as_keys(public), real),
             "tv_private_vs_its_batch": su.total_variation(as_keys(private), su.distribution(
@@ -213,7 +223,7 @@ def markdown(cfg, speed_rows, utility_rows, load_before, exact_rows=None):
     for row in exact_rows or []:
         e = row["exact"]
         lines += [f"Exact {e['field']} distribution under the mechanism (every grammar branch, one batch of {e['batch_people']} "
-                  f"real people, 2c/tau = {2 * 3.0 / e['tau']:.2f}; no sampling noise), model `{row['ckpt']}` "
+                  f"real people, 2c/tau = {2 * 3.0 / e['tau']:.2f}, {e['mode']}; no sampling noise), model `{row['ckpt']}` "
                   f"({row['cpu_s']:.0f} s CPU): TV to the private people {e['tv_private']:.3f} (to its own batch "
                   f"{e['tv_private_vs_its_batch']:.3f}); the public row alone (the drafter, epsilon 0) {e['tv_public']:.3f}.", ""]
     return "\n".join(lines)

@@ -29,6 +29,7 @@ sharpness = 6.0
 # the sparse vector technique would mostly answer "private" and cost 2/(s sigma)^2 more per token.
 svt = False
 max_examples_per_batch = 52  # 208 records at most (the goal is 200)
+whole_values = True  # a categorical value is one choice among its public values: every row votes on whole values
 
 structured = True
 fields = ("Department", "Full or Part-Time", "Salary or Hourly", "Annual Salary")
@@ -41,7 +42,7 @@ domains = {
 }
 digits = {"Annual Salary": (4, 6)}  # 1000.00 .. 999999.99 (two decimals: the schema's)
 record_header = "Employee record:\n"
-drafter_steps = 600  # the copier warm-up on public records (measured: p(own Department) 0.90 at 300, 0.96 at 600); cached as drafter.pt
+drafter_steps = 300  # the copier warm-up on public records (p(own Department | prompt) 0.06 -> 0.90); cached as drafter.pt
 
 utility_check = True
 histogram_bins = {"Annual Salary": (0.0, 200000.0, 40)}

@@ -88,3 +88,41 @@ def test_field_temperature_follows_the_domain_size_and_is_never_sharper_than_acc
     Z, g = torch.randn(10, 20), torch.Generator()
     draws = lambda tau: [mech.private_token(Z, Z[0], g.manual_seed(k), tau=tau) for k in range(50)]
     assert draws(0.01) == draws(None)
+
+
+def test_score_is_the_sum_of_token_log_probs_and_leaves_the_decoder_as_it_was():
+    model = tiny_model(block_size=64).eval()
+    prompts = [[5, 6, 7, 8], [9, 10], [11]]
+    value = [40, 41, 42]
+    for cache in (True, False):
+        decoder = P.BatchDecoder(model, prompts, 12, cache)
+        logits = decoder.extend([20, 21])
+        scored = decoder.score(value, logits)
+        step_by_step = logits.log_softmax(-1)[:, value[0]]
+        after = decoder.step(value[0])
+        step_by_step = step_by_step + after.log_softmax(-1)[:, value[1]]
+        step_by_step = step_by_step + decoder.step(value[1]).log_softmax(-1)[:, value[2]]
+        assert torch.allclose(scored, step_by_step, atol=1e-4)
+        fresh = P.BatchDecoder(model, prompts, 12, cache)
+        fresh.extend([20, 21])
+        again = P.BatchDecoder(model, prompts, 12, cache)
+        again.extend([20, 21])
+        again.score(value, logits)  # scoring leaves the context unchanged: the next token sees [20, 21] only
+        assert torch.allclose(again.step(33), fresh.step(33), atol=1e-5)
+
+
+def test_whole_values_cost_one_private_token_per_categorical_field_and_parse():
+    """whole_values=True: each categorical field is one choice among its public values (its tokens then
+    ride along as forced), so it costs one private token; every kept record parses. (What it buys in
+    fidelity is measured at full scale: bench/synthesis.py --parts=exact.)"""
+    tpl, crowd = template(), people(16)
+    prompts = [tpl.prompt_ids(p, 200) for p in crowd] + [tpl.public_ids()]
+    mech = P.Mechanism(s=16, c=3.0, tau=1.0, svt=False, sigma=1.0, theta=0.0, tau_pub=1.0)
+    decoder = P.BatchDecoder(tiny_model(block_size=256).eval(), prompts, tpl.max_new_tokens(), use_kv_cache=True)
+    kept, _, _ = RS.synthesize_records(decoder, 16, mech, tpl, 100, torch.Generator().manual_seed(0), 4,
+                                       whole_values=True)
+    assert len(kept) == 4
+    for values, counts in kept:
+        assert tpl.parse(tpl.render(values)) == values
+        salary_choices = counts["private"] - 2  # Department and Full or Part-Time: one private token each
+        assert 1 <= salary_choices <= len(values["Annual Salary"]) + 1

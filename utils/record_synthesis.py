@@ -232,17 +232,42 @@ def field_tau(mech, template, field):
     return max(mech.tau, 2 * mech.c / len(template.domains[field])) if field in template.domains else mech.tau
 
 
-def decode_record(decoder, n_private, mech, template, gen, budget, max_value_tokens=40, public_only=False):
+def whole_value_scores(decoder, template, field, pending):
+    """(rows, K) log-probabilities of each of the field's public values (with its newline) after `pending`."""
+    logits = decoder.extend(pending)[:, :template.vocab]
+    return torch.stack([decoder.score(template.tok.encode(v + "\n"), logits) for v in template.domains[field]], 1)
+
+
+def decode_record(decoder, n_private, mech, template, gen, budget, max_value_tokens=40, public_only=False,
+                  whole_values=False):
     """One synthetic record: labels free, forced tokens free, other value tokens through the mechanism
     (public_only: all from the public row, the epsilon-0 drafter). Rows 0..n_private-1 are private, row
     n_private the public one. `budget` = private tokens left. Returns (values or None, why, counts).
     Tokens known in advance (a label, a forced run, the token just drawn) go to the decoder in one
-    forward when the next choice needs logits: the same logits as one at a time, a third of the forwards."""
+    forward when the next choice needs logits: the same logits as one at a time, a third of the forwards.
+    whole_values: a categorical field is one choice among its public values, each row scoring each value
+    by its sequence log-probability (a vector clipped and averaged like a logit row: the same bounds, one
+    private token). Byte by byte, a value decided at an inner byte (F -> I or A) is voted on by every row,
+    also the ~90% whose record starts otherwise and whose prior then outweighs the records."""
     counts = Counter()
     decoder.reset()
     values, pending = {}, []
     for field in template.fields:
         pending += template.label_ids[field]
+        if whole_values and field in template.domains and len(template.domains[field]) > 1:
+            Z = whole_value_scores(decoder, template, field, pending)
+            if public_only:
+                k, private = mech.public_token(Z[n_private], gen), False
+            elif counts["private"] >= budget:
+                return None, "budget ran out mid-record", counts
+            else:
+                k, private = mech.choose(Z[:n_private], Z[n_private], gen, None, field_tau(mech, template, field))
+            counts["private" if private else "public"] += 1
+            value = template.domains[field][k]
+            pending = template.tok.encode(value + "\n")
+            counts["forced"] += len(pending) - 1
+            values[field] = value
+            continue
         text = ""
         for _ in range(max_value_tokens):
             ids = template.allowed(field, text)
@@ -274,7 +299,7 @@ def decode_record(decoder, n_private, mech, template, gen, budget, max_value_tok
 
 
 def synthesize_records(decoder, n_private, mech, template, r, gen, max_records, public_only=False,
-                       max_value_tokens=40, on_record=None):
+                       max_value_tokens=40, on_record=None, whole_values=False):
     """Records from one batch until r private tokens are spent or max_records are kept (at most
     2 * max_records attempts). Returns (kept [(values, counts)], discards Counter(why), private spent)."""
     kept, discards, spent = [], Counter(), 0
@@ -283,7 +308,7 @@ def synthesize_records(decoder, n_private, mech, template, r, gen, max_records, 
         if len(kept) >= max_records or (spent >= r and not public_only):
             break
         values, why, counts = decode_record(decoder, n_private, mech, template, gen, r - spent,
-                                            max_value_tokens, public_only)
+                                            max_value_tokens, public_only, whole_values)
         spent += counts["private"]
         if values is None:
             discards[why] += 1
