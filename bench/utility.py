@@ -345,7 +345,8 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned):
              "time of the fine-tune alone (the honest figure on a shared machine).", "",
              f"Task: greedy Department after the held-out person's job-title line ({cfg['n_heldout']} held-out "
              "persons per N); 95% Clopper-Pearson intervals; % of non-private: against the non-private full "
-             "fine-tune at the same N. Records: Job Titles + Department, canonical wording, byte tokenizer, "
+             "fine-tune at the same N; % of its gain over majority: (accuracy - majority rate) / (non-private - "
+             "majority rate), what DP keeps of what the data taught beyond the commonest answer. Records: Job Titles + Department, canonical wording, byte tokenizer, "
              f"loss on {cfg['loss_on']} bytes. Recipe: non-private batch {cfg['batch_size']} x {cfg['steps']} steps, "
              f"lr {cfg['learning_rate']:g}; DP batch {cfg['dp_batch_size']} (at most N/4) x {cfg['dp_steps']} steps, "
              f"lr {cfg['dp_learning_rate']:g}, clip {cfg['max_grad_norm']:g}, AdamW, tuned on public-seed data "
@@ -356,18 +357,20 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned):
              "0.5 = a biased member/non-member split). The data seed is reproducible (canaries are no secret "
              "from whoever knows it); the DP noise and sampling come from a fresh OS secret per run.", "",
              "| N | method | DP target ε | ε spent | q | σ | steps | accuracy [95%] | % of non-private "
-             "| majority rate | val loss | exposure gap (bits) | MIA AUC [95%] | blind AUC | train CPU s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| % of its gain over majority | majority rate | val loss | exposure gap (bits) | MIA AUC [95%] | blind AUC | train CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["n"], list(METHODS).index(r["method"]), -1 if r["target_epsilon"] is None else r["target_epsilon"])):
         ref = reference.get(r["n"])
         share = f"{100 * r['accuracy'] / ref:.0f}%" if ref else "-"
+        floor = majority[r["n"]]
+        gain = f"{100 * (r['accuracy'] - floor) / (ref - floor):.0f}%" if ref and ref > floor else "-"
         lo, hi = r["accuracy_interval"]
         mia = (f"{r['mia_auc']:.3f} [{r['mia_auc_interval'][0]:.3f}, {r['mia_auc_interval'][1]:.3f}]"
                if r.get("mia_auc") is not None else "-")
         lines.append(f"| {r['n']} | {r['method']} | {fmt(r['target_epsilon'], 0) if r['target_epsilon'] else 'none'} "
                      f"| {fmt(r['epsilon'], 2)} | {fmt(r.get('sample_rate'), 3)} | {fmt(r.get('noise_multiplier'), 2)} "
                      f"| {r['steps'] or '-'} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
-                     f"| {share} | {majority[r['n']]:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} "
+                     f"| {share} | {gain} | {floor:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} "
                      f"| {mia} | {fmt(r.get('mia_blind_auc'))} | {fmt(r.get('train_cpu_s'), 0)} |")
     missing = [p for p in planned if p not in {(r["n"], r["method"], r["target_epsilon"]) for r in rows}]
     if missing:
@@ -393,8 +396,8 @@ def plot_results(rows, majority, cfg, results_dir):
                 if r["n"] == n and r["method"] == method and r["target_epsilon"] is None:
                     ax.axhline(r["accuracy"], color=color, ls=":", lw=1)
         ax.axhline(majority[n], color="gray", ls="--", lw=1, label="majority class")
-        ax.set(title=f"N = {n} (dotted: no DP)", xlabel="target ε", ylabel="held-out accuracy", ylim=(0, 1.02),
-               xscale="log" if any(r["target_epsilon"] for r in rows) else "linear")
+        ax.set(title=f"N = {n} (dotted: full fine-tune, no DP)", xlabel="target ε", ylabel="held-out accuracy", ylim=(0, 1.02),
+               **(dict(xscale="log", xlim=(min(cfg["epsilons"]) / 1.5, max(cfg["epsilons"]) * 1.5)) if cfg["epsilons"] else {}))
         ax.legend(fontsize=7)
     save_figure(fig, os.path.join(results_dir, "utility_vs_epsilon.png"))
     fig, ax = plt.subplots(figsize=(5, 3.5))
