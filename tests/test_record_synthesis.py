@@ -90,25 +90,25 @@ def test_field_temperature_follows_the_domain_size_and_is_never_sharper_than_acc
     assert draws(0.01) == draws(None)
 
 
-def test_score_is_the_sum_of_token_log_probs_and_leaves_the_decoder_as_it_was():
-    model = tiny_model(block_size=64).eval()
-    prompts = [[5, 6, 7, 8], [9, 10], [11]]
-    value = [40, 41, 42]
+def test_whole_value_scores_are_the_grammar_probabilities_and_leave_the_decoder_as_it_was():
+    tpl, crowd = template(), people(5)
+    prompts = [tpl.prompt_ids(p, 200) for p in crowd] + [tpl.public_ids()]
+    model = tiny_model(block_size=256).eval()
     for cache in (True, False):
-        decoder = P.BatchDecoder(model, prompts, 12, cache)
-        logits = decoder.extend([20, 21])
-        scored = decoder.score(value, logits)
-        step_by_step = logits.log_softmax(-1)[:, value[0]]
-        after = decoder.step(value[0])
-        step_by_step = step_by_step + after.log_softmax(-1)[:, value[1]]
-        step_by_step = step_by_step + decoder.step(value[1]).log_softmax(-1)[:, value[2]]
-        assert torch.allclose(scored, step_by_step, atol=1e-4)
-        fresh = P.BatchDecoder(model, prompts, 12, cache)
-        fresh.extend([20, 21])
-        again = P.BatchDecoder(model, prompts, 12, cache)
-        again.extend([20, 21])
-        again.score(value, logits)  # scoring leaves the context unchanged: the next token sees [20, 21] only
-        assert torch.allclose(again.step(33), fresh.step(33), atol=1e-5)
+        decoder = P.BatchDecoder(model, prompts, tpl.max_new_tokens(), cache)
+        label = tpl.label_ids["Department"]
+        Z = RS.whole_value_scores(decoder, tpl, "Department", label)
+        assert torch.allclose(Z.exp().sum(1), torch.ones(6), atol=1e-4)  # a distribution over the values
+        for k, value in enumerate(DEPARTMENTS):  # byte by byte under the mask, one token at a time
+            step, text, total = P.BatchDecoder(model, prompts, tpl.max_new_tokens(), cache), "", 0.0
+            logits = step.extend(label)
+            for ch in value + "\n":
+                ids = tpl.allowed("Department", text)
+                total = total + P.masked(logits, tpl.mask(ids, logits.device)).log_softmax(-1)[:, ord(ch)]
+                text, logits = text + ch, step.step(ord(ch))
+            assert torch.allclose(Z[:, k], total, atol=1e-4)
+        fresh = P.BatchDecoder(model, prompts, tpl.max_new_tokens(), cache)
+        assert torch.allclose(decoder.step(ord("F")), fresh.extend(label + [ord("F")]), atol=1e-5)  # state kept
 
 
 def test_whole_values_cost_one_private_token_per_categorical_field_and_parse():

@@ -328,25 +328,14 @@ class BatchDecoder:
         """Append `token` to every row; the logits for the next one."""
         return self.extend([token])
 
-    @torch.no_grad()
-    def score(self, tokens, logits):
-        """Each row's log-probability of `tokens` continuing its context, given `logits` (what the last
-        extend returned); the decoder is left as it was (the cache is truncated back)."""
-        pos, k = self.P + self.n, len(tokens)
-        if pos + k > self.idx.size(1):
-            raise ValueError(f"the decoder holds {self.idx.size(1) - self.P} new tokens, asked for {self.n + k}")
-        target = torch.tensor(tokens, dtype=torch.long, device=self.idx.device)
-        total = logits.float().log_softmax(-1)[:, tokens[0]]
-        if k > 1:
-            self.idx[:, pos:pos + k - 1] = target[:-1]
-            if self.cache is not None:
-                out, _ = self.model(self.idx[:, pos:pos + k - 1], attention_mask=self.mask[:, :pos + k - 1], cache=self.cache)
-                self.cache.truncate(pos)
-            else:
-                out, _ = self.model(self.idx[:, :pos + k - 1], attention_mask=self.mask[:, :pos + k - 1])
-                out = out[:, pos:]
-            total = total + out.float().log_softmax(-1).gather(-1, target[1:].expand(out.size(0), -1)[..., None]).sum((1, 2))
-        return total
+    def peek(self, tokens):
+        """The logits after `tokens` (the same for every row), the decoder left as it was."""
+        n = self.n
+        logits = self.extend(tokens)
+        self.n = n
+        if self.cache is not None:
+            self.cache.truncate(self.P + n)
+        return logits
 
     def extend(self, tokens):
         """Append `tokens` (the same for every row, e.g. a field label) in one forward; the next logits."""

@@ -41,6 +41,7 @@ from collections import Counter
 import torch
 
 from utils import employees
+from utils.private_prediction import masked
 
 NUMERIC_CHARS = set("0123456789.\n")
 
@@ -233,9 +234,30 @@ def field_tau(mech, template, field):
 
 
 def whole_value_scores(decoder, template, field, pending):
-    """(rows, K) log-probabilities of each of the field's public values (with its newline) after `pending`."""
+    """(rows, K): each row's log-probability of each of the field's public values under the value grammar
+    (the product of its masked next-token probabilities at the grammar's branch points; forced tokens
+    count 1), after `pending`. One forward per branch point, as byte by byte would take."""
+    values = [v + "\n" for v in template.domains[field]]
     logits = decoder.extend(pending)[:, :template.vocab]
-    return torch.stack([decoder.score(template.tok.encode(v + "\n"), logits) for v in template.domains[field]], 1)
+    scores = torch.zeros(logits.size(0), len(values), device=logits.device)
+
+    def walk(tokens, text, logits, members):
+        ids = template.allowed(field, text)
+        while len(ids) == 1 and not text.endswith("\n"):
+            tokens, text, logits = tokens + ids, text + template.strings[ids[0]], None
+            ids = template.allowed(field, text)
+        if text.endswith("\n"):
+            return
+        if logits is None:
+            logits = decoder.peek(tokens)[:, :template.vocab]
+        logp = masked(logits, template.mask(ids, logits.device)).log_softmax(-1)
+        for t in ids:
+            below = [k for k in members if values[k].startswith(text + template.strings[t])]
+            scores[:, below] += logp[:, t:t + 1]
+            walk(tokens + [t], text + template.strings[t], None, below)
+
+    walk([], "", logits, list(range(len(values))))
+    return scores
 
 
 def decode_record(decoder, n_private, mech, template, gen, budget, max_value_tokens=40, public_only=False,
