@@ -341,8 +341,9 @@ def fmt(x, digits=3):
 def results_markdown(rows, majority, cfg, machine, wall_s, planned):
     reference = {r["n"]: r["accuracy"] for r in rows if r["target_epsilon"] is None and r["method"] == "full"}
     lines = ["# DP utility at realistic scale (issue 17)", "",
-             f"Machine: {machine}. Wall time of the runs {wall_s / 60:.1f} min; train CPU s is the process CPU "
-             "time of the fine-tune alone (the honest figure on a shared machine).", "",
+             f"Machine (at report time): {machine}. Runs: {sorted({r.get('threads', 1) for r in rows})} torch "
+             f"thread(s) each; wall time of the runs {wall_s / 60:.1f} min; train CPU s is the process CPU time of "
+             "the fine-tune alone (the honest figure on a shared machine).", "",
              f"Task: greedy Department after the held-out person's job-title line ({cfg['n_heldout']} held-out "
              "persons per N); 95% Clopper-Pearson intervals; % of non-private: against the non-private full "
              "fine-tune at the same N; % of its gain over majority: (accuracy - majority rate) / (non-private - "
