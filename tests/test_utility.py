@@ -39,7 +39,7 @@ def test_matrix_writes_table_plots_and_sane_rows(matrix):
     assert [(r["method"], r["target_epsilon"]) for r in rows] == [("full", None), ("full", 8.0)]
     table = (tmp / "results" / "RESULTS.md").read_text()
     assert sum(line.startswith("| 40 | full |") for line in table.splitlines()) == 2
-    assert "Machine:" in table and "Wall time" in table
+    assert "Machine (at report time):" in table and "wall time of the runs" in table
     for png in ("utility_vs_epsilon.png", "exposure_vs_epsilon.png"):
         assert (tmp / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in rows:
