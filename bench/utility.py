@@ -18,16 +18,16 @@ both the compute and the DP noise, which grows with the trainable dimension).
 Task (population level, scored on held-out persons): greedy completion of the Department answer after
 the person's own job-title line. In this generator a title belongs to one department, so the ceiling is
 100%; the floor is the majority-class rate (the commonest train department's share of the held-out
-persons). Privacy side of the same runs: canary exposure (test_pipeline/leakage_test.py; Carlini et al.
-2019), 16x canaries against the controls, and membership inference (test_pipeline/mia.py: the attack
+persons). Privacy side of the same runs: canary exposure (utils/canary_exposure.py; Carlini et al.
+2019), 16x canaries against the controls, and membership inference (utils/membership.py: the attack
 chosen on one half of the people, scored with a bootstrap interval on the other).
 
 Runs: per N, methods full / freeze (first freeze_first_blocks blocks and the embeddings fixed) / lora at
 every target epsilon, and the non-private full fine-tune, the reference of every row's "% of non-private"
 (utils.finetune.finetune, grad_sample_mode 'bk', loss on the answer bytes only: the names and the
 question scaffold carry nothing the task needs and would take a share of each person's clipped
-gradient). Every run has a fixed budget of steps x batch (~20k records seen, ~6 minutes on 2 idle cores
-whatever N), so a larger N does not cost more: it lowers the DP sample rate q = batch / N, and with it
+gradient). Every run has a fixed budget of steps x batch (DP: ~51k records seen, ~10 CPU minutes
+whatever N; non-private: ~19k), so a larger N does not cost more: it lowers the DP sample rate q = batch / N, and with it
 the noise needed for the same epsilon (the fixed-steps view of Sander et al. 2023, TAN). The base
 is base_ckpt, or, with base_ckpt='', a fresh model seeded with `seed`, trained without DP on
 pretrain_n PUBLIC persons (public_seed) whose records ask pretrain_fields: Job Titles and Salary or
@@ -103,7 +103,7 @@ DEFAULTS = dict(
     block_size=256,  # fresh model context (a record of the two fields is <= ~240 bytes; a longer one is refused)
     # the matrix
     methods=("full", "freeze", "lora"),  # what is trained (METHODS)
-    epsilons=(1.0, 3.0, 8.0),  # DP targets; every method also runs without DP
+    epsilons=(1.0, 3.0, 8.0),  # DP targets of every method (nodp_methods also run without DP)
     freeze_first_blocks=1,  # 'freeze': these blocks and the embeddings stay fixed
     lora_rank=8,  # 'lora': adapter rank on attention and MLP
     # the recipe, non-private (the reference every DP run is compared with: full fine-tune, no noise)
@@ -141,13 +141,13 @@ METHODS = {"full": "full fine-tune", "freeze": "freeze first blocks + embeddings
 
 def check_config(cfg):
     """Refuse bad settings before any data is written or any model trained."""
-    bad = [m for m in (*cfg["methods"], *cfg["sweep_methods"]) if m not in METHODS]
+    bad = [m for m in (*cfg["methods"], *cfg["nodp_methods"], *cfg["sweep_methods"]) if m not in METHODS]
     if bad:
         raise UserError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     if not cfg["n_persons"] or any(not isinstance(n, int) or n < 8 for n in cfg["n_persons"]):
         raise UserError(f"n_persons must be integers >= 8, got {cfg['n_persons']}")
     if any(not e > 0 for e in (*cfg["epsilons"], cfg["sweep_epsilon"])):
-        raise UserError("every epsilon must be > 0 (the non-private run is always in the matrix)")
+        raise UserError("every epsilon must be > 0 (nodp_methods give the non-private runs)")
     if cfg["n_heldout"] < 4 or cfg["mia_records"] < 2 or cfg["resamples"] < 100:
         raise UserError("need n_heldout >= 4, mia_records >= 2 and resamples >= 100")
     if cfg["seed"] == cfg["public_seed"]:
@@ -276,7 +276,7 @@ def exposure_gap(model, canaries, tok, batch_size):
 
 
 def membership(model, data_dir, meta, cfg):
-    """The selected MIA attack's held-out-half AUC with its bootstrap interval (test_pipeline/mia.py)."""
+    """The selected MIA attack's held-out-half AUC with its bootstrap interval (utils/membership.py)."""
     bs = model.config.block_size
     members, nonmembers = (read_records(data_dir, s, bs, meta, "all") for s in ("train", "val"))
     n = min(len(members), len(nonmembers), cfg["mia_records"])

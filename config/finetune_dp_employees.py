@@ -20,7 +20,7 @@ accountant = "rdp"
 adjacency = "add_remove"
 grad_sample_mode = "bk"  # book-keeping clipping: one backward pass, exact for a tied head
 
-# The recipe of bench/utility.py, tuned on public-seed data (results/utility/sweep.md), never on these
+# The recipe of bench/utility.py, tuned on public-seed data (bench/results_utility/sweep.md), never on these
 # records: a large logical batch (here ~N/4 of ~960 records: q ~ 0.25), 100 steps at a constant low
 # learning rate. Fewer steps left every setting of the sweep at the majority answer.
 batch_size = 240

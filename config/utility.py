@@ -1,6 +1,6 @@
 # issue 17's experiment at full scale: `make utility` (python bench/utility.py config/utility.py).
 # The DP recipe below comes from the sweep on PUBLIC data (public_seed persons, never the evaluated
-# ones): python bench/utility.py config/utility.py --sweep=True ; see results/utility/sweep.md.
+# ones): python bench/utility.py config/utility.py --sweep=True ; see bench/results_utility/sweep.md.
 out_dir = "out/utility"
 results_dir = "bench/results_utility"  # committed: RESULTS.md, sweep.md, results.json, the plots
 n_persons = (1000, 10000, 30000)

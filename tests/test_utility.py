@@ -127,7 +127,8 @@ def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "data_n40_seed1337")
 
 
-@pytest.mark.parametrize("bad", ["--public_seed=1337", "--methods=('everything',)", "--epsilons=(0.0,)",
+@pytest.mark.parametrize("bad", ["--public_seed=1337", "--methods=('everything',)", "--nodp_methods=('fulll',)",
+                                 "--epsilons=(0.0,)",
                                  "--n_persons=(3,)",
                                  "--pretrain_fields=('Job Titles', 'Department')"])
 def test_bad_input_is_refused_before_work(tmp_path, bad):
