@@ -9,8 +9,11 @@ forgetting what is specific to one person? One command runs the matrix and write
 
 Data: the synthetic employees generator (utils/employees.py, data/employees/prepare.py) at N training
 persons plus n_heldout held-out persons (the val split: scored, never trained on), with canaries inserted
-1, 4 and 16 times and never-inserted controls. Records ask two fields, Job Titles and Department, with
-the canonical question wording, byte tokenizer: a record is ~185 bytes (at most ~240: block_size 256),
+1, 4 and 16 times and never-inserted controls. Records ask two fields, Job Titles then Department (schema
+order, as a CSV row has them: field_order='schema'; prepare.py's default shuffles them per record, which
+leaves half the records asking the department before the title, from the name alone: 0.55 against 0.76
+held-out accuracy at the same recipe in the sweep), with the canonical question wording, byte
+tokenizer: a record is ~190 bytes (at most ~240: block_size 256; each batch is cut to its longest record),
 so a 2-layer d=128 model trains on ~60 records a second on 2 idle cores; a byte vocabulary (257)
 keeps the head and embedding small (BPE would cut T to ~60 but give a 50k-row head that dominates
 both the compute and the DP noise, which grows with the trainable dimension).
@@ -26,8 +29,8 @@ Runs: per N, methods full / freeze (first freeze_first_blocks blocks and the emb
 every target epsilon, and the non-private full fine-tune, the reference of every row's "% of non-private"
 (utils.finetune.finetune, grad_sample_mode 'bk', loss on the answer bytes only: the names and the
 question scaffold carry nothing the task needs and would take a share of each person's clipped
-gradient). Every run has a fixed budget of steps x batch (DP: ~51k records seen, ~10 CPU minutes
-whatever N; non-private: ~19k), so a larger N does not cost more: it lowers the DP sample rate q = batch / N, and with it
+gradient). Every run has a fixed budget of steps x batch (DP: ~100k records seen, ~17 CPU minutes
+whatever N >= 4,096; non-private: ~19k), so a larger N does not cost more: it lowers the DP sample rate q = batch / N, and with it
 the noise needed for the same epsilon (the fixed-steps view of Sander et al. 2023, TAN). The base
 is base_ckpt, or, with base_ckpt='', a fresh model seeded with `seed`, trained without DP on
 pretrain_n PUBLIC persons (public_seed) whose records ask pretrain_fields: Job Titles and Salary or
@@ -37,7 +40,7 @@ department answers, and which title goes with which department) comes only from 
 fresh model with no pretraining (pretrain_n=0) spends 60 non-private steps at N=1,000 learning only the
 format (0% task accuracy in the check of this harness), and DP far more.
 
-Recipe (--sweep=True): batch size, steps, clip norm, learning rate and method, at sweep_epsilon, on the
+Recipe (--sweep=True): batch size, steps, clip norm, learning rate, its schedule and method, at sweep_epsilon, on the
 generator with public_seed, which shares nothing with the evaluated data but the public generator: tuning
 on the private data would leak (Papernot & Steinke 2022). The ranking goes to results_dir/sweep.md.
 
@@ -89,6 +92,7 @@ DEFAULTS = dict(
     n_heldout=1000,  # held-out persons (val split): the task is scored on them, MIA non-members
     seed=1337,  # the evaluated data's generator seed
     public_seed=2027,  # the sweep's generator seed: data public with respect to the evaluation
+    field_order="schema",  # records ask Job Titles, then Department (a CSV row's order): every record shows the task
     canary_reps=(1, 4, 16),  # inserted canaries' repetition counts
     canaries_per_rep=4,  # distinct canaries per repetition count
     n_control_canaries=8,  # drawn like canaries, never inserted
@@ -114,19 +118,22 @@ DEFAULTS = dict(
     loss_on="answer",  # 'answer': the loss (and so each person's clipped gradient) only on answer bytes
     # the recipe, DP: a fixed number of steps at a fixed large batch, so a run costs the same at every N
     # and a larger N only lowers q = batch / N (and so the noise for the same epsilon); Sander et al. 2023
-    dp_batch_size=512,  # expected logical batch; capped at N/4 so that q = batch/N stays <= 0.25
+    dp_batch_size=1024,  # expected logical batch; capped at N/4 so that q = batch/N stays <= 0.25
     dp_steps=100,  # logical DP steps
-    dp_learning_rate=1e-3,  # peak learning rate (constant)
+    dp_learning_rate=3e-3,  # peak learning rate
+    dp_lr_schedule="constant",  # 'constant' | 'cosine' (down to min_lr_ratio of the peak at the last step)
+    dp_warmup_steps=0,  # 'cosine': linear warmup steps
     max_grad_norm=0.1,  # per-person clipping norm
     microbatch_size=64,  # physical batch (work split only)
     # the sweep (DP at sweep_epsilon on public_seed data of sweep_n persons; every combination runs)
     sweep_n=10000,  # training persons of the sweep data (batch sizes are capped at sweep_n / 4)
     sweep_epsilon=8.0,  # the target the recipe is tuned for
-    sweep_batch_sizes=(512,),  # logical batch sizes tried
-    sweep_steps=(40,),  # DP steps tried
-    sweep_clip=(0.1, 1.0),  # clip norms tried
-    sweep_learning_rates=(4e-3, 1.6e-2),  # learning rates tried
+    sweep_batch_sizes=(512, 1024),  # logical batch sizes tried
+    sweep_steps=(100,),  # DP steps tried
+    sweep_clip=(0.1,),  # clip norms tried
+    sweep_learning_rates=(1e-3, 3e-3),  # learning rates tried
     sweep_methods=("full",),  # what is trained, tried
+    sweep_lr_schedules=("constant",),  # learning-rate schedules tried (with dp_warmup_steps)
     report_only=False,  # True: write RESULTS.md from the finished runs of this matrix, train nothing
     # scoring
     n_candidates=1000,  # random secrets each canary is ranked among
@@ -150,6 +157,8 @@ def check_config(cfg):
         raise UserError("every epsilon must be > 0 (nodp_methods give the non-private runs)")
     if cfg["n_heldout"] < 4 or cfg["mia_records"] < 2 or cfg["resamples"] < 100:
         raise UserError("need n_heldout >= 4, mia_records >= 2 and resamples >= 100")
+    if cfg["field_order"] not in ("random", "schema"):
+        raise UserError(f"field_order must be 'random' or 'schema', got {cfg['field_order']!r}")
     if cfg["seed"] == cfg["public_seed"]:
         raise UserError("public_seed must differ from seed: the recipe must not be tuned on the evaluated data")
     if not 0 <= cfg["freeze_first_blocks"] <= cfg["n_layer"] or cfg["lora_rank"] < 1:
@@ -166,12 +175,14 @@ def prepare_data(cfg, n, seed, fields=(TASK_INPUT, TASK_TARGET), canaries=True):
     """The employees records of n training + n_heldout held-out persons, with canaries unless told not
     (prepare.py, run as its own script, the way reproduce.py runs it). Returns the data folder; existing
     data is reused."""
-    data_dir = os.path.join(cfg["out_dir"], f"data_n{n}_seed{seed}" + ("" if canaries else "_public_base"))
+    order = cfg["field_order"] if canaries else "random"  # the base learns the format at any field position
+    data_dir = os.path.join(cfg["out_dir"], f"data_n{n}_seed{seed}" + (f"_{order}" if canaries else "_public_base"))
     if os.path.isfile(os.path.join(data_dir, "meta.json")) and not cfg["fresh"]:
         return data_dir
     total = n + cfg["n_heldout"]
     args = [f"--out_dir={data_dir}", f"--n_people={total}", f"--val_frac={cfg['n_heldout'] / total!r}",
             f"--seed={seed}", "--tokenizer=byte", f"--fields={tuple(fields)!r}", "--templates=(0,)",
+            f"--field_order={order}",
             f"--canary_reps={tuple(cfg['canary_reps'])!r}", f"--canaries_per_rep={cfg['canaries_per_rep'] * canaries}",
             f"--n_control_canaries={cfg['n_control_canaries'] * canaries}"]
     subprocess.run([sys.executable, os.path.join(REPO, "data", "employees", "prepare.py"), *args], check=True)
@@ -221,6 +232,7 @@ def run_config(cfg, data_dir, n, method, epsilon, recipe=None):
         batch = min(r.get("batch_size", cfg["dp_batch_size"]), max(1, n // 4))
         run.update(target_epsilon=float(epsilon), batch_size=batch, max_steps=r.get("steps", cfg["dp_steps"]),
                    learning_rate=r.get("learning_rate", cfg["dp_learning_rate"]),
+                   lr_schedule=r.get("lr_schedule", cfg["dp_lr_schedule"]), warmup_steps=cfg["dp_warmup_steps"],
                    max_grad_norm=r.get("max_grad_norm", cfg["max_grad_norm"]))
     else:
         run.update(batch_size=min(cfg["batch_size"], max(1, n // 4)), max_steps=cfg["steps"],
@@ -234,10 +246,12 @@ def run_config(cfg, data_dir, n, method, epsilon, recipe=None):
 
 
 def recipe_of(run_cfg):
-    """What a finished run's JSON must match to be reused (everything but paths and logging)."""
-    return json.loads(json.dumps({k: run_cfg.get(k) for k in ("dp", "target_epsilon", "batch_size", "max_steps", "learning_rate",
+    """What a finished run's JSON must match to be reused (everything but paths and logging, and the
+    records' field order, from the data's meta.json)."""
+    order = load_meta(run_cfg["data_dir"]).get("field_order", "random")
+    return json.loads(json.dumps({"field_order": order} | {k: run_cfg.get(k) for k in ("dp", "target_epsilon", "batch_size", "max_steps", "learning_rate",
                                          "max_grad_norm", "loss_on", "freeze_first_blocks", "freeze_embeddings",
-                                         "lora_rank", "lora_targets")}))
+                                         "lora_rank", "lora_targets", "lr_schedule", "warmup_steps")}))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -318,6 +332,7 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
                delta=privacy.get("delta"), steps=last_eval.get("step"), val_loss=last_eval.get("val_loss"),
                noise_multiplier=privacy.get("noise_multiplier"), sample_rate=privacy.get("sample_rate"), batch_size=run_cfg["batch_size"],
                epochs=(last_eval.get("step") or 0) * run_cfg["batch_size"] / n, learning_rate=run_cfg["learning_rate"],
+               lr_schedule=run_cfg.get("lr_schedule", "constant"),
                max_grad_norm=run_cfg.get("max_grad_norm") if epsilon is not None else None,
                train_time_s=out["train_time_s"], train_cpu_s=train_cpu_s, threads=torch.get_num_threads(),
                recipe=recipe_of(run_cfg))
@@ -438,7 +453,7 @@ def run_sweep(cfg):
     t0 = time.time()
     n = cfg["sweep_n"]
     grid = list(itertools.product(cfg["sweep_methods"], cfg["sweep_batch_sizes"], cfg["sweep_steps"],
-                                  cfg["sweep_clip"], cfg["sweep_learning_rates"]))
+                                  cfg["sweep_clip"], cfg["sweep_learning_rates"], cfg["sweep_lr_schedules"]))
     data_dir = prepare_data(cfg, n, cfg["public_seed"])
     if cfg["report_only"]:  # rank every finished sweep run at this N and epsilon, from any grid
         rows = []
@@ -451,9 +466,10 @@ def run_sweep(cfg):
     base = base_model(cfg, longest_record(data_dir))
     progress = Progress("sweep runs", len(grid), hint="--sweep_* (fewer values)", interval=0)
     rows = []
-    for method, batch, steps, clip, lr in grid:
-        recipe = dict(batch_size=batch, steps=steps, max_grad_norm=clip, learning_rate=lr)
-        tag = f"sweep_n{n}_{method}_b{batch}_s{steps}_c{clip:g}_lr{lr:g}"
+    for method, batch, steps, clip, lr, schedule in grid:
+        recipe = dict(batch_size=batch, steps=steps, max_grad_norm=clip, learning_rate=lr, lr_schedule=schedule)
+        tag = (f"sweep_n{n}_{cfg['field_order']}_{method}_b{batch}_s{steps}_c{clip:g}_lr{lr:g}"
+               + ("" if schedule == "constant" else f"_{schedule}"))
         rows.append(run_one(cfg, base, data_dir, n, method, cfg["sweep_epsilon"], False, recipe, tag))
         progress.update()
     return rows, majority_rate(data_dir)[1], time.time() - t0
@@ -465,12 +481,13 @@ def sweep_markdown(rows, majority, cfg, machine, wall_s):
              f"uses seed={cfg['seed']}), {cfg['sweep_n']} training persons, DP at target ε = {cfg['sweep_epsilon']:g}. "
              f"Majority-class rate {majority:.3f}. Machine: {machine}. Wall time {wall_s / 60:.1f} min.", "",
              "Ranked by held-out accuracy, then validation loss (answer bytes).", "",
-             "| rank | method | batch | steps | epochs | clip | lr | ε spent | val loss | accuracy [95%] |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| rank | field order | method | batch | steps | epochs | clip | lr | schedule | ε spent | val loss | accuracy [95%] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(sorted(rows, key=lambda r: (-r["accuracy"], r.get("val_loss") or 0.0)), 1):
         lo, hi = r["accuracy_interval"]
-        lines.append(f"| {i} | {r['method']} | {r['batch_size']} | {r['steps']} | {r['epochs']:.2f} | {r['max_grad_norm']:g} "
-                     f"| {r['learning_rate']:g} | {fmt(r['epsilon'], 2)} | {fmt(r.get('val_loss'))} "
+        lines.append(f"| {i} | {r['recipe'].get('field_order', 'random')} | {r['method']} | {r['batch_size']} | {r['steps']} | {r['epochs']:.2f} | {r['max_grad_norm']:g} "
+                     f"| {r['learning_rate']:g} | {r.get('lr_schedule', 'constant')} | {fmt(r['epsilon'], 2)} "
+                     f"| {fmt(r.get('val_loss'))} "
                      f"| {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] |")
     return "\n".join(lines) + "\n"
 

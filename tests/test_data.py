@@ -296,10 +296,27 @@ def test_employees_bad_arguments(tmp_path):
     with pytest.raises(UserError, match="cannot read CSV"):
         employees.read_chicago_csv(str(tmp_path / "missing.csv"))
     for args, message in ((["--fields=Salary"], "unknown or no field"), (["--tokenizer=word"], "gpt2' or 'byte"),
-                          (["--val_frac=1.0"], "val_frac"), (["--secret_format=XXX"], "'#'")):
+                          (["--val_frac=1.0"], "val_frac"), (["--secret_format=XXX"], "'#'"),
+                          (["--field_order=sorted"], "'random' or 'schema'")):
         with pytest.raises(UserError, match=message):
             employees.main([f"--out_dir={tmp_path / 'o'}", "--tokenizer=byte", "--n_people=10", *args])
     assert not (tmp_path / "o").exists()
+
+
+def test_employees_field_order_schema_keeps_every_record_in_schema_order(tmp_path):
+    """--field_order=schema: the title line before the department line in every record (the templates are
+    still drawn); the default shuffles, so both orders occur."""
+    employees = load_script("employees")
+    firsts = {}
+    for order in ("random", "schema"):
+        out = tmp_path / order
+        meta = employees.main([f"--out_dir={out}", "--tokenizer=byte", "--n_people=60", "--canaries_per_rep=0",
+                               "--n_control_canaries=0", "--fields=('Department', 'Job Titles')",
+                               f"--field_order={order}"])
+        assert meta["field_order"] == order
+        texts = [t for split in ("train", "val") for t, _ in decoded_records(str(out), split)]
+        firsts[order] = {"department" not in t.splitlines()[0].split("Answer:")[0] for t in texts}  # title first?
+    assert firsts["schema"] == {True} and firsts["random"] == {True, False}
 
 
 # ----------------------------------------------------------------------------------------- others

@@ -51,16 +51,6 @@ def trained(data_dir, tmp_path_factory):
     return out, result, lines
 
 
-def test_lr_schedule_warmup_then_cosine_to_min():
-    cfg = {**pretrain.DEFAULTS, "learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 4, "lr_decay_iters": 20}
-    lrs = [pretrain.get_lr(i, cfg) for i in range(25)]
-    assert all(a < b for a, b in zip(lrs[:4], lrs[1:5]))  # warmup rises
-    assert lrs[4] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[4:20], lrs[5:21]))  # cosine falls
-    assert lrs[20:] == [0.1] * 5
-    assert pretrain.get_lr(7, {**cfg, "decay_lr": False}) == 1.0
-
-
 def test_train_end_to_end_checkpoint_and_log(trained):
     out, result, lines = trained
     ckpt = load_checkpoint(out / "ckpt.pt")

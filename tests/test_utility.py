@@ -10,6 +10,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from bench import utility
 from utils.cli import UserError
+from utils.data import offsets, tokens
 from utils.tokenizer import ByteTokenizer
 
 TINY = ["--n_persons=(40,)", "--n_heldout=20", "--methods=('full',)", "--epsilons=(8.0,)", "--n_layer=1",
@@ -70,7 +71,7 @@ def test_dp_epsilon_within_target_and_matches_dp_accounting(matrix):
 
 def test_majority_rate_is_the_train_majority_on_heldout_persons(matrix):
     tmp, _ = matrix
-    data_dir = str(tmp / "out" / "data_n40_seed1337")
+    data_dir = str(tmp / "out" / "data_n40_seed1337_schema")
     train = [p for p in people(data_dir, "train") if p.get("Department")]  # canaries have no Department
     held = people(data_dir, "val")
     top = Counter(p["Department"] for p in train).most_common(1)[0][0]
@@ -88,7 +89,7 @@ def test_majority_rate_takes_the_class_from_train_and_skips_canaries(tmp_path):
 
 def test_task_prompts_end_at_the_department_question_after_the_title(matrix):
     tmp, _ = matrix
-    data_dir = str(tmp / "out" / "data_n40_seed1337")
+    data_dir = str(tmp / "out" / "data_n40_seed1337_schema")
     tok = ByteTokenizer()
     items = utility.task_prompts(data_dir, tok)
     held = people(data_dir, "val")
@@ -96,6 +97,11 @@ def test_task_prompts_end_at_the_department_question_after_the_title(matrix):
     for (ids, _), p in zip(items, held):
         text = tok.decode(ids)
         assert p["Job Titles"] + "\n" in text and text.endswith("department does " + p["Name"] + " work in? Answer:")
+    # every trained record shows the task: its department line (the end of a task prompt) follows its title line
+    ids, off = tokens(data_dir, "train"), offsets(data_dir, "train")
+    records = [tok.decode([int(t) for t in ids[a:b - 1]]) for a, b in zip(off[:-1], off[1:])]
+    with_both = [r for r in records if "job title?" in r and "department does" in r]
+    assert len(with_both) >= 30 and all(r.index("job title?") < r.index("department does") for r in with_both)
 
 
 def test_task_accuracy_counts_exact_first_lines(monkeypatch):
@@ -123,14 +129,14 @@ def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
                                         "--sweep_learning_rates=(0.004,)"])
     table = (tmp_path / "results" / "sweep.md").read_text()
     assert "public_seed=2027" in table and table.count("| lora | 8 | 2 |") == 2
-    assert os.path.isdir(tmp_path / "out" / "data_n40_seed2027")
-    assert not os.path.exists(tmp_path / "out" / "data_n40_seed1337")
+    assert os.path.isdir(tmp_path / "out" / "data_n40_seed2027_schema")
+    assert not os.path.exists(tmp_path / "out" / "data_n40_seed1337_schema")
 
 
 @pytest.mark.parametrize("bad", ["--public_seed=1337", "--methods=('everything',)", "--nodp_methods=('fulll',)",
                                  "--epsilons=(0.0,)",
                                  "--n_persons=(3,)",
-                                 "--pretrain_fields=('Job Titles', 'Department')"])
+                                 "--pretrain_fields=('Job Titles', 'Department')", "--field_order=sorted"])
 def test_bad_input_is_refused_before_work(tmp_path, bad):
     with pytest.raises(UserError):
         utility.main(tiny_args(tmp_path) + [bad])

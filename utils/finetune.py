@@ -75,6 +75,7 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkp
 from utils.cli import UserError
 from utils.data import RecordDataset, load_meta
 from utils.distributed import leave_process_group
+from utils.lr_schedule import finetune_lr
 from utils import run_privacy
 from utils.dp_sampling import poisson_loader
 from utils.run_log import RunLog
@@ -112,6 +113,9 @@ DEFAULTS = dict(
     # optimizer
     optimizer="adamw",  # 'adamw' | 'sgd'
     learning_rate=1e-3,  # peak learning rate
+    lr_schedule="constant",  # 'constant' | 'cosine': warmup_steps linear, then down to min_lr_ratio x peak at the last step
+    warmup_steps=0,  # 'cosine': linear warmup steps
+    min_lr_ratio=0.1,  # 'cosine': the last step's learning rate / the peak
     weight_decay=0.0,  # never on embeddings, biases or LayerNorm
     beta1=0.9,          # AdamW first-moment decay
     beta2=0.999,        # AdamW second-moment decay
@@ -177,6 +181,9 @@ def check_config(cfg):
         raise UserError("give max_steps > 0 or epochs > 0")
     if cfg["learning_rate"] <= 0 or cfg["weight_decay"] < 0:
         raise UserError("learning_rate must be positive and weight_decay non-negative")
+    if cfg["lr_schedule"] not in ("constant", "cosine") or cfg["warmup_steps"] < 0 or not 0 <= cfg["min_lr_ratio"] <= 1:
+        raise UserError(f"lr_schedule must be 'constant' or 'cosine' (got {cfg['lr_schedule']!r}), warmup_steps >= 0 "
+                        f"and min_lr_ratio in [0, 1]")
     if not cfg["dp"]:
         return
     if cfg["sampling"] != "poisson":
@@ -503,8 +510,11 @@ class Trainer:
     def train_microbatch(self, x, y):
         """Forward and backward one physical batch, then optimizer.step() (which only accumulates until
         the logical batch ends). Returns the sum of the records' losses and the record count."""
-        x, y = x.to(self.device), y.to(self.device)
         n = x.size(0)
+        if n:  # drop the columns past every record's last target: the padding (causal, so nothing else changes)
+            keep = int((y != -1).any(0).nonzero().max()) + 1 if bool((y != -1).any()) else 1
+            x, y = x[:, :keep].contiguous(), y[:, :keep].contiguous()  # Opacus ghost needs contiguous ids
+        x, y = x.to(self.device), y.to(self.device)
         if n == 0:  # an empty Poisson batch still takes its (noise-only) step
             for p in self.trainable:
                 p.grad = torch.zeros_like(p)
@@ -707,6 +717,13 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device, on_trai
         run_log.write({"event": "resume" if lineage["resume"] else "config", **json_safe(cfg),
                        "randomness": run_privacy.randomness_note(cfg) if cfg["dp"] else "non-private"})
     state = lineage.get("state") or {"total_planned_steps": plan["planned_steps"], "steps_done": 0}
+
+    def set_lr(*_):  # the next step's rate, counted over the whole run (a resumed one continues the schedule)
+        lr = finetune_lr(state["steps_done"] + tr.steps, state["total_planned_steps"], cfg)
+        for group in tr.optimizer.original_optimizer.param_groups:
+            group["lr"] = lr
+    set_lr()  # after a resumed optimizer's state (which carries its old rate) is loaded
+    tr.optimizer.original_optimizer.register_step_post_hook(set_lr)
     warn = f" [{run_privacy.REPRODUCIBLE_WARNING}]" if cfg["dp"] and cfg["reproducible_noise_seed"] is not None else ""
 
     def segments():

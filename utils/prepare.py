@@ -159,8 +159,8 @@ def write_people(out_dir, schema, people, canaries, tokenizer, cfg, extra_meta):
     record of its secret's Q/A line alone) inserted as `repetitions` identical train records (a group of
     that size for DP), the train records shuffled so the copies scatter. Writes the splits,
     {split}_people.jsonl (one line per record, in record order), canaries.json and meta.json (with
-    the schema). cfg: seed, val_frac, templates, secret_format, canary_reps, canaries_per_rep,
-    n_control_canaries. Returns meta."""
+    the schema). cfg: seed, val_frac, templates, field_order ('random': shuffled per record; 'schema':
+    schema order), secret_format, canary_reps, canaries_per_rep, n_control_canaries. Returns meta."""
     seed = cfg["seed"]
     by_person = {schema.name(p): p for p in people}
     if len(by_person) != len(people):
@@ -169,7 +169,8 @@ def write_people(out_dir, schema, people, canaries, tokenizer, cfg, extra_meta):
     template_rng = random.Random(f"templates:{seed}")
 
     def record(person, fields=None):  # (person, text, answer spans)
-        text, examples = schema.render_examples(person, template_rng, fields, cfg["templates"])
+        text, examples = schema.render_examples(person, template_rng, fields, cfg["templates"],
+                                                shuffle_fields=cfg["field_order"] == "random")
         return person, text, [(a, b) for _, _, a, b in examples]
 
     records = {split: [record(by_person[name]) for name in names]
@@ -195,7 +196,7 @@ def write_people(out_dir, schema, people, canaries, tokenizer, cfg, extra_meta):
     extra_files["canaries.json"] = (json.dumps(canaries_json, indent=2) + "\n").encode()
     extra_meta = {
         **extra_meta, "fields": list(schema.fields), "n_templates": schema.n_templates,
-        "templates": list(cfg["templates"]), "schema": schema.to_json(),
+        "templates": list(cfg["templates"]), "field_order": cfg["field_order"], "schema": schema.to_json(),
         "people": {"train": len(train_names), "val": len(val_names)},
         "canaries": {"field": schema.canary_field, "secret_format": cfg["secret_format"],
                      "canary_reps": list(cfg["canary_reps"]), "canaries_per_rep": cfg["canaries_per_rep"],

@@ -26,6 +26,7 @@ from utils.cli import UserError
 from utils.data import REPO, get_batch, load_meta, tokens
 from utils.device import autocast_context, resolve_device, resolve_dtype
 from utils.distributed import leave_process_group
+from utils.lr_schedule import get_lr
 from utils.peak_flops import peak_flops_for
 from utils.progress import format_eta
 
@@ -79,18 +80,6 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_encoding
 
 
 # ---------------------------------------------------------------------------- small library functions
-def get_lr(it, cfg):
-    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if not cfg["decay_lr"]:
-        return cfg["learning_rate"]
-    if it < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
-    if it >= cfg["lr_decay_iters"]:
-        return cfg["min_lr"]
-    ratio = (it - cfg["warmup_iters"]) / (cfg["lr_decay_iters"] - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
-
-
 def vocab_size_for(meta):
     """GPT-2's 50257 padded up to a multiple of 64 (faster matmuls); byte and word vocabularies exactly."""
     v = int(meta["vocab_size"])

@@ -141,16 +141,17 @@ class Schema:
         head = [self.canary_field] if self.canary_field and self.has(person, self.canary_field) else []
         return head + [f for f in keep if self.has(person, f)]
 
-    def render_examples(self, person, choice, fields=None, templates=None):
+    def render_examples(self, person, choice, fields=None, templates=None, shuffle_fields=True):
         """(record text, [(field, template_index, answer_start, answer_end), ...]). An answer span covers
         ' ' + answer + '\\n' (the completion of its qa_prompt). choice: a random.Random (the fields in
-        random order after the canary line, and a template per field drawn from `templates`, default all;
-        the canary question is always canary_template), an int (that template for every field, schema
-        order) or a dict {field: index} (default 0, schema order). Raw text lines (text_field) follow."""
+        random order after the canary line unless shuffle_fields=False, and a template per field drawn from
+        `templates`, default all; the canary question is always canary_template), an int (that template for
+        every field, schema order) or a dict {field: index} (default 0, schema order). Raw text lines
+        (text_field) follow."""
         pool = list(range(self.n_templates)) if templates is None else list(templates)
         order = self.record_fields(person, fields)
         shuffled = isinstance(choice, random.Random)
-        if shuffled:
+        if shuffled and shuffle_fields:
             head = order[:1] if order[:1] == [self.canary_field] else []
             rest = order[len(head):]
             choice.shuffle(rest)

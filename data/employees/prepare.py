@@ -54,6 +54,7 @@ DEFAULTS = dict(
     tokenizer="gpt2",               # 'gpt2' or 'byte'
     fields=("Department", "Annual Salary"),  # schema fields each record asks about (all 7 need BPE and a 1024 block)
     templates=tuple(range(N_TEMPLATES)),  # question templates drawn for training (hold some out for robustness tests)
+    field_order="random",           # 'random': fields shuffled per record (probes ask at any position); 'schema': schema order
     canary_reps=(1, 2, 4, 8, 16),   # each inserted canary appears this many times in train
     canaries_per_rep=2,             # distinct canaries at each repetition count
     n_control_canaries=10,          # drawn like canaries, never inserted
@@ -174,6 +175,8 @@ def check_config(cfg):
     if unknown or not cfg["fields"]:
         raise UserError(f"--fields: unknown or no field(s) {unknown}; valid fields: {', '.join(FIELDS)}")
     cfg["fields"] = tuple(f for f in FIELDS if f in cfg["fields"])  # records ask in schema order
+    if cfg["field_order"] not in ("random", "schema"):
+        raise UserError(f"--field_order must be 'random' or 'schema', got {cfg['field_order']!r}")
     if not cfg["templates"] or any(not isinstance(t, int) or not 0 <= t < N_TEMPLATES for t in cfg["templates"]):
         raise UserError(f"--templates must be indices in 0..{N_TEMPLATES - 1}, got {cfg['templates']}")
     check_canary_config(cfg)

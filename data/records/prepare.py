@@ -50,6 +50,7 @@ DEFAULTS = dict(
     max_people=0,                   # keep a deterministic sample of this many people (0 = all)
     seed=1337,                      # split, sample, canaries and field order (same seed -> same files)
     templates=tuple(range(N_TEMPLATES)),  # question templates drawn for training (hold some out for robustness tests)
+    field_order="random",           # 'random': fields shuffled per record (probes ask at any position); 'schema': schema order
     canary_reps=(1, 2, 4, 8, 16),   # each inserted canary appears this many times in train
     canaries_per_rep=2,             # canaries per entry of canary_reps
     n_control_canaries=10,          # drawn like canaries, never inserted
@@ -82,6 +83,8 @@ def check_config(cfg):
         raise UserError(f"--tokenizer must be 'gpt2' or 'byte', got {cfg['tokenizer']!r}")
     if cfg["max_people"] < 0:
         raise UserError(f"--max_people must be >= 0, got {cfg['max_people']}")
+    if cfg["field_order"] not in ("random", "schema"):
+        raise UserError(f"--field_order must be 'random' or 'schema', got {cfg['field_order']!r}")
     if not cfg["templates"] or any(not isinstance(t, int) or not 0 <= t < N_TEMPLATES for t in cfg["templates"]):
         raise UserError(f"--templates must be indices in 0..{N_TEMPLATES - 1}, got {cfg['templates']}")
     check_canary_config(cfg)
