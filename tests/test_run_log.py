@@ -19,3 +19,16 @@ def test_lines_reach_disk_as_written_and_resume_appends(tmp_path):
     assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["config", "resume"]
     RunLog(path).close()  # a fresh run starts a fresh log
     assert path.read_text() == ""
+
+
+def test_event_echoes_the_line_and_logs_the_entry_and_a_disabled_log_does_neither(tmp_path):
+    lines = []
+    log = RunLog(tmp_path / "log.jsonl", echo=lines.append)
+    log.event("iter 1 | loss 2.0", event="iter", iter=1)
+    log.close()
+    assert lines == ["iter 1 | loss 2.0"]
+    assert json.loads((tmp_path / "log.jsonl").read_text()) == {"event": "iter", "iter": 1}
+    off = RunLog(tmp_path / "rank1" / "log.jsonl", echo=lines.append, enabled=False)  # a non-master rank
+    off.event("iter 1", event="iter")
+    off.close()
+    assert lines == ["iter 1 | loss 2.0"] and not (tmp_path / "rank1").exists()

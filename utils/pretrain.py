@@ -29,6 +29,7 @@ from utils.distributed import leave_process_group
 from utils.lr_schedule import get_lr
 from utils.peak_flops import peak_flops_for
 from utils.progress import format_eta
+from utils.run_log import RunLog
 
 DEFAULTS = dict(
     # I/O
@@ -223,27 +224,6 @@ def build_model(cfg, meta):
 
 
 # ---------------------------------------------------------------------------- training
-class RunLog:
-    """The readable progress lines on stdout and one JSON line per event in the log file (master only)."""
-
-    def __init__(self, path, append, enabled, echo=print):
-        self.echo = echo if enabled else (lambda *a, **k: None)
-        self.file = None
-        if enabled:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.file = open(path, "a" if append else "w")
-
-    def event(self, line, **record):
-        self.echo(line)
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self):
-        if self.file:
-            self.file.close()
-
-
 def is_out_of_memory(e):
     """An allocation failure: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, Python's MemoryError."""
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
