@@ -124,11 +124,12 @@ def test_rerun_resumes_from_finished_runs(matrix, monkeypatch):
 
 
 def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
-    utility.main(tiny_args(tmp_path) + ["--sweep=True", "--sweep_n=40", "--sweep_methods=('lora',)",
-                                        "--sweep_batch_sizes=(8,)", "--sweep_steps=(2,)", "--sweep_clip=(0.1, 1.0)",
-                                        "--sweep_learning_rates=(0.004,)"])
+    rows = utility.main(tiny_args(tmp_path) + ["--sweep=True", "--sweep_n=40", "--sweep_methods=('lora',)",
+                                               "--sweep_batch_sizes=(8,)", "--sweep_steps=(2,)", "--sweep_clip=(0.1, 1.0)",
+                                               "--sweep_learning_rates=(0.004,)"])
     table = (tmp_path / "results" / "sweep.md").read_text()
-    assert "public_seed=2027" in table and table.count("| lora | 8 | 2 |") == 2
+    assert "public_seed=2027" in table and table.count("| schema | lora | 8 | 2 |") == 2
+    assert all(isinstance(r["exposure_gap_bits"], float) for r in rows)  # the privacy side is ranked beside
     assert os.path.isdir(tmp_path / "out" / "data_n40_seed2027_schema")
     assert not os.path.exists(tmp_path / "out" / "data_n40_seed1337_schema")
 
