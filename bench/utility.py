@@ -77,6 +77,7 @@ from utils.data import load_meta, offsets
 from utils.employees import SCHEMA, load_people
 from utils.finetune import finetune
 from utils.machine import describe_machine
+from utils.prepare import check_field_order
 from utils.progress import Progress
 from utils.tokenizer import get_tokenizer
 
@@ -158,8 +159,7 @@ def check_config(cfg):
         raise UserError("every epsilon must be > 0 (nodp_methods give the non-private runs)")
     if cfg["n_heldout"] < 4 or cfg["mia_records"] < 2 or cfg["resamples"] < 100:
         raise UserError("need n_heldout >= 4, mia_records >= 2 and resamples >= 100")
-    if cfg["field_order"] not in ("random", "schema"):
-        raise UserError(f"field_order must be 'random' or 'schema', got {cfg['field_order']!r}")
+    check_field_order(cfg["field_order"], "field_order")
     if cfg["seed"] == cfg["public_seed"]:
         raise UserError("public_seed must differ from seed: the recipe must not be tuned on the evaluated data")
     if not 0 <= cfg["freeze_first_blocks"] <= cfg["n_layer"] or cfg["lora_rank"] < 1:

@@ -449,6 +449,7 @@ def test_records_csv_one_record_per_person_deterministic(tmp_path):
     (["--fields=patient_id"], "cannot be fields"),
     (["--input=visits.txt"], ".csv or .jsonl"),
     (["--person_column="], "--person_column COL is required"),
+    (["--field_order=sorted"], "--field_order must be 'random' or 'schema'"),
 ])
 def test_records_bad_input_one_line_error_before_writing(tmp_path, extra, message):
     (tmp_path / "visits.csv").write_text(VISITS_CSV)

@@ -53,7 +53,6 @@ log.jsonl (written as the run goes).
 import contextlib
 import hashlib
 import os
-import sys
 import time
 import warnings
 from types import SimpleNamespace
@@ -512,7 +511,8 @@ class Trainer:
         the logical batch ends). Returns the sum of the records' losses and the record count."""
         n = x.size(0)
         if n:  # drop the columns past every record's last target: the padding (causal, so nothing else changes)
-            keep = int((y != -1).any(0).nonzero().max()) + 1 if bool((y != -1).any()) else 1
+            targets = (y != -1).any(0).nonzero()  # ascending
+            keep = int(targets[-1]) + 1 if len(targets) else 1
             x, y = x[:, :keep].contiguous(), y[:, :keep].contiguous()  # Opacus ghost needs contiguous ids
         x, y = x.to(self.device), y.to(self.device)
         if n == 0:  # an empty Poisson batch still takes its (noise-only) step

@@ -124,6 +124,14 @@ def describe(out_dir, meta):
 
 
 # ---------------------------------------------------------------------- datasets of people
+FIELD_ORDERS = ("random", "schema")  # write_people: fields shuffled per record, or in schema order
+
+
+def check_field_order(value, name="--field_order"):
+    if value not in FIELD_ORDERS:
+        raise UserError(f"{name} must be 'random' or 'schema', got {value!r}")
+
+
 def check_canary_config(cfg):
     """Refuse bad canary settings (canary_reps, canaries_per_rep, n_control_canaries, secret_format)."""
     if any(not isinstance(k, int) or k < 0 for k in cfg["canary_reps"]):

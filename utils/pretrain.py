@@ -10,7 +10,6 @@ data, and together exactly what one process with world_size times the batch woul
 
 train(cfg, log=print) -> {"model", "iter_num", "best_val_loss", "stopped_early", "history"}.
 """
-import json
 import math
 import os
 import time

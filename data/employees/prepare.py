@@ -43,7 +43,8 @@ from configurator import configure
 from utils.cli import UserError, run_cli
 from utils.employees import (CANARY_FIELD, FIELDS, MONEY_FIELDS, N_TEMPLATES, SCHEMA, SECRET_FORMAT, complete,
                              generate_people, name_capacity, unique_names)
-from utils.prepare import check_canary_config, make_canaries, read_source, sha256_hex, write_people
+from utils.prepare import (check_canary_config, check_field_order, make_canaries, read_source, sha256_hex,
+                           write_people)
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
@@ -175,8 +176,7 @@ def check_config(cfg):
     if unknown or not cfg["fields"]:
         raise UserError(f"--fields: unknown or no field(s) {unknown}; valid fields: {', '.join(FIELDS)}")
     cfg["fields"] = tuple(f for f in FIELDS if f in cfg["fields"])  # records ask in schema order
-    if cfg["field_order"] not in ("random", "schema"):
-        raise UserError(f"--field_order must be 'random' or 'schema', got {cfg['field_order']!r}")
+    check_field_order(cfg["field_order"])
     if not cfg["templates"] or any(not isinstance(t, int) or not 0 <= t < N_TEMPLATES for t in cfg["templates"]):
         raise UserError(f"--templates must be indices in 0..{N_TEMPLATES - 1}, got {cfg['templates']}")
     check_canary_config(cfg)

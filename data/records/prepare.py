@@ -33,7 +33,8 @@ import random
 from configurator import configure
 from utils.cli import UserError, run_cli
 from utils.employees import unique_names
-from utils.prepare import check_canary_config, make_canaries, read_source, sha256_hex, write_people
+from utils.prepare import (check_canary_config, check_field_order, make_canaries, read_source, sha256_hex,
+                           write_people)
 from utils.progress import Progress
 from utils.records import CANARY_FIELD, CANARY_QUESTIONS, N_TEMPLATES, Schema, derived_questions
 from utils.tokenizer import get_tokenizer
@@ -83,8 +84,7 @@ def check_config(cfg):
         raise UserError(f"--tokenizer must be 'gpt2' or 'byte', got {cfg['tokenizer']!r}")
     if cfg["max_people"] < 0:
         raise UserError(f"--max_people must be >= 0, got {cfg['max_people']}")
-    if cfg["field_order"] not in ("random", "schema"):
-        raise UserError(f"--field_order must be 'random' or 'schema', got {cfg['field_order']!r}")
+    check_field_order(cfg["field_order"])
     if not cfg["templates"] or any(not isinstance(t, int) or not 0 <= t < N_TEMPLATES for t in cfg["templates"]):
         raise UserError(f"--templates must be indices in 0..{N_TEMPLATES - 1}, got {cfg['templates']}")
     check_canary_config(cfg)
