@@ -1,12 +1,13 @@
 """utils/peak_flops.py: the FLOP/s MFU is divided by (a configured value, a GPU's published peak, or the
 matmul rate measured on a CPU)."""
 import itertools
+import time
 
 import pytest
 import torch
 
 from utils import peak_flops
-from utils.peak_flops import GPU_PEAK_BF16, measure_matmul_flops, peak_flops_for
+from utils.peak_flops import GPU_PEAK_BF16, measure_matmul_flops, mfu_clock, peak_flops_for
 
 
 def test_measured_rate_is_matmul_flops_over_the_clock():
@@ -33,3 +34,13 @@ def test_gpu_peak_by_device_name_longest_name_first(monkeypatch, name, expected)
     monkeypatch.setattr(peak_flops.torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops_for("cuda:0") == expected
     assert expected is None or expected in GPU_PEAK_BF16.values()
+
+
+def test_a_cpu_peak_and_step_are_timed_in_process_cpu_seconds():
+    """Time the process spends off the CPU (another process holding it, here a sleep) is not counted, so
+    the peak and the steps see the same clock however busy the machine is; a GPU keeps the wall clock."""
+    clock = mfu_clock("cpu")
+    t0 = clock()
+    time.sleep(0.3)
+    assert clock() - t0 < 0.1
+    assert mfu_clock("cuda:0") is time.perf_counter

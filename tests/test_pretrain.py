@@ -81,6 +81,19 @@ def test_train_end_to_end_checkpoint_and_log(trained):
     assert re.fullmatch(pattern, progress[-1])
 
 
+def test_cpu_mfu_times_the_step_on_the_mfu_clock_not_the_wall(data_dir, tmp_path, monkeypatch):
+    """On a CPU the step time MFU divides by is process CPU time (mfu_clock): wall time counts the time
+    other processes hold the cores, which gave MFU > 100% on a shared machine. A fake clock that
+    advances 2 s per reading makes every logged step exactly 2 s of it, whatever the wall says."""
+    ticks = iter(range(0, 10_000, 2))
+    monkeypatch.setattr(pretrain, "mfu_clock", lambda device: lambda: float(next(ticks)))
+    result = run(data_dir, tmp_path / "out")
+    records = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    expected = result["model"].estimate_mfu(TINY["batch_size"], 2.0, TINY["peak_flops"], TINY["block_size"])
+    train = [r for r in records if r["event"] == "train"]
+    assert len(train) == 6 and all(r["mfu"] == pytest.approx(expected) for r in train)
+
+
 def test_resume_continues_exactly(data_dir, tmp_path):
     common = dict(dropout=0.1, gradient_accumulation_steps=2, max_iters=8)  # dropout: the RNG must resume too
     full = run(data_dir, tmp_path / "full", **common)

@@ -26,7 +26,7 @@ from utils.data import REPO, get_batch, load_meta, tokens
 from utils.device import autocast_context, resolve_device, resolve_dtype
 from utils.distributed import leave_process_group
 from utils.lr_schedule import get_lr
-from utils.peak_flops import peak_flops_for
+from utils.peak_flops import mfu_clock, peak_flops_for
 from utils.progress import format_eta
 from utils.run_log import RunLog
 
@@ -332,7 +332,8 @@ def train(cfg, log=print):
     run_log.echo(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens per iteration | "
                  f"{world_size} process(es) on {device} ({dtype}) | iter {iter_num} -> {cfg['max_iters']}")
     history, stopped_early, finished = [], False, False
-    t_last, iters_since_log, dt_ema = time.perf_counter(), 0, None
+    clock = mfu_clock(device)  # MFU's step time (CPU: process CPU seconds, immune to other processes' load)
+    t_last, c_last, iters_since_log, dt_ema = time.perf_counter(), clock(), 0, None
     try:
         while True:
             last = iter_num >= cfg["max_iters"]
@@ -364,7 +365,7 @@ def train(cfg, log=print):
                 if stopped_early:
                     run_log.event(f"early stop at iter {iter_num}: no better val loss in {evals_since_best} evals",
                                   event="stop", iter=iter_num, reason="patience")
-                t_last, iters_since_log = time.perf_counter(), 0  # eval time is not training time
+                t_last, c_last, iters_since_log = time.perf_counter(), clock(), 0  # eval time is not training time
             if last or cfg["eval_only"] or stopped_early:
                 break
 
@@ -394,9 +395,10 @@ def train(cfg, log=print):
             if iter_num % cfg["log_interval"] == 0 and master:
                 loss_value = step_loss.item()  # the one sync point per log interval
                 dt = (time.perf_counter() - t_last) / iters_since_log
-                t_last, iters_since_log = time.perf_counter(), 0
+                dt_mfu = (clock() - c_last) / iters_since_log
+                t_last, c_last, iters_since_log = time.perf_counter(), clock(), 0
                 dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
-                mfu = raw_model.estimate_mfu(cfg["batch_size"] * accum, dt, peak, cfg["block_size"]) if peak else None
+                mfu = raw_model.estimate_mfu(cfg["batch_size"] * accum, dt_mfu, peak, cfg["block_size"]) if peak else None
                 tok_s, width = tokens_per_iter / dt, len(str(cfg["max_iters"]))
                 run_log.event(f"iter {iter_num:>{width}}/{cfg['max_iters']} | loss {loss_value:.4f} | lr {lr:.2e} | "
                               f"{tok_s:,.0f} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
