@@ -66,7 +66,7 @@ import torch
 from configurator import configure
 from model import GPT, GPTConfig
 from test_pipeline.model_under_test import complete, pyplot, save_figure
-from utils.canary_exposure import exposure_by_repetitions, prepare_canaries, score_canaries
+from utils.canary_exposure import chance_gap_sd, exposure_by_repetitions, prepare_canaries, score_canaries
 from utils.membership import attack_metrics, blind_scores, mia_scores, read_records, scored_text, select_and_score, token_scores
 from utils.model_leakage import first_line
 from utils.atomic import write_bytes, write_json
@@ -281,6 +281,13 @@ def task_accuracy(model, items, tok, batch_size):
     return dict(accuracy=hits / len(items), accuracy_interval=[lo, hi], n_scored=len(items))
 
 
+def gap_noise(cfg):
+    """The exposure gap's spread when nothing was memorized, in words, for the reports."""
+    sd = chance_gap_sd(cfg["canaries_per_rep"], cfg["n_control_canaries"])
+    return (f"with {cfg['canaries_per_rep']} canaries against {cfg['n_control_canaries']} controls a model that memorized "
+            f"nothing shows a gap of standard deviation {sd:.2f} bits, so a gap below ~{2 * sd:.1f} bits is within chance")
+
+
 def exposure_gap(model, canaries, tok, batch_size):
     """Mean exposure per repetition count, and the 16x (most repeated) canaries' mean minus the controls'."""
     by_reps = exposure_by_repetitions(score_canaries(model, canaries, tok, 512, batch_size))
@@ -314,10 +321,11 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
     tag = tag or f"n{n}_{method}_{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
     path = os.path.join(cfg["out_dir"], "runs", f"{tag}.json")
     run_cfg = run_config(cfg, data_dir, n, method, epsilon, recipe)
+    this_recipe = recipe_of(run_cfg)
     if os.path.isfile(path) and not cfg["fresh"]:
         with open(path) as f:
             done = json.load(f)
-        if done.get("recipe") == recipe_of(run_cfg):
+        if done.get("recipe") == this_recipe:
             return done
         print(f"{tag}: the finished run used another recipe; running it again")
     if cfg["report_only"]:
@@ -336,7 +344,7 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
                lr_schedule=run_cfg.get("lr_schedule", "constant"),
                max_grad_norm=run_cfg.get("max_grad_norm") if epsilon is not None else None,
                train_time_s=out["train_time_s"], train_cpu_s=train_cpu_s, threads=torch.get_num_threads(),
-               recipe=recipe_of(run_cfg))
+               recipe=this_recipe)
     with torch.no_grad():
         row.update(task_accuracy(model, task_prompts(data_dir, tok), tok, cfg["eval_batch_size"]))
         if score_privacy:
@@ -370,7 +378,7 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned):
              f"lr {cfg['dp_learning_rate']:g} ({cfg['dp_lr_schedule']}), clip {cfg['max_grad_norm']:g}, AdamW, tuned on public-seed data "
              "(sweep.md). Privacy unit: a person (add/remove one person, RDP accountant). Exposure gap: mean "
              f"exposure of the {max(cfg['canary_reps'])}x canaries minus the never-inserted controls "
-             f"({cfg['n_candidates']} candidates). MIA: the attack chosen on one half of the people, AUC on the "
+             f"({cfg['n_candidates']} candidates; {gap_noise(cfg)}). MIA: the attack chosen on one half of the people, AUC on the "
              "other half with a bootstrap 95% interval; blind AUC: the text's zlib ratio, no model (away from "
              "0.5 = a biased member/non-member split). The data seed is reproducible (canaries are no secret "
              "from whoever knows it); the DP noise and sampling come from a fresh OS secret per run.", "",
@@ -482,7 +490,8 @@ def sweep_markdown(rows, majority, cfg, machine, wall_s):
              f"Tuned on PUBLIC data: the employees generator with public_seed={cfg['public_seed']} (the evaluation "
              f"uses seed={cfg['seed']}), {cfg['sweep_n']} training persons, DP at target ε = {cfg['sweep_epsilon']:g}. "
              f"Majority-class rate {majority:.3f}. Machine: {machine}. Wall time {wall_s / 60:.1f} min.", "",
-             "Ranked by held-out accuracy, then validation loss (answer bytes).", "",
+             "Ranked by held-out accuracy, then validation loss (answer bytes). Exposure gap: the "
+             f"{max(cfg['canary_reps'])}x canaries' mean exposure minus the controls' ({gap_noise(cfg)}).", "",
              "| rank | field order | method | batch | steps | epochs | clip | lr | schedule | ε spent | val loss | accuracy [95%] "
              "| exposure gap (bits) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -35,3 +35,15 @@ def test_exposure_interval_from_the_exact_rank():
     assert 11 < lo < ce.exposure_from_rank(1, 10000) and hi is None
     lo, hi = ce.exposure_interval(5000, 10000)  # half the candidates beat it: about 1 bit
     assert 0.9 < lo < 1.0 < hi < 1.1
+
+
+def test_the_chance_gap_spread_matches_ranks_drawn_at_random():
+    """What a model that memorized nothing shows: ranks uniform among the candidates for 4 canaries and
+    8 controls; the closed form must match a simulation (and shrink with more canaries)."""
+    rng = np.random.default_rng(0)
+    n_candidates = 1000
+    exposure = lambda k: np.log2(n_candidates + 1) - np.log2(rng.integers(1, n_candidates + 2, size=(200_000, k)))
+    gaps = exposure(4).mean(1) - exposure(8).mean(1)
+    assert abs(gaps.mean()) < 0.01
+    assert ce.chance_gap_sd(4, 8) == pytest.approx(gaps.std(), rel=0.03)
+    assert ce.chance_gap_sd(16, 32) == pytest.approx(ce.chance_gap_sd(4, 8) / 2)

@@ -27,6 +27,13 @@ from utils.progress import Progress
 CHANCE_EXPOSURE = 1 / math.log(2)  # E[-log2 U] for a uniform rank: what an unseen secret gets
 
 
+def chance_gap_sd(n_inserted, n_controls):
+    """Standard deviation of (mean exposure of n_inserted canaries - mean of n_controls controls) when
+    the model learned nothing: -log2 U is exponential with sd 1/ln 2, so the gap's sd is
+    (1/ln 2) sqrt(1/n_inserted + 1/n_controls). A gap is evidence of memorization only well above it."""
+    return CHANCE_EXPOSURE * math.sqrt(1 / n_inserted + 1 / n_controls)
+
+
 def candidate_secrets(secret_format, secret, n, rng):
     """n distinct random secrets of the format ('#' = a random digit, anything else literal), never
     `secret`. When the format has no more than n other values, all of them (the exact rank)."""
