@@ -383,7 +383,7 @@ class Shared:
 
 def test_model(cfg, paths, name, shared, log=print):
     """The test pipeline on the base model (name 'base') or on a method's patch applied with its key."""
-    from test_pipeline.model_under_test import load_model_under_test
+    from utils.model_under_test import load_model_under_test
     from utils.model_leakage import evaluate_row
     from utils.quality_metrics import perplexity, stream_head
     is_base = name == "base"
@@ -659,7 +659,7 @@ def md_table(headers, rows):
 
 def plots(rows, finetunes, results_dir):
     """loss_curves.png, size_vs_utility.png, exposure_vs_epsilon.png; returns their file names."""
-    from test_pipeline.model_under_test import pyplot, save_figure
+    from utils.model_under_test import pyplot, save_figure
     plt = pyplot()
     made = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -903,7 +903,7 @@ def main(argv=None):
 
 
 def print_summary(results):
-    from test_pipeline.model_under_test import format_table
+    from utils.model_under_test import format_table
     rows = results["methods"]
     print("\n" + format_table(
         ["method", "trainable", "patch B", "val ppl", "exposure top", "MIA AUC (ref.)", "audit ε ≥", "claimed ε"],

@@ -65,7 +65,7 @@ import torch
 
 from configurator import configure
 from model import GPT, GPTConfig
-from test_pipeline.model_under_test import complete, pyplot, save_figure
+from utils.model_under_test import complete, pyplot, save_figure
 from utils.canary_exposure import chance_gap_sd, exposure_by_repetitions, prepare_canaries, score_canaries
 from utils.membership import attack_metrics, blind_scores, mia_scores, read_records, scored_text, select_and_score, token_scores
 from utils.model_leakage import first_line

@@ -13,7 +13,7 @@ Thresholds (--max_ppl, --min_accuracy, --max_forgetting) make the exit code 1 wh
 import torch
 
 from configurator import configure
-from test_pipeline import model_under_test as mut
+from utils import model_under_test as mut
 from utils.cli import UserError, run_cli
 from utils.quality_metrics import (bias_probe, dataset_fields, make_completer, perplexity, plots, qa_accuracy,
                                    repetition_by_decoding, split_records, stream_head, tables)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from configurator import configure
-from test_pipeline.model_under_test import format_table, pyplot, save_figure
+from utils.model_under_test import format_table, pyplot, save_figure
 from utils.atomic import write_json
 from utils.canary_exposure import CHANCE_EXPOSURE, prepare_canaries
 from utils.cli import UserError, run_cli

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from configurator import configure
-from test_pipeline.model_under_test import format_table, load_model_under_test, pyplot, save_figure
+from utils.model_under_test import format_table, load_model_under_test, pyplot, save_figure
 from utils.atomic import write_json
 from utils.cli import UserError, run_cli
 from utils.data import load_meta

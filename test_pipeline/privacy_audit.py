@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from configurator import configure
-from test_pipeline.model_under_test import format_table, pyplot, save_figure
+from utils.model_under_test import format_table, pyplot, save_figure
 from utils import bootstrap, dp_audit
 from utils.atomic import json_safe, write_json
 from utils.cli import run_cli

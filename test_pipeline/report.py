@@ -249,7 +249,7 @@ def run_eval(models, cfg, out_dir, size):
 
 def run_figures(models, cfg, out_dir):
     """Attention maps and gradient saliency of the first fine-tuned model (else the base) for one Q/A prompt."""
-    from test_pipeline.model_under_test import load_model_under_test
+    from utils.model_under_test import load_model_under_test
     from utils.data import load_meta
     from utils.plot import model_title, plot_attention_maps, plot_saliency
     from utils.quality_metrics import dataset_fields
@@ -563,7 +563,7 @@ def main(argv=None):
     cfg = configure(DEFAULTS, argv or [])
     report = build_report(cfg)
     headers, rows = summary_rows(report)
-    from test_pipeline.model_under_test import format_table
+    from utils.model_under_test import format_table
     print("\n" + format_table(headers, rows))
     for s in report.get("skipped", []):
         print(f"skipped {s}")

@@ -17,7 +17,7 @@ code 1 when one fails.
 import torch
 
 from configurator import configure
-from test_pipeline import model_under_test as mut
+from utils import model_under_test as mut
 from utils.cli import UserError, run_cli
 from utils.prompt_probes import (INJECTIONS, injection_probes, injection_scores, injection_targets, paraphrase_scores,
                                  perturb, plot, read_canaries, tables, typo_scores)

@@ -17,7 +17,7 @@ from utils.cli import run_cli
 
 from test_pipeline import leakage_test as lt
 from utils import model_leakage as ml
-from test_pipeline.model_under_test import load_model_under_test
+from utils.model_under_test import load_model_under_test
 
 PY = sys.executable
 

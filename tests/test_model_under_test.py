@@ -1,4 +1,4 @@
-"""test_pipeline/model_under_test.py: a patched model under test needs the expected tenant (an argument or
+"""utils/model_under_test.py: a patched model under test needs the expected tenant (an argument or
 a key file bound to one); without one the patch is refused with the wrong-tenant exit code before it is
 read, and a wrong key is still refused as a wrong key; batched scoring (one padded forward per batch, and
 one shared prefix in a KV cache) equals one forward per sequence."""
@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import tiny_model
 from tests.sealed_fixtures import sealed_patch, tiny_pair
-from test_pipeline import model_under_test as mut
+from utils import model_under_test as mut
 from utils.checkpoint import save_checkpoint
 from utils.cli import UserError
 from utils.patch_format import SealedPatch

@@ -121,7 +121,7 @@ HARDENED = ("from utils.secure_memory import process_is_hardened; "
 @pytest.mark.parametrize("entry", ["model_under_test", "registry"])
 def test_every_entry_point_that_decrypts_hardens_the_process(on_disk, entry):
     d = on_disk
-    load = {"model_under_test": f"from test_pipeline.model_under_test import load_model_under_test; "
+    load = {"model_under_test": f"from utils.model_under_test import load_model_under_test; "
                                 f"load_model_under_test({str(d / 'base.pt')!r}, {str(d / 'alice.patch')!r}, "
                                 f"{str(d / 'key.hex')!r})",
             "registry": f"from utils.checkpoint import load_model; from utils.tenant_registry import TenantRegistry; "

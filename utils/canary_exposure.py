@@ -18,7 +18,7 @@ import math
 import numpy as np
 from scipy.stats import skewnorm
 
-from test_pipeline.model_under_test import complete, continuation_logprobs
+from utils.model_under_test import complete, continuation_logprobs
 from utils.audit_bounds import clopper_pearson
 from utils.cli import UserError
 from utils.progress import Progress

@@ -193,7 +193,7 @@ def export(cfg, log=print):
         raise UserError(f"--patch {cfg['patch']} needs --key_file (the file holding the patch's key)")
     patch_meta = check_patch_release(cfg) if cfg["patch"] else {}
     if cfg["patch"]:
-        from test_pipeline.model_under_test import load_model_under_test
+        from utils.model_under_test import load_model_under_test
         gpt, ckpt = load_model_under_test(cfg["ckpt"], cfg["patch"], cfg["key_file"], tenant=cfg["tenant"] or None)
     else:
         gpt, ckpt = load_model(cfg["ckpt"])

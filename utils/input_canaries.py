@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from test_pipeline.model_under_test import sequence_logprobs
+from utils.model_under_test import sequence_logprobs
 from utils.cli import UserError
 from utils.data import answer_mask, load_meta, offsets, tokens, write_meta, write_split
 from utils.tokenizer import get_tokenizer

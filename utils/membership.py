@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from test_pipeline.model_under_test import sequence_logprobs
+from utils.model_under_test import sequence_logprobs
 from utils import bootstrap
 from utils.audit_bounds import roc_auc, tpr_at_fpr as audit_tpr_at_fpr
 from utils.cli import UserError

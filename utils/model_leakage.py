@@ -12,7 +12,7 @@ A row whose model must be refused (a patch with a wrong key) gets a status and n
 import numpy as np
 import torch
 
-from test_pipeline.model_under_test import PATCH_REFUSALS, complete, load_model_under_test
+from utils.model_under_test import PATCH_REFUSALS, complete, load_model_under_test
 from utils.canary_exposure import exposure_by_repetitions, score_canaries
 from utils.cli import UserError
 from utils.employees import SCHEMA as EMPLOYEES  # what extraction_items uses when given no schema

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from test_pipeline import model_under_test as mut
+from utils import model_under_test as mut
 from utils.cli import UserError
 from utils.employees import SCHEMA as EMPLOYEES  # what the scoring functions use when given no schema
 from utils.progress import Progress, batched

@@ -21,7 +21,7 @@ import tempfile
 import numpy as np
 from scipy.stats import ks_2samp
 
-from test_pipeline.model_under_test import sequence_logprobs
+from utils.model_under_test import sequence_logprobs
 from utils.data import write_meta, write_split
 from utils.private_prediction import max_rho_for_epsilon
 
