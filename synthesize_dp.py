@@ -13,7 +13,9 @@ What happens, in order:
    batch the run is refused with the numbers and the knobs that help;
 4. each person's record in its own prompt, disjoint batches (keyed hash), one KV-cached decoder per
    batch: labels and forced tokens free, field values through the mechanism; discarded records are
-   counted with the reason, never written;
+   counted with the reason, never written. With release_share > 0 the leading categorical fields are
+   released once per batch as a noisy joint table (Gaussian, a share of the batch's rho) that every
+   record of the batch draws them from, so only the remaining fields cost private tokens;
 5. the output (JSONL: fields, public name, the record in the schema's Q/A form), the privacy report,
    and the utility table beside it (utils/synthetic_utility.py; computed on real data: not private).
 
@@ -41,6 +43,7 @@ from utils.cli import UserError, run_cli
 from utils.data import RecordDataset, load_meta
 from utils.progress import Progress
 from utils.records import load_people, load_schema
+from utils.secure_rng import RunSecret
 from utils.tokenizer import get_tokenizer
 
 DEFAULTS = dict(
@@ -77,6 +80,8 @@ DEFAULTS = dict(
     record_header="Employee record:\n",  # the template's first line (the public prompt)
     max_value_tokens=40,            # length cap of one value (a record hitting it is discarded)
     whole_values=True,              # a categorical value is one choice among the public values (not byte by byte)
+    release_share=0.0,              # > 0: this share of each batch's rho releases the leading categorical fields'
+                                    # joint once per batch (Gaussian); every record draws them from it for free
     plan_records=8,                 # public dry-run records behind the plan
     drafter_steps=200,              # warm-up steps of the public drafter on public records (0 = the base as is)
     drafter_ckpt="",                # '' = beside out as drafter.pt (reused when present)
@@ -105,6 +110,10 @@ def check_config(cfg):
                         "give --tau otherwise")
     if cfg["max_examples_per_batch"] <= 0 or cfg["max_new_tokens"] <= 0 or cfg["max_value_tokens"] <= 0:
         raise UserError("max_examples_per_batch, max_new_tokens and max_value_tokens must be positive")
+    if cfg["release_share"] > 0 and not (cfg["structured"] and cfg["whole_values"] and cfg["fields"]
+                                         and cfg["fields"][0] in cfg["domains"]):
+        raise UserError("release_share > 0 releases the leading categorical fields' joint: it needs --structured=True, "
+                        "--whole_values=True and a first field with public values (--domains)")
     if cfg["structured"]:
         missing = [f for f in cfg["fields"] if f not in cfg["domains"] and f not in cfg["digits"]]
         if not cfg["fields"] or missing:
@@ -169,8 +178,10 @@ def plan(cfg, privacy, template, model, gen, log):
     (pp.planned_tau), the records each batch can finish, the expected total. Returns (plan, privacy)."""
     decoder = pp.BatchDecoder(model, [template.public_ids()], template.max_new_tokens(), cfg["use_kv_cache"])
     mech = pp.Mechanism.from_config(cfg)
+    joint = rs.public_joint(decoder, template) if cfg["release_share"] > 0 else None  # released fields: free
     drafts, _, _ = rs.synthesize_records(decoder, 0, mech, template, 0, gen, cfg["plan_records"], public_only=True,
-                                         max_value_tokens=cfg["max_value_tokens"], whole_values=cfg["whole_values"])
+                                         max_value_tokens=cfg["max_value_tokens"], whole_values=cfg["whole_values"],
+                                         joint=joint)
     per_record = float(np.mean([c["public"] for _, c in drafts])) if drafts else float("inf")
     forced = float(np.mean([c["forced"] for _, c in drafts])) if drafts else 0.0
     if cfg["planned_tau"]:
@@ -195,12 +206,18 @@ def plan(cfg, privacy, template, model, gen, log):
                         + ("--svt=False (the SVT costs a share of r)" if cfg["svt"] else "a larger --sigma with --svt"))
     out["tau"] = cfg["tau"]
     out["drafter_copy_probability"] = getattr(model, "copy_probability", None)
+    if joint is not None:
+        out["released_fields"], out["released_cells"] = joint.fields, len(joint.combos)
+        log(f"plan: {' x '.join(joint.fields)} ({len(joint.combos)} cells) released once per batch, "
+            f"noise sigma {privacy['release']['sigma']:.3g} per cell (counts): every record draws them for free")
     return out, privacy
 
 
 def log_privacy(privacy, log):
+    release = privacy.get("release")
     log(f"privacy: epsilon={privacy['epsilon']:.4g} delta={privacy['delta']:.3g} rho={privacy['rho']:.4g} "
-        f"r={privacy['r']} private tokens per batch (rho {privacy['rho_per_private_token']:.3g} each)")
+        f"r={privacy['r']} private tokens per batch (rho {privacy['rho_per_private_token']:.3g} each)"
+        + (f" + a released joint per batch (rho {release['rho']:.3g}, sigma {release['sigma']:.3g})" if release else ""))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -248,14 +265,18 @@ def synthesize(cfg, model=None, log=print):
     log(f"{len(people)} people in {cfg['n_batches']} batches (sizes {min(sizes)}..{max(sizes)}, s={cfg['s']}); "
         f"{n_dropped} dropped by max_batch_size")
     mech, examples, discards, t0 = pp.Mechanism.from_config(cfg), [], Counter(), time.time()
+    release = privacy.get("release")
+    if release:  # the DP noise of the released joints: a fresh OS secret (a fixed seed replays it: no guarantee)
+        stream = (RunSecret.reproducible(cfg["seed"]) if cfg["seed"] >= 0 else RunSecret.fresh()).stream("synthesis release")
     progress = Progress("synthetic records tried", cfg["n_batches"] * cfg["max_examples_per_batch"],
                         hint="--max_examples_per_batch or --n_batches")
     for b, members in enumerate(batches):  # empty batches run too: skipping them would reveal they are empty
         prompts = [template.prompt_ids(people[i], room) for i in members] + [template.public_ids()]
         decoder = pp.BatchDecoder(model, prompts, template.max_new_tokens(), cfg["use_kv_cache"])
+        joint = rs.release_joint(decoder, len(members), template, release["sigma"], stream) if release else None
         kept, why, spent = rs.synthesize_records(decoder, len(members), mech, template, privacy["r"], gen,
                                                  cfg["max_examples_per_batch"], max_value_tokens=cfg["max_value_tokens"],
-                                                 whole_values=cfg["whole_values"],
+                                                 whole_values=cfg["whole_values"], joint=joint,
                                                  on_record=progress.update)
         assert spent <= privacy["r"]
         discards += why
@@ -325,9 +346,10 @@ def utility(cfg, result, log=print):
     categorical, numeric = [f for f in fields if f in template.domains], [f for f in fields if f in template.digits]
     synthetic = [e["fields"] for e in result["examples"]]
     decoder = pp.BatchDecoder(result["model"], [template.public_ids()], template.max_new_tokens(), cfg["use_kv_cache"])
+    joint = rs.public_joint(decoder, template) if cfg["release_share"] > 0 else None  # every token public
     drafts, _, _ = rs.synthesize_records(decoder, 0, pp.Mechanism.from_config(cfg), template, 0, result["gen"],
                                          max(n, 1), public_only=True, max_value_tokens=cfg["max_value_tokens"],
-                                         whole_values=cfg["whole_values"])
+                                         whole_values=cfg["whole_values"], joint=joint)
     drafter_people, _ = rs.qa_records(template, [v for v, _ in drafts], rs.seeded(cfg["seed"]))
     hist = su.histogram_baseline(real, categorical, template.domains, numeric, cfg["histogram_bins"],
                                  result["privacy"]["epsilon"], cfg["delta"], max(n, 1),

@@ -30,6 +30,11 @@ sharpness = 6.0
 svt = False
 max_examples_per_batch = 52  # 208 records at most (the goal is 200)
 whole_values = True  # a categorical value is one choice among its public values: every row votes on whole values
+# Department x Full or Part-Time x Salary or Hourly (56 cells) released once per batch: every row's
+# probability of each combination, summed, Gaussian noise (sigma = 1/sqrt(2 rho_rel) counts per cell: 0.97
+# at epsilon 8, 2.3 at 3, 6.4 at 1); each record draws its three fields from it for free, so they follow
+# the batch's joint (p ~ f) instead of the vote's p ~ exp(2c f / tau), and the tokens pay for the salary.
+release_share = 0.5
 
 structured = True
 fields = ("Department", "Full or Part-Time", "Salary or Hourly", "Annual Salary")

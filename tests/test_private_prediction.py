@@ -163,6 +163,41 @@ def test_r_solved_from_epsilon_is_the_largest_that_fits():
         assert P.zcdp_to_epsilon((rep["r"] + 1) * rep["rho_per_private_token"], cfg["delta"]) > 1.0
 
 
+def test_the_released_joint_takes_its_share_of_rho_and_the_tokens_the_rest():
+    """release_share=0.5 at epsilon 8: the joint's Gaussian gets half the rho of the target (sigma =
+    1/sqrt(2 rho), doubled with a batch cap), the r private tokens the largest count that fits beside it,
+    and the whole stays at the target. Without --epsilon (an explicit r) a share is refused."""
+    for capped in (0, 300):
+        cfg = {**S.DEFAULTS, "epsilon": 8.0, "r": 0, "s": 250, "c": 3.0, "tau": 1.0, "svt": False,
+               "release_share": 0.5, "max_batch_size": capped}
+        rep, rho_max = P.privacy_budget(cfg), P.max_rho_for_epsilon(8.0, cfg["delta"])
+        release, per_token = rep["release"], rep["rho_per_private_token"]
+        assert release["rho"] == pytest.approx(0.5 * rho_max)
+        assert release["sigma"] == pytest.approx((2.0 if capped else 1.0) / math.sqrt(2 * release["rho"]))
+        assert rep["rho"] == pytest.approx(rep["r"] * per_token + release["rho"]) and rep["epsilon"] <= 8.0
+        assert P.zcdp_to_epsilon((rep["r"] + 1) * per_token + release["rho"], cfg["delta"]) > 8.0
+        without = P.privacy_budget({**cfg, "release_share": 0.0})
+        assert without["release"] is None and rep["r"] == pytest.approx(without["r"] / 2, abs=1)
+    with pytest.raises(Exception, match="release_share"):
+        P.privacy_budget({**cfg, "epsilon": 0.0, "r": 100})
+
+
+def test_the_release_noise_is_a_gaussian_mechanism_dp_accounting_agrees_on():
+    """The released joint's rho = sensitivity^2 / (2 sigma^2): dp-accounting's RDP accountant, given the
+    same Gaussian (noise multiplier sigma / sensitivity), finds the same epsilon as our zCDP conversion."""
+    from dp_accounting import GaussianDpEvent
+    from dp_accounting.rdp import RdpAccountant
+    orders = np.concatenate([np.linspace(1.02, 10, 500), np.linspace(10, 2000, 2000)])
+    for rho in (0.01, 0.5):
+        for capped in (False, True):
+            sigma, k = P.release_sigma(rho, capped), (2.0 if capped else 1.0)
+            accountant = RdpAccountant(list(orders))
+            accountant.compose(GaussianDpEvent(sigma / k))
+            theirs = accountant.get_epsilon(1e-6)
+            ours = P.zcdp_to_epsilon(rho, 1e-6)
+            assert ours <= theirs + 1e-9 and ours >= 0.99 * theirs
+
+
 # ----------------------------------------------------------------------------- decoding
 def left_padded_prompts():
     g = torch.Generator().manual_seed(3)

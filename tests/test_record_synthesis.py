@@ -126,3 +126,61 @@ def test_whole_values_cost_one_private_token_per_categorical_field_and_parse():
         assert tpl.parse(tpl.render(values)) == values
         salary_choices = counts["private"] - 2  # Department and Full or Part-Time: one private token each
         assert 1 <= salary_choices <= len(values["Annual Salary"]) + 1
+
+
+# ----------------------------------------------------------------------------- the released joint
+def joint_setup(n=6, cache=True):
+    tpl, crowd = template(), people(n)
+    prompts = [tpl.prompt_ids(p, 200) for p in crowd] + [tpl.public_ids()]
+    return tpl, crowd, P.BatchDecoder(tiny_model(block_size=256).eval(), prompts, tpl.max_new_tokens(), cache)
+
+
+def test_a_rows_joint_is_the_product_of_its_whole_value_scores_and_sums_to_one():
+    """Each row's probability of (Department, Full or Part-Time) = p(Department) x p(F/P | that
+    Department): a distribution over all 12 combinations (so one person moves the released sum by at most
+    1 in L2), with or without the cache, and the decoder is back at the record's start."""
+    for cache in (True, False):
+        tpl, crowd, decoder = joint_setup(cache=cache)
+        assert RS.released_fields(tpl) == ["Department", "Full or Part-Time"]  # Annual Salary is numeric
+        probs, combos = RS.row_joint(decoder, tpl)
+        assert probs.shape == (7, 12) and combos[:3] == [("POLICE", "F"), ("POLICE", "P"), ("FIRE", "F")]
+        assert torch.allclose(probs.sum(1), torch.ones(7, dtype=torch.float64), atol=1e-6)
+        first = RS.whole_value_scores(decoder, tpl, "Department", tpl.label_ids["Department"]).double().exp()
+        decoder.reset()
+        after_fire = tpl.label_ids["Department"] + tpl.tok.encode("FIRE\n") + tpl.label_ids["Full or Part-Time"]
+        then = RS.whole_value_scores(decoder, tpl, "Full or Part-Time", after_fire).double().exp()
+        assert torch.allclose(probs[:, 2:4], first[:, 1:2] * then, atol=1e-5)
+        decoder.reset()
+        fresh = P.BatchDecoder(decoder.model, [tpl.prompt_ids(p, 200) for p in crowd] + [tpl.public_ids()],
+                               tpl.max_new_tokens(), cache)
+        RS.row_joint(decoder, tpl)
+        assert decoder.n == 0 and torch.allclose(decoder.step(ord("D")), fresh.step(ord("D")), atol=1e-5)
+
+
+class FixedStream:
+    """A stand-in for the DP stream: noise given by the test."""
+
+    def __init__(self, noise):
+        self.noise, self.calls = noise, []
+
+    def normal(self, shape, std, dtype=torch.float32, device="cpu"):
+        self.calls.append((shape, std, dtype))
+        return self.noise(shape, std).to(dtype)
+
+
+def test_the_release_is_the_noisy_sum_of_the_private_rows_then_post_processing_only():
+    """The table the records draw from: the private rows' summed probabilities plus the stream's noise at
+    sigma (the public row left out), cells under 2 sigma dropped, normalised; all dropped -> the public
+    row's joint. The noise is drawn once per batch, in float64, at the accounted sigma."""
+    tpl, crowd, decoder = joint_setup()
+    probs, combos = RS.row_joint(decoder, tpl)
+    exact = probs[:6].sum(0)
+    quiet = FixedStream(lambda shape, std: torch.zeros(shape))
+    joint = RS.release_joint(decoder, 6, tpl, 0.01, quiet)
+    assert quiet.calls == [((12,), 0.01, torch.float64)] and joint.combos == combos
+    kept = torch.where(exact >= 0.02, exact, torch.zeros_like(exact))
+    assert torch.allclose(joint.probs, kept / kept.sum()) and joint.cells_kept == int((exact >= 0.02).sum())
+    loud = RS.release_joint(decoder, 6, tpl, 1e6, FixedStream(lambda shape, std: torch.zeros(shape)))
+    assert torch.allclose(loud.probs, probs[6] / probs[6].sum())  # nothing above 2 sigma: the public row's
+    shifted = RS.release_joint(decoder, 6, tpl, 0.01, FixedStream(lambda shape, std: torch.full(shape, 5.0)))
+    assert torch.allclose(shifted.probs, (exact + 5) / (exact + 5).sum())  # the noise is added to the sums

@@ -14,7 +14,14 @@ Per batch of records (each record in its own prompt, plus one public prompt that
 - Sparse vector (svt=True): d = ||sum softmax(Z)/s - softmax(z_pub)||_1 (sensitivity 1/s); if
   d + Lap(2 sigma) >= theta + Lap(sigma) the token is private (and the threshold is redrawn), otherwise
   it is drawn from softmax(z_pub / tau_pub) and costs nothing. At most r private tokens per batch.
-- Accounting: rho = r (1/2 (c/(s tau))^2 + 2/(s sigma)^2) zCDP per batch (no SVT term without SVT);
+- Released joint (release_share > 0, structured records): the leading categorical fields' joint is not
+  voted on record by record but released once per batch: each private row's probability vector over the
+  fields' value combinations (it sums to 1, so one person moves the sum by at most 1 in L2), summed,
+  plus N(0, sigma_rel^2) per cell, a Gaussian mechanism of rho_rel = 1 / (2 sigma_rel^2) (x4 capped).
+  Every record of the batch then draws those fields from it, as post-processing: a query asked 50
+  times with the same answer distribution is asked once. The budget gives release_share of the batch's
+  rho to it and the rest to the r private tokens.
+- Accounting: rho = r (1/2 (c/(s tau))^2 + 2/(s sigma)^2) [+ rho_rel] zCDP per batch (no SVT term without SVT);
   the batches are disjoint, so by parallel composition that is also the whole run's rho; converted to
   (epsilon, delta) with Canonne, Kamath & Steinke 2020 (Prop. 12 of arXiv:2004.00010v4). With
   max_batch_size > 0 a full batch keeps its records with the smallest HMAC order key, so adding one
@@ -79,6 +86,18 @@ def rho_per_private_token(s, c, tau, sigma=None, svt=True, capped=False):
     return rho
 
 
+def release_sigma(rho_release, capped=False):
+    """Noise (per cell, in counts) of the released joint: the sum of the rows' probability vectors moves
+    by at most 1 in L2 when one person is added or removed (2 when a batch cap can swap one out), and a
+    Gaussian mechanism with sensitivity k and noise sigma is k^2 / (2 sigma^2)-zCDP."""
+    return (2.0 if capped else 1.0) / math.sqrt(2.0 * rho_release)
+
+
+def token_rho(cfg):
+    """The share of the epsilon's rho left for the r private tokens once the released joint is paid."""
+    return max_rho_for_epsilon(cfg["epsilon"], cfg["delta"]) * (1.0 - cfg.get("release_share", 0.0))
+
+
 def planned_tau(cfg, private_tokens):
     """The sharpest tau (>= 2c / sharpness) whose budget at cfg's epsilon pays for `private_tokens` per
     batch, a count the plan takes from the config and the public drafter alone (never the records). A
@@ -88,7 +107,7 @@ def planned_tau(cfg, private_tokens):
     collapses onto the mode, so an abundant budget buys records, not sharpness. None if the SVT alone
     spends the budget."""
     k = 2.0 if cfg["max_batch_size"] > 0 else 1.0
-    rho = max_rho_for_epsilon(cfg["epsilon"], cfg["delta"]) / max(private_tokens, 1e-9)
+    rho = token_rho(cfg) / max(private_tokens, 1e-9)
     if cfg["svt"]:
         rho -= 2.0 * (k / (cfg["s"] * cfg["sigma"])) ** 2
     if rho <= 0:
@@ -114,17 +133,27 @@ def privacy_budget(cfg):
     if (cfg["epsilon"] > 0) == (cfg["r"] > 0):
         raise UserError("set exactly one of --epsilon (r is solved from it) or --r (epsilon is computed), "
                         f"got epsilon={cfg['epsilon']}, r={cfg['r']}")
+    share = cfg.get("release_share", 0.0)
+    if not 0 <= share < 1 or (share > 0 and cfg["epsilon"] <= 0):
+        raise UserError(f"release_share must be in [0, 1) and needs --epsilon (it is a share of its rho), got {share}")
+    rho_release = share * max_rho_for_epsilon(cfg["epsilon"], delta) if share > 0 else 0.0
     if cfg["epsilon"] > 0:
-        r = int(max_rho_for_epsilon(cfg["epsilon"], delta) / per_token)
-        while r > 0 and zcdp_to_epsilon(r * per_token, delta) > cfg["epsilon"]:  # float rounding
+        r = int(token_rho(cfg) / per_token)
+        while r > 0 and zcdp_to_epsilon(r * per_token + rho_release, delta) > cfg["epsilon"]:  # float rounding
             r -= 1
         if r < 1:
             raise UserError(f"epsilon={cfg['epsilon']} does not pay for one private token "
                             f"(rho {per_token:.3g} each): raise epsilon, s or tau, or lower c"
-                            + (" or use a larger sigma" if cfg["svt"] else ""))
+                            + (" or use a larger sigma" if cfg["svt"] else "")
+                            + (" or a smaller release_share" if share > 0 else ""))
     else:
         r = cfg["r"]
-    rho = r * per_token
+    rho = r * per_token + rho_release
+    release = None if share == 0 else {
+        "share": share, "rho": rho_release, "sigma": release_sigma(rho_release, capped),
+        "sensitivity": 2.0 if capped else 1.0,
+        "mechanism": "Gaussian on the sum of the private rows' probability vectors over the leading categorical "
+                     "fields' value combinations (each sums to 1: L2 sensitivity 1), once per batch"}
     return {
         "epsilon": zcdp_to_epsilon(rho, delta),
         "delta": delta,
@@ -138,8 +167,9 @@ def privacy_budget(cfg):
         "tau_pub": cfg["tau_pub"] if cfg["svt"] else None,
         "public_top_k": cfg["public_top_k"],
         "adjacency": "add/remove one record (one person); one record sits in exactly one prompt",
-        "composition": "adaptive composition over the <= r private tokens of a batch; parallel composition "
-                       "over disjoint batches",
+        "composition": "adaptive composition over the <= r private tokens of a batch (and its released joint); "
+                       "parallel composition over disjoint batches",
+        "release": release,
         "batching": {
             "rule": "batch = int(HMAC-SHA256(key=salt, msg=len(label)||label||text)[:8]) mod n_batches",
             "n_batches": cfg["n_batches"], "salt": cfg["batch_salt"], "label": cfg["label"],
@@ -332,10 +362,14 @@ class BatchDecoder:
         """The logits after `tokens` (the same for every row), the decoder left as it was."""
         n = self.n
         logits = self.extend(tokens)
+        self.rewind(n)
+        return logits
+
+    def rewind(self, n):
+        """Back to the first `n` generated tokens (the cache forgets the rest)."""
         self.n = n
         if self.cache is not None:
             self.cache.truncate(self.P + n)
-        return logits
 
     def extend(self, tokens):
         """Append `tokens` (the same for every row, e.g. a field label) in one forward; the next logits."""
