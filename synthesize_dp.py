@@ -80,8 +80,7 @@ DEFAULTS = dict(
     record_header="Employee record:\n",  # the template's first line (the public prompt)
     max_value_tokens=40,            # length cap of one value (a record hitting it is discarded)
     whole_values=True,              # a categorical value is one choice among the public values (not byte by byte)
-    release_share=0.0,              # > 0: this share of each batch's rho releases the leading categorical fields'
-                                    # joint once per batch (Gaussian); every record draws them from it for free
+    release_share=0.0,              # > 0: this share of rho releases the leading categorical fields' joint once per batch
     plan_records=8,                 # public dry-run records behind the plan
     drafter_steps=200,              # warm-up steps of the public drafter on public records (0 = the base as is)
     drafter_ckpt="",                # '' = beside out as drafter.pt (reused when present)
@@ -267,7 +266,7 @@ def synthesize(cfg, model=None, log=print):
     mech, examples, discards, t0 = pp.Mechanism.from_config(cfg), [], Counter(), time.time()
     release = privacy.get("release")
     if release:  # the DP noise of the released joints: a fresh OS secret (a fixed seed replays it: no guarantee)
-        stream = (RunSecret.reproducible(cfg["seed"]) if cfg["seed"] >= 0 else RunSecret.fresh()).stream("synthesis release")
+        stream = RunSecret.shared(cfg["seed"] if cfg["seed"] >= 0 else None).stream("synthesis release")
     progress = Progress("synthetic records tried", cfg["n_batches"] * cfg["max_examples_per_batch"],
                         hint="--max_examples_per_batch or --n_batches")
     for b, members in enumerate(batches):  # empty batches run too: skipping them would reveal they are empty

@@ -285,6 +285,8 @@ def test_cli_with_a_released_joint_reports_it_and_spends_tokens_on_the_rest_only
     assert all(row["private_tokens"] <= len(tpl.parse(row["record"])["Annual Salary"]) + 1 for row in rows)  # salary only
     with pytest.raises(UserError, match="release_share"):
         S.main(structured_args(data, ckpt, tmp, "--r=300", "--release_share=0.5"))
+    with pytest.raises(UserError, match="release_share must be in"):
+        S.main(structured_args(data, ckpt, tmp, "--epsilon=8", "--release_share=1.0"))
     with pytest.raises(UserError, match="release_share"):
         S.main(["--structured=False", "--epsilon=8", "--release_share=0.5", f"--out={tmp}/x.jsonl"])
 

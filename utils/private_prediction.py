@@ -93,9 +93,14 @@ def release_sigma(rho_release, capped=False):
     return (2.0 if capped else 1.0) / math.sqrt(2.0 * rho_release)
 
 
-def token_rho(cfg):
-    """The share of the epsilon's rho left for the r private tokens once the released joint is paid."""
-    return max_rho_for_epsilon(cfg["epsilon"], cfg["delta"]) * (1.0 - cfg.get("release_share", 0.0))
+def split_rho(cfg):
+    """(rho for the r private tokens, rho for the released joint): the epsilon's rho, release_share of it
+    to the release. Without --epsilon (an explicit r) there is nothing to split: (None, 0)."""
+    if cfg["epsilon"] <= 0:
+        return None, 0.0
+    share = cfg.get("release_share", 0.0)
+    rho = max_rho_for_epsilon(cfg["epsilon"], cfg["delta"])
+    return rho * (1.0 - share), rho * share
 
 
 def planned_tau(cfg, private_tokens):
@@ -107,7 +112,7 @@ def planned_tau(cfg, private_tokens):
     collapses onto the mode, so an abundant budget buys records, not sharpness. None if the SVT alone
     spends the budget."""
     k = 2.0 if cfg["max_batch_size"] > 0 else 1.0
-    rho = token_rho(cfg) / max(private_tokens, 1e-9)
+    rho = split_rho(cfg)[0] / max(private_tokens, 1e-9)
     if cfg["svt"]:
         rho -= 2.0 * (k / (cfg["s"] * cfg["sigma"])) ** 2
     if rho <= 0:
@@ -136,9 +141,9 @@ def privacy_budget(cfg):
     share = cfg.get("release_share", 0.0)
     if not 0 <= share < 1 or (share > 0 and cfg["epsilon"] <= 0):
         raise UserError(f"release_share must be in [0, 1) and needs --epsilon (it is a share of its rho), got {share}")
-    rho_release = share * max_rho_for_epsilon(cfg["epsilon"], delta) if share > 0 else 0.0
+    rho_tokens, rho_release = split_rho(cfg)
     if cfg["epsilon"] > 0:
-        r = int(token_rho(cfg) / per_token)
+        r = int(rho_tokens / per_token)
         while r > 0 and zcdp_to_epsilon(r * per_token + rho_release, delta) > cfg["epsilon"]:  # float rounding
             r -= 1
         if r < 1:

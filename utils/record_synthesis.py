@@ -305,17 +305,17 @@ class JointRelease:
     fields: list
     combos: list  # value tuples, one per cell
     probs: torch.Tensor  # float64 distribution over the cells (post-processing of the noisy sums)
-    cells_kept: int
 
 
 def row_joint(decoder, template):
-    """(rows, M) probabilities over released_fields' combinations, each row renormalised to sum <= 1
-    (so one person moves their sum by at most 1 in L2, whatever the float rounding), and the combinations.
+    """(released fields, (rows, M) probabilities over their combinations, each row renormalised to sum
+    <= 1 so one person moves the sum by at most 1 in L2 whatever the float rounding, the combinations).
     The decoder is reset first: the fields start the record."""
     decoder.reset()
-    logp, combos = joint_log_probs(decoder, template, released_fields(template))
+    fields = released_fields(template)
+    logp, combos = joint_log_probs(decoder, template, fields)
     probs = logp.double().exp()
-    return probs / probs.sum(1, keepdim=True).clamp(min=1.0), combos
+    return fields, probs / probs.sum(1, keepdim=True).clamp(min=1.0), combos
 
 
 def release_joint(decoder, n_private, template, sigma, stream):
@@ -323,19 +323,19 @@ def release_joint(decoder, n_private, template, sigma, stream):
     from the DP stream (the only look at the rows); then post-processing: cells under 2 sigma are dropped
     (the noise alone passes 2 sigma in 2.3% of empty cells, and clamping at 0 would spread ~0.4 sigma
     over every one of them) and the rest normalised; with none left, the public row's joint."""
-    probs, combos = row_joint(decoder, template)
+    fields, probs, combos = row_joint(decoder, template)
     noisy = probs[:n_private].sum(0) + stream.normal((len(combos),), sigma, dtype=torch.float64)
     kept = torch.where(noisy >= 2 * sigma, noisy, torch.zeros_like(noisy))
     if not kept.sum() > 0:
         kept = probs[n_private]
-    return JointRelease(released_fields(template), combos, kept / kept.sum(), int((kept > 0).sum()))
+    return JointRelease(fields, combos, kept / kept.sum())
 
 
 def public_joint(decoder, template):
     """The joint of the decoder's last row (the public one: the drafter alone), for the plan's dry run
     and the epsilon-0 drafter."""
-    probs, combos = row_joint(decoder, template)
-    return JointRelease(released_fields(template), combos, probs[-1] / probs[-1].sum(), int((probs[-1] > 0).sum()))
+    fields, probs, combos = row_joint(decoder, template)
+    return JointRelease(fields, combos, probs[-1] / probs[-1].sum())
 
 
 def decode_record(decoder, n_private, mech, template, gen, budget, max_value_tokens=40, public_only=False,
