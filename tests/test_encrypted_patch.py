@@ -536,3 +536,35 @@ def test_a_failed_in_place_apply_leaves_no_plaintext_in_the_storage(monkeypatch)
         pa.apply_sealed_patch(base, bytes(raw), key, "alice")
     assert made and same_state(before, state(base))
     assert all(int(t.count_nonzero()) == 0 for t in made)  # decrypted deltas were there: now zeros
+
+
+def test_an_apply_from_bytes_decrypts_in_the_image_where_a_plaintext_buffer_is_needed():
+    """bfloat16 deltas cannot go straight into the float32 weights: they pass through a plaintext buffer,
+    which for a patch read for this apply alone is the image itself (open_patch(consume=True)). A
+    SealedPatch the caller keeps (a registry's) is never consumed."""
+    from tests.sealed_fixtures import tiny_pair
+    base, ft = tiny_pair()
+    bp = dict(base.named_parameters())
+    plain = [pp.delta_tensor(n, bp[n], p, stored_dtype="bfloat16") for n, p in ft.named_parameters()]
+    key = os.urandom(32)
+    sealed = pc.seal(plain, key, tenant="alice", base_fingerprint=pa.base_fingerprint(base), chunk_bytes=1000)
+    for t in plain:
+        t.close()
+    raw = sealed.tobytes()
+    before = state(base)
+    kept = pa.apply_sealed_patch(base, sealed, key, "alice")
+    assert not sealed.consumed and kept.plain_status["bytes"] < len(raw)  # a fresh plaintext buffer
+    expected = {n: bits(p).clone() for n, p in base.named_parameters()}
+    kept.revert()
+    assert sealed.tobytes() == raw
+    applied = pa.apply_sealed_patch(base, raw, key, "alice")
+    assert applied.plain_status["bytes"] == len(raw) and applied.plain_status["mlocked"]  # the image
+    assert all(torch.equal(bits(p), expected[n]) for n, p in base.named_parameters())
+    applied.revert()
+    assert same_state(before, state(base))
+    damaged = bytearray(raw)
+    damaged[-20] ^= 1  # the last chunk: every other one was decrypted and moved in the image first
+    with pytest.raises(pe.TamperedError):
+        pa.apply_sealed_patch(base, bytes(damaged), key, "alice")
+    assert same_state(before, state(base))
+    sealed.close()

@@ -1,14 +1,17 @@
-"""utils/patch_cipher.py: the order of checks of PATCH_FORMAT.md section 8 (integrity before identity) and
-the authenticated generation."""
+"""utils/patch_cipher.py: the order of checks of PATCH_FORMAT.md section 8 (integrity before identity), the
+authenticated generation, and the in-place open (open_patch(consume=True))."""
 import os
 
 import pytest
+import torch
 
 from tests.sealed_fixtures import sealed_patch, tiny_pair
 from utils.patch_apply import base_fingerprint
-from utils.patch_cipher import open_patch
-from utils.patch_errors import TamperedError, WrongBaseError, WrongTenantError
-from utils.patch_format import SealedPatch
+from utils.patch_cipher import open_patch, seal
+from utils.patch_errors import (PatchFormatError, SwappedBlobError, TamperedError, WrongBaseError,
+                                WrongTenantError)
+from utils.patch_format import DEFAULT_CHUNK_BYTES, NONCE_BYTES, TAG_BYTES, SealedPatch
+from utils.patch_payload import delta_tensor, whole_tensor
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +50,82 @@ def test_the_generation_is_in_the_authenticated_header(patch):
     at = raw.index(b'"generation":7')
     with pytest.raises(TamperedError, match="MAC"):
         open_patch(SealedPatch.from_bytes(raw[:at] + b'"generation":9' + raw[at + 14:]), key, "alice")
+
+
+# ----------------------------------------------------------------------------- in-place (consuming) open
+def every_kind(seed=0):
+    """PlainTensors of every kind: a delta with exceptions (bitmap), embedding rows, a whole tensor, and
+    a bfloat16 (lossy) delta."""
+    g = torch.Generator().manual_seed(seed)
+    base, emb, other = (torch.randn(shape, generator=g) for shape in ((40, 24), (50, 24), (30, 10)))
+    ft = base + 1e-3 * torch.randn(base.shape, generator=g)
+    ft[:3] = base[:3] * 1e-9  # base + delta cannot give these back: stored whole, flagged in the bitmap
+    ft_emb = emb.clone()
+    ft_emb[[1, 5, 7]] += 0.5
+    plain = [delta_tensor("a", base, ft), delta_tensor("emb", emb, ft_emb, rows=[1, 5, 7, 9]),
+             whole_tensor("lora.A", torch.randn((8, 24), generator=g)),
+             delta_tensor("b", other, other + 0.01, stored_dtype="bfloat16")]
+    assert [t.kind for t in plain] == ["delta", "rows", "whole", "delta"] and plain[0].exceptions
+    return plain
+
+
+@pytest.fixture(scope="module", params=[100, 1000, DEFAULT_CHUNK_BYTES], ids=lambda c: f"chunk{c}")
+def kinds(request):
+    key, plain = os.urandom(32), every_kind()
+    try:
+        sealed = seal(plain, key, tenant="alice", base_fingerprint="0" * 64, chunk_bytes=request.param)
+    finally:
+        for t in plain:
+            t.close()
+    return key, sealed.tobytes(), sealed.header
+
+
+def payloads(opened):
+    return [bytes(opened.plain.view(off, e["plain_bytes"])) for off, e in zip(opened.offsets, opened.header["tensors"])]
+
+
+def test_an_in_place_open_gives_the_same_payloads_and_consumes_the_patch(kinds, tmp_path):
+    key, raw, header = kinds
+    assert any(e["chunks"] > 1 for e in header["tensors"]) or header["chunk_bytes"] == DEFAULT_CHUNK_BYTES
+    normal = open_patch(SealedPatch.from_bytes(raw), key, "alice")
+    sealed = SealedPatch.from_bytes(raw)
+    opened = open_patch(sealed, key, "alice", consume=True)
+    assert sealed.consumed and opened.plain is sealed.image  # decrypted in the image, not in a new buffer
+    assert payloads(opened) == payloads(normal)
+    for i in range(len(header["tensors"])):
+        assert all(torch.equal(a, b) for a, b in zip(opened.segments(i), normal.segments(i)))
+    with pytest.raises(PatchFormatError, match="consumed"):  # a second open would decrypt plaintext
+        open_patch(sealed, key, "alice")
+    with pytest.raises(PatchFormatError, match="consumed"):  # and exported, it would be plaintext on disk
+        sealed.export(tmp_path / "again.patch")
+    with pytest.raises(PatchFormatError, match="consumed"):
+        sealed.tobytes()
+    assert not (tmp_path / "again.patch").exists()
+    normal.plain.close()
+    opened.plain.close()
+
+
+def swap(raw, a, b, n):
+    out = bytearray(raw)
+    out[a:a + n], out[b:b + n] = raw[b:b + n], raw[a:a + n]
+    return bytes(out)
+
+
+def test_a_failed_in_place_open_raises_as_before_and_leaves_nothing_decrypted(kinds):
+    key, raw, header = kinds
+    sealed = SealedPatch.from_bytes(raw)
+    (_, pos, size), last = sealed.blobs()[0], sealed.blobs()[-1]
+    rec = NONCE_BYTES + header["chunk_bytes"] + TAG_BYTES
+    cases = [(flip(raw, last[1] + last[2] - 20), "alice", TamperedError),  # the last chunk: all others were moved
+             (raw, "bob", WrongTenantError)]  # every chunk verified and moved, then refused
+    if size >= 2 * rec:  # two full chunks of the first tensor, swapped: they still authenticate, elsewhere
+        cases.append((swap(raw, pos, pos + rec, rec), "alice", SwappedBlobError))
+    for data, tenant, error in cases:
+        with pytest.raises(error):
+            open_patch(SealedPatch.from_bytes(data), key, tenant)  # the normal open: the same class
+        sealed = SealedPatch.from_bytes(data)
+        with pytest.raises(error) as info:
+            open_patch(sealed, key, tenant, consume=True)
+        assert type(info.value) is error and sealed.consumed
+        assert not any(sealed.image.view())  # nothing decrypted (nor moved) is left in the image
+        sealed.close()

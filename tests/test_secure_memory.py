@@ -130,3 +130,27 @@ def test_every_entry_point_that_decrypts_hardens_the_process(on_disk, entry):
                        env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("hardened") and "NOT" not in r.stdout
+
+
+def test_an_image_decrypted_in_place_is_locked_undumpable_and_wiped():
+    """open_patch(consume=True) makes the sealed image (plain ciphertext memory until then) secret before
+    any plaintext enters it."""
+    from utils.patch_cipher import open_patch
+    from utils.patch_format import SealedPatch
+    base, ft = tiny_pair()
+    key = os.urandom(32)
+    raw = sealed_patch(base, ft, key).tobytes()
+    if not lock_possible(len(raw)):
+        pytest.skip(f"RLIMIT_MEMLOCK (hard limit {resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]}) cannot hold "
+                    f"{len(raw):,} bytes")
+    sealed = SealedPatch.from_bytes(raw)
+    assert not sealed.image.locked and "lo" not in mapping(sealed.image.address)[1]  # ciphertext: not locked
+    opened = open_patch(sealed, key, "alice", consume=True)
+    assert opened.plain is sealed.image and opened.plain.status()["mlocked"]
+    path, flags, locked_kb = mapping(opened.plain.address)
+    assert path == "" and "dd" in flags and "lo" in flags and locked_kb * 1024 >= len(raw) - mmap.PAGESIZE
+    values = opened.segments(0)[1]
+    assert int(values.count_nonzero()) > 0
+    sm.wipe_all()  # what the atexit hook runs: the plaintext in the image is zeroed too
+    assert int(values.count_nonzero()) == 0
+    opened.plain.close()

@@ -13,6 +13,9 @@ Applying a sealed patch to a base model, and reverting it exactly (PATCH_FORMAT.
   model, and one pass fewer over fresh memory, whose first touch is most of a cold apply's cost
   (BENCHMARKS.md, "Apply latency"). A registry's reused storage holds the applied tenant until the next
   patch verified, so a registry decrypts into its plaintext scratch buffer instead.
+- A patch given as a path or bytes is read here for this apply only: its image may be decrypted in
+  place (open_patch(consume=True)) where a plaintext buffer would be needed (rows, lossy values, CUDA
+  models). A SealedPatch the caller passes (a registry's, say) is never consumed.
 - Applying hardens the process (secure_memory.harden_process): whoever holds the key and the plaintext
   gets no core dumps and cannot be attached to.
 """
@@ -232,18 +235,19 @@ def apply_sealed_patch(model, patch, key, tenant, *, base_fp=None, scratch=None,
         return {i: out for i, (e, out) in enumerate(zip(header["tensors"], outs)) if _decrypts_in_place(e)}
 
     sealed, owned = SealedPatch.coerce(patch, max_bytes)
+    opened = None
     try:
         if base_fp is None:
             base_fp = base_fingerprint(model)
         opened = open_patch(sealed, key, tenant=tenant, base_fp=base_fp, scratch=scratch,
-                            values_into=values_into if in_place else None)
+                            values_into=values_into if in_place else None, consume=owned)
     except BaseException:
         if owns_storage:
             storage.close()
         raise
     finally:
-        if owned:
-            sealed.close()
+        if owned and (opened is None or opened.plain is not sealed.image):
+            sealed.close()  # an image decrypted in place is `opened.plain` now: closed (and zeroed) below
     plain_status = opened.plain.status()
     undo, swapped = None, []
     try:

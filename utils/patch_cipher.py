@@ -8,6 +8,7 @@ for the values a caller asks for, straight into its own locked tensors; any fail
 decrypted, wherever it went. A missing expected tenant is refused before anything is read. Nothing here
 touches a model.
 """
+import ctypes
 import hashlib
 import hmac
 import secrets
@@ -144,42 +145,58 @@ def plaintext_bytes(header):
     return payload_offsets(header)[1]
 
 
-def open_patch(sealed, key, tenant, base_fp=None, scratch=None, values_into=None):
+def open_patch(sealed, key, tenant, base_fp=None, scratch=None, values_into=None, consume=False):
     """Authenticate, decrypt every chunk into locked anonymous memory (`scratch` when it is a large enough
     SecureBuffer, else a new one), check payloads, then tenant and base. `values_into(header)`, called
     once the header is authentic, may return {tensor index: tensor} to decrypt those tensors' values
     straight into (the caller's locked storage: one buffer and one pass fewer). Any failure zeroes what
     was decrypted, there too, and raises; the caller touches its model only after this returns. The
-    process is hardened first: it is about to hold plaintext."""
+    process is hardened first: it is about to hold plaintext.
+
+    `consume`: the caller needs neither `sealed` nor its bytes again (a one-shot open of a file just
+    read). Where it pays (_in_place_pays), the sealed image itself becomes `plain`: it is made secret
+    (locked, zeroed on close and at exit) before any plaintext enters it, each chunk is decrypted over
+    its own ciphertext and, once its tag verified, moved down to its place; `sealed` is then consumed
+    (opened again, tobytes() or export() it refuses). Its pages are resident already, so no fresh
+    memory is touched: that pre-fault was most of a cold open's cost (BENCHMARKS.md, "Throughput")."""
     tenant = expected_tenant(tenant)
+    sealed.check_intact()
     harden_process()
     master = authenticate(sealed, key)
     h = sealed.header
     direct = values_into(h) if values_into is not None else {}
     offsets, total = payload_offsets(h, direct)
-    plain = scratch if scratch is not None and scratch.nbytes >= total else SecureBuffer(total)
     header_sha = hashlib.sha256(sealed.image.view(0, sealed.signed_len)).hexdigest()
     salt = bytes.fromhex(h["salt"])
     keys = [tensor_key(master, salt, e["name"]) for e in h["tensors"]]
-    data, out = sealed.image.view(), plain.view()
-    records = []  # (tensor index, chunk index, file position, plaintext length, [(offset in chunk, length, destination)])
+    records = []  # (tensor index, chunk index, file position, plaintext length, pieces: see _decrypt_record)
     for ti, e in enumerate(h["tensors"]):
         rows_b, values_b, bitmap_b = payload_layout(e["kind"], e["dtype"], e["stored_dtype"], e["shape"], e["rows"],
                                                     e["exceptions"])
         at = offsets[ti]
         if ti in direct:  # values into the caller's tensor, row indices and bitmap into `plain`
             dst = memoryview(direct[ti].reshape(-1).view(torch.uint8).numpy())
-            segments = [(rows_b, out[at:at + rows_b]), (values_b, dst), (bitmap_b, out[at + rows_b:at + rows_b + bitmap_b])]
+            segments = [(rows_b, at), (values_b, dst), (bitmap_b, at + rows_b)]
         else:
-            segments = [(e["plain_bytes"], out[at:at + e["plain_bytes"]])]
+            segments = [(e["plain_bytes"], at)]
         pos, start = sealed.blob_start + e["offset"], 0
         for ci, n in enumerate(record_sizes(e["plain_bytes"], h["chunk_bytes"])):
             records.append((ti, ci, pos, n, _scatter(segments, start, n)))
             pos, start = pos + NONCE_BYTES + n + TAG_BYTES, start + n
+    in_place = consume and _in_place_pays(sealed, total) and _moves_down(records)
+    if in_place:
+        sealed.consumed = True
+        sealed.image.make_secret()
+        plain = sealed.image
+    else:
+        plain = scratch if scratch is not None and scratch.nbytes >= total else SecureBuffer(total)
+    data, out = sealed.image.view(), None if in_place else plain.view()
     try:
         for ti, ci, pos, n, pieces in records:
-            if not _decrypt_record(data, pos, n, keys[ti], chunk_ad(h, header_sha, h["tensors"][ti], ci), pieces):
-                raise _diagnose(h, header_sha, keys, records, data, (ti, ci, pos, n), pieces)
+            if not _decrypt_record(data, pos, n, keys[ti], chunk_ad(h, header_sha, h["tensors"][ti], ci), pieces, out):
+                raise _diagnose(h, header_sha, keys, records, data, (ti, ci, pos, n), pieces, out)
+            if in_place:
+                _move_down(plain, pos, pieces)
         result = OpenPatch(h, plain, offsets, direct)
         _check_payloads(result)
         check_target(h, base_fp, tenant)
@@ -188,53 +205,100 @@ def open_patch(sealed, key, tenant, base_fp=None, scratch=None, values_into=None
         del data, out, records
         for t in direct.values():
             t.zero_()
-        if plain is scratch:
+        if in_place or plain is scratch:  # in place: what was moved, and any chunk decrypted over its ciphertext
             plain.zero()
         else:
             plain.close()
         raise
 
 
+def _in_place_pays(sealed, plain_bytes):
+    """Whether decrypting in the image beats a fresh buffer: making the resident image secret and wiping
+    it on close costs ~0.18 ns per image byte, a fresh locked buffer ~0.37 ns per plaintext byte, and
+    the move ~0.05 (measured on the BENCHMARKS.md machine). A cold apply on the CPU decrypts the values
+    into the patched storage and needs almost no plaintext buffer: there it does not pay."""
+    return 2 * plain_bytes >= sealed.nbytes
+
+
+def _moves_down(records):
+    """Every piece's place in `plain` lies at or before its ciphertext in the file (the header and each
+    chunk's nonce and tag come first), so moving verified chunks in file order never overwrites
+    ciphertext not yet read. True by construction of the layout; checked, since an in-place open relies
+    on it (otherwise the open takes a fresh buffer)."""
+    return all(dst <= pos + NONCE_BYTES + off for _, _, pos, _, pieces in records
+               for off, _, dst in pieces if isinstance(dst, int))
+
+
 def _scatter(segments, start, n):
-    """The pieces (offset in the chunk, length, destination view) of payload bytes [start, start + n),
-    given the payload's segments in order as (length, destination view)."""
+    """The pieces (offset in the chunk, length, destination) of payload bytes [start, start + n), given the
+    payload's segments in order as (length, destination: a view, or an offset in `plain`)."""
     pieces, pos = [], 0
     for length, dst in segments:
         lo, hi = max(start, pos), min(start + n, pos + length)
         if lo < hi:
-            pieces.append((lo - start, hi - lo, dst[lo - pos:hi - pos]))
+            pieces.append((lo - start, hi - lo, dst + lo - pos if isinstance(dst, int) else dst[lo - pos:hi - pos]))
         pos += length
     return pieces
 
 
-def _decrypt_record(data, pos, n, key, ad, pieces):
-    """Decrypt one chunk into its pieces; False (pieces zeroed) when the tag does not verify."""
+def _landing(data, pos, pieces, out):
+    """Where each piece is decrypted: the caller's view, its slot in `out` (the plaintext buffer) or, for
+    an in-place open (out None), its own ciphertext."""
+    body = pos + NONCE_BYTES
+    return [dst if not isinstance(dst, int) else data[body + off:body + off + length] if out is None
+            else out[dst:dst + length] for off, length, dst in pieces]
+
+
+def _decrypt_record(data, pos, n, key, ad, pieces, out):
+    """Decrypt one chunk into its pieces (offset in the chunk, length, destination: a view, or an offset
+    in `plain`, see _landing). False when the tag does not verify: the destinations are zeroed, and what
+    was decrypted over its own ciphertext is ciphertext again (for _diagnose)."""
     nonce = bytes(data[pos:pos + NONCE_BYTES])
     tag = bytes(data[pos + NONCE_BYTES + n:pos + NONCE_BYTES + n + TAG_BYTES])
     dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
     dec.authenticate_additional_data(ad)
     body = pos + NONCE_BYTES
-    for off, length, dst in pieces:  # GCM is a stream: one message may be decrypted piece by piece
+    landed = _landing(data, pos, pieces, out)
+    for (off, length, _), dst in zip(pieces, landed):  # GCM is a stream: one message may be decrypted piece by piece
         dec.update_into(data[body + off:body + off + length], dst)
     try:
         dec.finalize()
         return True
     except InvalidTag:
-        for _, length, dst in pieces:
-            dst[:] = bytes(length)
-        return False
+        pass
+    if out is None:  # GCM is CTR mode: the same keystream XORed again gives the ciphertext back
+        again = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+        for dst in landed:
+            again.update_into(dst, dst)
+    _zero(pieces, landed, out)
+    return False
 
 
-def _diagnose(h, header_sha, keys, records, data, failed, pieces):
+def _zero(pieces, landed, out):
+    """Zero the pieces' destinations, except a chunk's own ciphertext."""
+    for (_, _, dst), view in zip(pieces, landed):
+        if out is not None or not isinstance(dst, int):
+            view[:] = bytes(len(view))
+
+
+def _move_down(image, pos, pieces):
+    """An in-place open: move a verified chunk's pieces from over its ciphertext to their places (which
+    may overlap it: memmove)."""
+    for off, length, dst in pieces:
+        if isinstance(dst, int):
+            ctypes.memmove(image.address + dst, image.address + pos + NONCE_BYTES + off, length)
+
+
+def _diagnose(h, header_sha, keys, records, data, failed, pieces, out):
     """A chunk failed: if it authenticates as another (tensor, chunk) of this patch, blobs were swapped or
     reordered; otherwise its bytes were modified."""
     ti, ci, pos, n = failed
     name = h["tensors"][ti]["name"]
     for tj, cj, _, m, _ in records:
         if m == n and (tj, cj) != (ti, ci):
-            if _decrypt_record(data, pos, n, keys[tj], chunk_ad(h, header_sha, h["tensors"][tj], cj), pieces):
-                for _, length, dst in pieces:
-                    dst[:] = bytes(length)
+            if _decrypt_record(data, pos, n, keys[tj], chunk_ad(h, header_sha, h["tensors"][tj], cj), pieces, out):
+                for view in _landing(data, pos, pieces, out):
+                    view[:] = bytes(len(view))
                 return SwappedBlobError(f"blob of tensor {name} chunk {ci} was replaced by the blob of "
                                         f"{h['tensors'][tj]['name']} chunk {cj} (swapped or reordered)")
     return TamperedError(f"tensor {name} chunk {ci} does not authenticate (nonce, ciphertext or tag modified)")

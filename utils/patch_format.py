@@ -202,6 +202,14 @@ class SealedPatch:
 
     def __init__(self, image, header, signed_len):
         self.image, self.header, self.signed_len = image, header, signed_len
+        self.consumed = False  # set by an in-place open (open_patch(consume=True)): the image is plaintext now
+
+    def check_intact(self):
+        """Refuse to read a consumed image as a sealed file: it would not decrypt, and exported it would
+        put plaintext on disk."""
+        if self.consumed:
+            raise PatchFormatError("this sealed patch was consumed by an in-place open (its image now holds the "
+                                   "plaintext): read the patch file again")
 
     @classmethod
     def from_file(cls, path, max_bytes=DEFAULT_MAX_FILE_BYTES):
@@ -269,11 +277,13 @@ class SealedPatch:
                 for e in self.header["tensors"]]
 
     def tobytes(self):
+        self.check_intact()
         return bytes(self.image.view())
 
     def export(self, path):
         """Write the sealed file atomically (temp file beside it, fsync, rename): header + ciphertext only.
         Temp files a killed earlier export of the same path left behind are removed first (atomic_path)."""
+        self.check_intact()
         check_export_path(path)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(self.image.view())

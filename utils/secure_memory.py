@@ -85,17 +85,29 @@ class SecureBuffer:
         del probe  # a live export would keep the mmap from closing
         self.locked, self.lock_error = False, "not requested"
         if lock:
-            limit = raise_memlock_limit()
-            if _libc.mlock(self.address, self._size) == 0:  # mlock faults every page in itself
-                self.locked, self.lock_error = True, None
-            else:
-                err = ctypes.get_errno()
-                self.lock_error = (f"mlock refused ({errno.errorcode.get(err, err)}; RLIMIT_MEMLOCK "
-                                   f"{'unlimited' if limit is None else f'{limit:,} bytes'} for {self._size:,})")
+            self._lock()  # mlock faults every page in itself
         if not self.locked:
             self._madvise(MADV_POPULATE_WRITE)  # older kernels refuse it: pages then fault on first use
         if wipe:
             _live.add(self)
+
+    def _lock(self):
+        limit = raise_memlock_limit()
+        if _libc.mlock(self.address, self._size) == 0:
+            self.locked, self.lock_error = True, None
+        else:
+            err = ctypes.get_errno()
+            self.lock_error = (f"mlock refused ({errno.errorcode.get(err, err)}; RLIMIT_MEMLOCK "
+                               f"{'unlimited' if limit is None else f'{limit:,} bytes'} for {self._size:,})")
+
+    def make_secret(self):
+        """Turn a buffer made for ciphertext (lock=False, wipe=False) into one for plaintext, before any
+        plaintext is written into it: locked where the limit allows (its pages are resident, so this is
+        cheap), zeroed on close() and at exit. It is dump-excluded already."""
+        if not self.locked:
+            self._lock()
+        self.wipe = True
+        _live.add(self)
 
     def _madvise(self, option):
         try:
