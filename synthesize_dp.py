@@ -15,7 +15,9 @@ What happens, in order:
    batch: labels and forced tokens free, field values through the mechanism; discarded records are
    counted with the reason, never written. With release_share > 0 the leading categorical fields are
    released once per batch as a noisy joint table (Gaussian, a share of the batch's rho) that every
-   record of the batch draws them from, so only the remaining fields cost private tokens;
+   record of the batch draws them from, so only the remaining fields cost private tokens; a numeric
+   field in release_bands is released the same way as a table of public bands (given some of those
+   fields), and each record draws a value uniform within its band;
 5. the output (JSONL: fields, public name, the record in the schema's Q/A form), the privacy report,
    and the utility table beside it (utils/synthetic_utility.py; computed on real data: not private).
 
@@ -81,6 +83,7 @@ DEFAULTS = dict(
     max_value_tokens=40,            # length cap of one value (a record hitting it is discarded)
     whole_values=True,              # a categorical value is one choice among the public values (not byte by byte)
     release_share=0.0,              # > 0: this share of rho releases the leading categorical fields' joint once per batch
+    release_bands={},               # {numeric field: [released fields]}: its histogram_bins band given them, released too
     plan_records=8,                 # public dry-run records behind the plan
     drafter_steps=200,              # warm-up steps of the public drafter on public records (0 = the base as is)
     drafter_ckpt="",                # '' = beside out as drafter.pt (reused when present)
@@ -113,6 +116,11 @@ def check_config(cfg):
                                          and cfg["fields"][0] in cfg["domains"]):
         raise UserError("release_share > 0 releases the leading categorical fields' joint: it needs --structured=True, "
                         "--whole_values=True and a first field with public values (--domains)")
+    for field, given in cfg["release_bands"].items():
+        leading = rs.leading_categorical(cfg["fields"], cfg["domains"])
+        if field not in cfg["digits"] or field not in cfg["histogram_bins"] or not set(given) <= set(leading):
+            raise UserError(f"release_bands: {field!r} needs --digits and --histogram_bins (its public bands), and "
+                            f"its given fields must be among the released ones {leading}, got {list(given)}")
     if cfg["structured"]:
         missing = [f for f in cfg["fields"] if f not in cfg["domains"] and f not in cfg["digits"]]
         if not cfg["fields"] or missing:
@@ -178,10 +186,14 @@ def plan(cfg, privacy, template, model, gen, log):
     decoder = pp.BatchDecoder(model, [template.public_ids()], template.max_new_tokens(), cfg["use_kv_cache"])
     mech = pp.Mechanism.from_config(cfg)
     joint = rs.public_joint(decoder, template) if cfg["release_share"] > 0 else None  # released fields: free
+    bands = [rs.public_band(template, f, given, cfg["histogram_bins"][f]) for f, given in cfg["release_bands"].items()]
     drafts, _, _ = rs.synthesize_records(decoder, 0, mech, template, 0, gen, cfg["plan_records"], public_only=True,
                                          max_value_tokens=cfg["max_value_tokens"], whole_values=cfg["whole_values"],
-                                         joint=joint)
+                                         joint=joint, bands=bands)
     per_record = float(np.mean([c["public"] for _, c in drafts])) if drafts else float("inf")
+    if per_record > 0 and privacy["r"] == 0:
+        raise UserError(f"release_share={cfg['release_share']:g} leaves no private token for the fields a record still "
+                        f"decodes ({per_record:.1f} tokens each): release them too (--release_bands) or lower release_share")
     forced = float(np.mean([c["forced"] for _, c in drafts])) if drafts else 0.0
     if cfg["planned_tau"]:
         # 10% over the dry run's mean: private draws run a little longer than the drafter's (e.g. 6 digits)
@@ -191,7 +203,8 @@ def plan(cfg, privacy, template, model, gen, log):
         log(f"plan: tau={cfg['tau']:.3g} (2c/tau = {2 * cfg['c'] / cfg['tau']:.2f}, at most --sharpness="
             f"{cfg['sharpness']:g}), from the config and the public dry run alone")
         log_privacy(privacy, log)
-    per_batch = min(cfg["max_examples_per_batch"], int(privacy["r"] // per_record)) if drafts else 0
+    affordable = cfg["max_examples_per_batch"] if per_record == 0 else int(privacy["r"] // per_record)
+    per_batch = min(cfg["max_examples_per_batch"], affordable) if drafts else 0
     out = {"batches": cfg["n_batches"], "s": cfg["s"], "r": privacy["r"], "private_tokens_per_record": per_record,
            "forced_tokens_per_record": forced, "records_per_batch": per_batch,
            "expected_records": per_batch * cfg["n_batches"], "dry_run_records": len(drafts)}
@@ -209,6 +222,11 @@ def plan(cfg, privacy, template, model, gen, log):
         out["released_fields"], out["released_cells"] = joint.fields, len(joint.combos)
         log(f"plan: {' x '.join(joint.fields)} ({len(joint.combos)} cells) released once per batch, "
             f"noise sigma {privacy['release']['sigma']:.3g} per cell (counts): every record draws them for free")
+    for band in bands:
+        out.setdefault("released_bands", {})[band.field] = {"given": band.given, "cells": band.probs.numel()}
+        log(f"plan: {band.field} band ({band.probs.size(1)} public bands) x {' x '.join(band.given) or 'nothing'} "
+            f"({band.probs.numel()} cells) released once per batch from the records, the same sigma; a value "
+            "uniform within the drawn band")
     return out, privacy
 
 
@@ -273,9 +291,11 @@ def synthesize(cfg, model=None, log=print):
         prompts = [template.prompt_ids(people[i], room) for i in members] + [template.public_ids()]
         decoder = pp.BatchDecoder(model, prompts, template.max_new_tokens(), cfg["use_kv_cache"])
         joint = rs.release_joint(decoder, len(members), template, release["sigma"], stream) if release else None
+        bands = [rs.release_band([people[i] for i in members], template, f, given, cfg["histogram_bins"][f],
+                                 release["sigma"], stream) for f, given in cfg["release_bands"].items()]
         kept, why, spent = rs.synthesize_records(decoder, len(members), mech, template, privacy["r"], gen,
                                                  cfg["max_examples_per_batch"], max_value_tokens=cfg["max_value_tokens"],
-                                                 whole_values=cfg["whole_values"], joint=joint,
+                                                 whole_values=cfg["whole_values"], joint=joint, bands=bands,
                                                  on_record=progress.update)
         assert spent <= privacy["r"]
         discards += why

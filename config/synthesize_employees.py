@@ -28,13 +28,19 @@ sharpness = 6.0
 # The template is free and forced tokens too: what is left is value tokens the drafter cannot know, so
 # the sparse vector technique would mostly answer "private" and cost 2/(s sigma)^2 more per token.
 svt = False
-max_examples_per_batch = 52  # 208 records at most (the goal is 200)
+max_examples_per_batch = 228  # records are free (every field released): about one per private person
 whole_values = True  # a categorical value is one choice among its public values: every row votes on whole values
 # Department x Full or Part-Time x Salary or Hourly (56 cells) released once per batch: every row's
-# probability of each combination, summed, Gaussian noise (sigma = 1/sqrt(2 rho_rel) counts per cell: 0.97
-# at epsilon 8, 2.3 at 3, 6.4 at 1); each record draws its three fields from it for free, so they follow
-# the batch's joint (p ~ f) instead of the vote's p ~ exp(2c f / tau), and the tokens pay for the salary.
-release_share = 0.5
+# probability of each combination (the drafter's, from its prompt), summed, Gaussian noise; each record
+# draws its three fields from it for free, so they follow the batch's joint (p ~ f) instead of the vote's
+# p ~ exp(2c f / tau). The drafter copies no digits (p(own salary | prompt) ~ 5e-7), so a voted salary only
+# sharpens its uniform digits (KS 0.91 against its own 0.51): the salary's band (histogram_bins, 5,000
+# wide) given Full or Part-Time x Salary or Hourly is released too, read off the records (each person one
+# count: L2 1), and a value drawn uniform in the band. Every field is then released: release_share = 1
+# gives the two tables half of rho each (sigma 0.97 counts per cell at epsilon 8, 2.3 at 3, 6.4 at 1) and
+# no record costs a private token.
+release_share = 1.0
+release_bands = {"Annual Salary": ("Full or Part-Time", "Salary or Hourly")}
 
 structured = True
 fields = ("Department", "Full or Part-Time", "Salary or Hourly", "Annual Salary")
@@ -47,7 +53,9 @@ domains = {
 }
 digits = {"Annual Salary": (4, 6)}  # 1000.00 .. 999999.99 (two decimals: the schema's)
 record_header = "Employee record:\n"
-drafter_steps = 300  # the copier warm-up on public records (p(own Department | prompt) 0.06 -> 0.90); cached as drafter.pt
+# the copier warm-up on public records, cached as drafter.pt: p(own value | prompt) at 300 / 600 steps:
+# Department 0.96 / 0.85, Full or Part-Time 0.46 / 0.85, Salary or Hourly 0.90 / 0.88 (the base: 0.06)
+drafter_steps = 600
 
 utility_check = True
 histogram_bins = {"Annual Salary": (0.0, 200000.0, 40)}

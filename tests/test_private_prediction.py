@@ -182,6 +182,29 @@ def test_the_released_joint_takes_its_share_of_rho_and_the_tokens_the_rest():
         P.privacy_budget({**cfg, "epsilon": 0.0, "r": 100})
 
 
+def test_released_bands_split_the_release_evenly_and_a_whole_share_leaves_no_token():
+    """release_bands add one table each: the tables share the release's rho evenly (each sigma =
+    1/sqrt(2 rho / tables)); release_share=1 gives every table its part of the whole rho and r = 0, and
+    dp-accounting's RDP accountant, composing the tables' Gaussians, finds the same epsilon, at the target.
+    Bands without a share are refused."""
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+    cfg = {**S.DEFAULTS, "epsilon": 8.0, "r": 0, "s": 250, "c": 3.0, "tau": 1.0, "svt": False,
+           "release_share": 1.0, "release_bands": {"Annual Salary": ["Full or Part-Time"]}}
+    rep, rho_max = P.privacy_budget(cfg), P.max_rho_for_epsilon(8.0, cfg["delta"])
+    release = rep["release"]
+    assert rep["r"] == 0 and release["tables"] == 2 and release["rho"] == pytest.approx(rho_max)
+    assert release["sigma"] == pytest.approx(1.0 / math.sqrt(rho_max))  # 1 / sqrt(2 * rho_max / 2)
+    assert rep["rho"] == pytest.approx(rho_max) and rep["epsilon"] <= 8.0
+    accountant = RdpAccountant(list(np.concatenate([np.linspace(1.02, 10, 500), np.linspace(10, 2000, 2000)])))
+    accountant.compose(SelfComposedDpEvent(GaussianDpEvent(release["sigma"]), 2))
+    assert accountant.get_epsilon(cfg["delta"]) == pytest.approx(rep["epsilon"], rel=0.01)
+    half = P.privacy_budget({**cfg, "release_share": 0.5})
+    assert half["release"]["rho_per_table"] == pytest.approx(rho_max / 4) and half["r"] >= 1
+    with pytest.raises(Exception, match="release_share > 0"):
+        P.privacy_budget({**cfg, "release_share": 0.0})
+
+
 def test_the_release_noise_is_a_gaussian_mechanism_dp_accounting_agrees_on():
     """The released joint's rho = sensitivity^2 / (2 sigma^2): dp-accounting's RDP accountant, given the
     same Gaussian (noise multiplier sigma / sensitivity), finds the same epsilon as our zCDP conversion."""

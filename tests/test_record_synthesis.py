@@ -2,6 +2,7 @@
 format), the copy probe, one forward per choice, and the per-field temperature. The grammar and the
 mechanism on records are tested in tests/test_synthesize_dp.py."""
 import random
+import re
 
 import torch
 
@@ -11,6 +12,7 @@ from tests.conftest import tiny_model
 from tests.test_synthesize_dp import DEPARTMENTS, CopyingLM, people, template
 from utils import synthetic_utility as SU
 from utils.checkpoint import save_checkpoint
+from utils.secure_rng import RunSecret
 
 
 def test_warmup_records_are_the_synthesis_prompts_with_the_loss_on_the_copied_values_only():
@@ -184,3 +186,86 @@ def test_the_release_is_the_noisy_sum_of_the_private_rows_then_post_processing_o
     assert torch.allclose(loud.probs, probs[6] / probs[6].sum())  # nothing above 2 sigma: the public row's
     shifted = RS.release_joint(decoder, 6, tpl, 0.01, FixedStream(lambda shape, std: torch.full(shape, 5.0)))
     assert torch.allclose(shifted.probs, (exact + 5) / (exact + 5).sum())  # the noise is added to the sums
+
+
+# ----------------------------------------------------------------------------- released bands
+BANDS = (0.0, 100000.0, 10)  # 10,000-wide public bands
+
+
+def test_band_counts_are_one_hot_per_person_so_one_person_moves_one_count_by_one():
+    """Each private person adds 1 at (its Full or Part-Time, the band of its salary): the counts sum to
+    the crowd, and removing any one person changes exactly one cell by exactly 1 (L2 sensitivity 1)."""
+    tpl, crowd = template(), people(60)
+    edges = RS.band_edges(BANDS)
+    counts, combos = RS.band_counts(crowd, tpl, "Annual Salary", ["Full or Part-Time"], edges)
+    assert combos == [("F",), ("P",)] and counts.shape == (2, 10) and counts.sum() == 60
+    for p in crowd:
+        assert counts[combos.index((p["Full or Part-Time"],)), int(p["Annual Salary"] // 10000)] >= 1
+    for i in (0, 17, 59):
+        fewer, _ = RS.band_counts(crowd[:i] + crowd[i + 1:], tpl, "Annual Salary", ["Full or Part-Time"], edges)
+        diff = counts - fewer
+        assert diff.abs().sum() == 1 and diff.norm() == 1
+    assert RS.band_of(edges, -5.0) == 0 and RS.band_of(edges, 1e9) == 9 and RS.band_of(edges, 10000.0) == 1
+
+
+def test_the_band_release_is_the_noisy_count_then_post_processing_only():
+    """The stream's noise is drawn once per table, in float64, at the accounted sigma; cells under 2 sigma
+    are dropped and each row normalised; a row with nothing left takes the table's band marginal, and a
+    table with nothing left uniform bands."""
+    tpl, crowd = template(), people(60)
+    edges = RS.band_edges(BANDS)
+    counts, _ = RS.band_counts(crowd, tpl, "Annual Salary", ["Full or Part-Time"], edges)
+    quiet = FixedStream(lambda shape, std: torch.zeros(shape))
+    band = RS.release_band(crowd, tpl, "Annual Salary", ["Full or Part-Time"], BANDS, 0.01, quiet)
+    assert quiet.calls == [((2, 10), 0.01, torch.float64)]
+    assert torch.allclose(band.probs, counts / counts.sum(1, keepdim=True))
+    shifted = RS.release_band(crowd, tpl, "Annual Salary", ["Full or Part-Time"], BANDS, 0.01,
+                              FixedStream(lambda shape, std: torch.full(shape, 5.0)))
+    assert torch.allclose(shifted.probs, (counts + 5) / (counts + 5).sum(1, keepdim=True))
+    only_f = RS.release_band([p for p in crowd if p["Full or Part-Time"] == "F"], tpl, "Annual Salary",
+                             ["Full or Part-Time"], BANDS, 0.01, FixedStream(lambda shape, std: torch.zeros(shape)))
+    assert torch.allclose(only_f.probs[1], only_f.probs[0])  # no P row left: the band marginal
+    loud = RS.release_band(crowd, tpl, "Annual Salary", ["Full or Part-Time"], BANDS, 1e6,
+                           FixedStream(lambda shape, std: torch.zeros(shape)))
+    assert torch.allclose(loud.probs, torch.full((2, 10), 0.1, dtype=torch.float64))
+
+
+def test_band_values_lie_in_their_band_inside_the_grammar_and_follow_the_table():
+    """A drawn value is in the drawn band, clipped to the digit grammar (4-5 digits: >= 1000.00, <=
+    99999.99), at the schema's two decimals, and parses; the bands are drawn in the table's proportions."""
+    tpl, gen = template(), torch.Generator().manual_seed(0)
+    probs = torch.zeros(2, 10, dtype=torch.float64)
+    probs[0, 0], probs[0, 9], probs[1, 3] = 0.25, 0.75, 1.0
+    band = RS.BandRelease("Annual Salary", ["Full or Part-Time"], [("F",), ("P",)], RS.band_edges(BANDS), probs)
+    drawn = [RS.draw_band_value(band, {"Full or Part-Time": "F"}, tpl, gen) for _ in range(2000)]
+    assert all(tpl.value_ok("Annual Salary", v + "\n") and re.fullmatch(r"[1-9]\d{3,4}\.\d\d", v) for v in drawn)
+    low = [float(v) for v in drawn if float(v) < 10000]
+    assert all(1000 <= v < 10000 for v in low) and all(90000 <= float(v) <= 99999.99 for v in drawn if float(v) >= 10000)
+    assert abs(len(low) / 2000 - 0.25) < 0.04
+    assert all(30000 <= float(RS.draw_band_value(band, {"Full or Part-Time": "P"}, tpl, gen)) < 40000 for _ in range(50))
+
+
+def test_released_bands_follow_the_private_salaries_where_the_drafter_cannot_and_the_test_can_fail():
+    """Records whose Department and Full or Part-Time come from the released joint and whose salary from
+    the released bands spend no private token (r = 0) and follow the private salaries (KS) closer than the
+    drafter alone, which writes digits it cannot copy; bands released from other people's salaries (a
+    stand-in for a release that ignores the private records) fail the same check."""
+    tpl, crowd = template(), people(60)
+    mech = P.Mechanism(s=60, c=3.0, tau=1.0, svt=False, sigma=0.5, theta=0.5, tau_pub=1.0)
+    prompts = [tpl.prompt_ids(p, 200) for p in crowd] + [tpl.public_ids()]
+    decoder = P.BatchDecoder(CopyingLM("Record:\n"), prompts, tpl.max_new_tokens(), use_kv_cache=False)
+    joint = RS.release_joint(decoder, 60, tpl, 1.0, RunSecret.reproducible(0).stream("t"))
+    real = [p["Annual Salary"] for p in crowd]
+
+    def salaries(source, public_only=False):
+        bands = [] if public_only else [RS.release_band(source, tpl, "Annual Salary", ["Full or Part-Time"], BANDS, 1.0,
+                                                        RunSecret.reproducible(1).stream("b"))]
+        kept, _, spent = RS.synthesize_records(decoder, 60, mech, tpl, 0, torch.Generator().manual_seed(2), 60,
+                                               public_only=public_only, whole_values=True, joint=joint, bands=bands)
+        assert len(kept) == 60 and (public_only or (spent == 0 and all(c["released"] == 3 for _, c in kept)))
+        return [float(v["Annual Salary"]) for v, _ in kept]
+
+    others = [{**p, "Annual Salary": p["Annual Salary"] / 20 + 1000} for p in crowd]  # 2,500-6,000
+    ours, drafter, blind = (SU.ks(salaries(crowd), real), SU.ks(salaries(crowd, public_only=True), real),
+                            SU.ks(salaries(others), real))
+    assert ours < 0.25 and ours < 0.5 * drafter and blind > drafter * 0.9, (ours, drafter, blind)

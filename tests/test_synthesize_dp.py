@@ -286,9 +286,37 @@ def test_cli_with_a_released_joint_reports_it_and_spends_tokens_on_the_rest_only
     with pytest.raises(UserError, match="release_share"):
         S.main(structured_args(data, ckpt, tmp, "--r=300", "--release_share=0.5"))
     with pytest.raises(UserError, match="release_share must be in"):
+        S.main(structured_args(data, ckpt, tmp, "--epsilon=8", "--release_share=1.5"))
+    with pytest.raises(UserError, match="leaves no private token"):  # the salary would still need tokens
         S.main(structured_args(data, ckpt, tmp, "--epsilon=8", "--release_share=1.0"))
     with pytest.raises(UserError, match="release_share"):
         S.main(["--structured=False", "--epsilon=8", "--release_share=0.5", f"--out={tmp}/x.jsonl"])
+
+
+def test_cli_with_released_bands_spends_no_token_and_reports_both_tables(records_setup):
+    """release_share=1 with the salary's bands released too: two tables share the budget (the report
+    says so, at the target epsilon), no record spends a private token, every record parses, and each
+    salary lies in a band that holds a private person of its Full or Part-Time (the noise at epsilon
+    1000 is under a count). Bands of a field without public bins, or given an unreleased field, are refused."""
+    data, ckpt, tmp = records_setup
+    bands = "--release_bands={'Annual Salary': ['Full or Part-Time']}"
+    _, rows = run_script(structured_args(data, ckpt, tmp, "--epsilon=1000", "--release_share=1.0", bands,
+                                         "--histogram_bins={'Annual Salary': (0.0, 100000.0, 10)}",
+                                         "--utility_check=False"), tmp)
+    tpl = template()
+    report = json.load(open(tmp / "out" / "syn.privacy.json"))
+    assert report["release"]["tables"] == 2 and report["r"] == 0 and report["epsilon"] <= 1000
+    assert report["plan"]["released_bands"] == {"Annual Salary": {"given": ["Full or Part-Time"], "cells": 20}}
+    assert len(rows) == report["plan"]["expected_records"] and all(row["private_tokens"] == 0 for row in rows)
+    held = {(p["Full or Part-Time"], int(p["Annual Salary"] // 10000)) for p in people(24)}
+    for row in rows:
+        values = tpl.parse(row["record"])
+        assert (values["Full or Part-Time"], int(float(values["Annual Salary"]) // 10000)) in held
+    with pytest.raises(UserError, match="release_bands"):
+        S.main(structured_args(data, ckpt, tmp, "--epsilon=8", "--release_share=1.0", bands, "--histogram_bins={}"))
+    with pytest.raises(UserError, match="release_bands"):
+        S.main(structured_args(data, ckpt, tmp, "--epsilon=8", "--release_share=1.0",
+                               "--release_bands={'Annual Salary': ['Annual Salary']}"))
 
 
 def test_fields_the_data_lacks_are_refused_with_the_prepare_command(records_setup):

@@ -14,14 +14,16 @@ Per batch of records (each record in its own prompt, plus one public prompt that
 - Sparse vector (svt=True): d = ||sum softmax(Z)/s - softmax(z_pub)||_1 (sensitivity 1/s); if
   d + Lap(2 sigma) >= theta + Lap(sigma) the token is private (and the threshold is redrawn), otherwise
   it is drawn from softmax(z_pub / tau_pub) and costs nothing. At most r private tokens per batch.
-- Released joint (release_share > 0, structured records): the leading categorical fields' joint is not
+- Released tables (release_share > 0, structured records): the leading categorical fields' joint is not
   voted on record by record but released once per batch: each private row's probability vector over the
   fields' value combinations (it sums to 1, so one person moves the sum by at most 1 in L2), summed,
   plus N(0, sigma_rel^2) per cell, a Gaussian mechanism of rho_rel = 1 / (2 sigma_rel^2) (x4 capped).
   Every record of the batch then draws those fields from it, as post-processing: a query asked 50
-  times with the same answer distribution is asked once. The budget gives release_share of the batch's
-  rho to it and the rest to the r private tokens.
-- Accounting: rho = r (1/2 (c/(s tau))^2 + 2/(s sigma)^2) [+ rho_rel] zCDP per batch (no SVT term without SVT);
+  times with the same answer distribution is asked once. A numeric field in release_bands gets a table
+  of its own the same way (each row one-hot: L2 1). The budget gives release_share of the batch's rho
+  to the tables, split evenly, and the rest to the r private tokens; release_share = 1 leaves r = 0,
+  for records whose every field is released.
+- Accounting: rho = r (1/2 (c/(s tau))^2 + 2/(s sigma)^2) [+ tables x rho_rel] zCDP per batch (no SVT term without SVT);
   the batches are disjoint, so by parallel composition that is also the whole run's rho; converted to
   (epsilon, delta) with Canonne, Kamath & Steinke 2020 (Prop. 12 of arXiv:2004.00010v4). With
   max_batch_size > 0 a full batch keeps its records with the smallest HMAC order key, so adding one
@@ -93,9 +95,14 @@ def release_sigma(rho_release, capped=False):
     return (2.0 if capped else 1.0) / math.sqrt(2.0 * rho_release)
 
 
+def release_tables(cfg):
+    """How many tables a batch releases: the categorical joint, and one per release_bands field."""
+    return 1 + len(cfg.get("release_bands") or {}) if cfg.get("release_share", 0.0) > 0 else 0
+
+
 def split_rho(cfg):
-    """(rho for the r private tokens, rho for the released joint): the epsilon's rho, release_share of it
-    to the release. Without --epsilon (an explicit r) there is nothing to split: (None, 0)."""
+    """(rho for the r private tokens, rho for the released tables, all of them): the epsilon's rho,
+    release_share of it to the tables. Without --epsilon (an explicit r) there is nothing to split: (None, 0)."""
     if cfg["epsilon"] <= 0:
         return None, 0.0
     share = cfg.get("release_share", 0.0)
@@ -139,14 +146,17 @@ def privacy_budget(cfg):
         raise UserError("set exactly one of --epsilon (r is solved from it) or --r (epsilon is computed), "
                         f"got epsilon={cfg['epsilon']}, r={cfg['r']}")
     share = cfg.get("release_share", 0.0)
-    if not 0 <= share < 1 or (share > 0 and cfg["epsilon"] <= 0):
-        raise UserError(f"release_share must be in [0, 1) and needs --epsilon (it is a share of its rho), got {share}")
+    if not 0 <= share <= 1 or (share > 0 and cfg["epsilon"] <= 0):
+        raise UserError(f"release_share must be in [0, 1] and needs --epsilon (it is a share of its rho), got {share}")
+    if cfg.get("release_bands") and share == 0:
+        raise UserError("release_bands are released tables: they need a release_share > 0")
     rho_tokens, rho_release = split_rho(cfg)
+    tables = release_tables(cfg)
     if cfg["epsilon"] > 0:
         r = int(rho_tokens / per_token)
         while r > 0 and zcdp_to_epsilon(r * per_token + rho_release, delta) > cfg["epsilon"]:  # float rounding
             r -= 1
-        if r < 1:
+        if r < 1 and share < 1:  # share 1: every field released, no token to pay for
             raise UserError(f"epsilon={cfg['epsilon']} does not pay for one private token "
                             f"(rho {per_token:.3g} each): raise epsilon, s or tau, or lower c"
                             + (" or use a larger sigma" if cfg["svt"] else "")
@@ -155,10 +165,12 @@ def privacy_budget(cfg):
         r = cfg["r"]
     rho = r * per_token + rho_release
     release = None if share == 0 else {
-        "share": share, "rho": rho_release, "sigma": release_sigma(rho_release, capped),
-        "sensitivity": 2.0 if capped else 1.0,
+        "share": share, "rho": rho_release, "tables": tables, "rho_per_table": rho_release / tables,
+        "sigma": release_sigma(rho_release / tables, capped), "sensitivity": 2.0 if capped else 1.0,
         "mechanism": "Gaussian on the sum of the private rows' probability vectors over the leading categorical "
-                     "fields' value combinations (each sums to 1: L2 sensitivity 1), once per batch"}
+                     "fields' value combinations (each sums to 1: L2 sensitivity 1), once per batch"
+                     + ("; the same per release_bands field, on each row's one-hot (given values, band of its "
+                        "value) read off its record" if tables > 1 else "")}
     return {
         "epsilon": zcdp_to_epsilon(rho, delta),
         "delta": delta,
@@ -172,7 +184,7 @@ def privacy_budget(cfg):
         "tau_pub": cfg["tau_pub"] if cfg["svt"] else None,
         "public_top_k": cfg["public_top_k"],
         "adjacency": "add/remove one record (one person); one record sits in exactly one prompt",
-        "composition": "adaptive composition over the <= r private tokens of a batch (and its released joint); "
+        "composition": "adaptive composition over the <= r private tokens of a batch (and its released tables); "
                        "parallel composition over disjoint batches",
         "release": release,
         "batching": {

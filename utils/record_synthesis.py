@@ -42,7 +42,15 @@ row's probability of every combination of their values (joint_log_probs: the pro
 whole-value grammar probabilities along the path), summed over the private rows, Gaussian noise per
 cell; each record of the batch then draws its combination from that table (post-processing, free) and
 the mechanism pays only for the remaining fields' tokens.
+
+Released bands (release_bands): the drafter copies no digits (p(own Annual Salary | prompt) ~ 5e-7 on
+the public probe), so a salary voted digit by digit follows the drafter's uniform digits, sharpened:
+worse than the drafter alone. A numeric field in release_bands is instead released once per batch as a
+noisy table of its public bands given some released fields (release_band: each person's one-hot read
+off the record, the joint's L2 sensitivity); each record draws its band given its drawn values, then a
+value uniform within the band (post-processing).
 """
+import itertools
 import math
 import random
 from collections import Counter
@@ -270,14 +278,18 @@ def whole_value_scores(decoder, template, field, pending):
     return scores
 
 
-def released_fields(template):
-    """The leading categorical fields of the record: those the released joint covers."""
+def leading_categorical(fields, domains):
+    """The fields before the first one without public values: those the released joint covers."""
     out = []
-    for field in template.fields:
-        if field not in template.domains:
+    for field in fields:
+        if field not in domains:
             break
         out.append(field)
     return out
+
+
+def released_fields(template):
+    return leading_categorical(template.fields, template.domains)
 
 
 def joint_log_probs(decoder, template, fields, pending=()):
@@ -338,8 +350,84 @@ def public_joint(decoder, template):
     return JointRelease(fields, combos, probs[-1] / probs[-1].sum())
 
 
+@dataclass
+class BandRelease:
+    """What the records of one batch draw a numeric field from: its band given their released fields."""
+    field: str
+    given: list  # the released fields it is conditioned on
+    combos: list  # value tuples of `given`, one per row of probs
+    edges: torch.Tensor  # float64 public band edges (bins + 1)
+    probs: torch.Tensor  # float64 (len(combos), bins), each row a distribution (post-processing)
+
+
+def band_edges(bins):
+    """The public band edges of (low, high, count)."""
+    lo, hi, k = bins
+    return torch.linspace(float(lo), float(hi), int(k) + 1, dtype=torch.float64)
+
+
+def band_of(edges, value):
+    """The band holding `value`; values outside (low, high) go to the first or the last band."""
+    k = len(edges) - 1
+    at = int(torch.searchsorted(edges, torch.tensor([float(value)], dtype=torch.float64), right=True))
+    return min(max(at - 1, 0), k - 1)
+
+
+def band_counts(people, template, field, given, edges):
+    """((combinations of `given`, bands) counts, combinations): every person's one-hot at (its `given`
+    values, the band of its value), read off its record. One person moves one count by 1: L2 1, the
+    released joint's sensitivity. A value outside the public domains, or none, counts nowhere."""
+    combos = list(itertools.product(*[template.domains[f] for f in given]))
+    row_of = {c: i for i, c in enumerate(combos)}
+    counts = torch.zeros(len(combos), len(edges) - 1, dtype=torch.float64)
+    for person in people:
+        values, number = template.real_values(person), person.get(field)
+        key = tuple(values[f] for f in given)
+        if key in row_of and number is not None:
+            counts[row_of[key], band_of(edges, number)] += 1
+    return counts, combos
+
+
+def release_band(people, template, field, given, bins, sigma, stream):
+    """A numeric field's released table for one batch: band_counts (the drafter copies no digits, its
+    probe says so, so the band is read off the record) plus N(0, sigma^2) per cell from the DP stream.
+    Then post-processing only: cells under 2 sigma dropped, each row normalised; a row with nothing left
+    falls back to the table's band marginal, then to uniform bands."""
+    edges = band_edges(bins)
+    counts, combos = band_counts(people, template, field, given, edges)
+    noisy = counts + stream.normal(tuple(counts.shape), sigma, dtype=torch.float64)
+    kept = torch.where(noisy >= 2 * sigma, noisy, torch.zeros_like(noisy))
+    marginal = kept.sum(0)
+    marginal = marginal / marginal.sum() if marginal.sum() > 0 else torch.full_like(marginal, 1.0 / len(marginal))
+    rows = kept.sum(1, keepdim=True)
+    probs = torch.where(rows > 0, kept / rows.clamp(min=1e-300), marginal.expand_as(kept))
+    return BandRelease(field, list(given), combos, edges, probs)
+
+
+def public_band(template, field, given, bins):
+    """Uniform bands, no data: the plan's dry run (the released fields cost no token)."""
+    edges = band_edges(bins)
+    combos = list(itertools.product(*[template.domains[f] for f in given]))
+    return BandRelease(field, list(given), combos, edges,
+                       torch.full((len(combos), len(edges) - 1), 1.0 / (len(edges) - 1), dtype=torch.float64))
+
+
+def draw_band_value(band, values, template, gen):
+    """A value for band.field given the record's released values: a band from its row of the table, then
+    uniform within it (public post-processing), inside the field's digit grammar, at the schema's decimals."""
+    row = band.probs[band.combos.index(tuple(values[f] for f in band.given))]
+    b = int(torch.multinomial(row, 1, generator=gen))
+    d, (lo_digits, hi_digits) = template.decimals[band.field], template.digits[band.field]
+    scale = 10 ** d  # values in units of 10^-d, inside the grammar: lo_digits..hi_digits integer digits
+    smallest, largest = 10 ** (lo_digits - 1) * scale, 10 ** hi_digits * scale - 1
+    lo = min(max(math.ceil(float(band.edges[b]) * scale), smallest), largest)
+    hi = min(max(math.ceil(float(band.edges[b + 1]) * scale), lo + 1), largest + 1)
+    units = lo + int(torch.randint(hi - lo, (), generator=gen))
+    return f"{units // scale}.{units % scale:0{d}d}" if d else str(units)
+
+
 def decode_record(decoder, n_private, mech, template, gen, budget, max_value_tokens=40, public_only=False,
-                  whole_values=False, joint=None):
+                  whole_values=False, joint=None, bands=()):
     """One synthetic record: labels free, forced tokens free, other value tokens through the mechanism
     (public_only: all from the public row, the epsilon-0 drafter). Rows 0..n_private-1 are private, row
     n_private the public one. `budget` = private tokens left. Returns (values or None, why, counts).
@@ -349,7 +437,8 @@ def decode_record(decoder, n_private, mech, template, gen, budget, max_value_tok
     by its sequence log-probability (a vector clipped and averaged like a logit row: the same bounds, one
     private token). Byte by byte, a value decided at an inner byte (F -> I or A) is voted on by every row,
     also the ~90% whose record starts otherwise and whose prior then outweighs the records.
-    joint: a JointRelease; its fields are drawn from it first, free (counted as 'released')."""
+    joint: a JointRelease; its fields are drawn from it first, free (counted as 'released'). bands:
+    BandReleases; each field is drawn from its table given the joint's values, free."""
     counts = Counter()
     decoder.reset()
     values, pending = {}, []
@@ -359,10 +448,16 @@ def decode_record(decoder, n_private, mech, template, gen, budget, max_value_tok
             pending += template.label_ids[field] + template.tok.encode(value + "\n")
             values[field] = value
         counts["released"] += len(joint.fields)
+    banded = {band.field: band for band in bands}
     for field in template.fields:
         if field in values:
             continue
         pending += template.label_ids[field]
+        if field in banded:
+            values[field] = draw_band_value(banded[field], values, template, gen)
+            pending += template.tok.encode(values[field] + "\n")
+            counts["released"] += 1
+            continue
         if whole_values and field in template.domains and len(template.domains[field]) > 1:
             Z = whole_value_scores(decoder, template, field, pending)
             if public_only:
@@ -408,16 +503,17 @@ def decode_record(decoder, n_private, mech, template, gen, budget, max_value_tok
 
 
 def synthesize_records(decoder, n_private, mech, template, r, gen, max_records, public_only=False,
-                       max_value_tokens=40, on_record=None, whole_values=False, joint=None):
-    """Records from one batch until r private tokens are spent or max_records are kept (at most
-    2 * max_records attempts). Returns (kept [(values, counts)], discards Counter(why), private spent)."""
+                       max_value_tokens=40, on_record=None, whole_values=False, joint=None, bands=()):
+    """Records from one batch until r private tokens are spent (r = 0: every field released, none to
+    spend) or max_records are kept (at most 2 * max_records attempts). Returns (kept [(values, counts)],
+    discards Counter(why), private spent)."""
     kept, discards, spent = [], Counter(), 0
     mech.start(gen)
     for _ in range(2 * max_records):
-        if len(kept) >= max_records or (spent >= r and not public_only):
+        if len(kept) >= max_records or (0 < r <= spent and not public_only):
             break
         values, why, counts = decode_record(decoder, n_private, mech, template, gen, r - spent,
-                                            max_value_tokens, public_only, whole_values, joint)
+                                            max_value_tokens, public_only, whole_values, joint, bands)
         spent += counts["private"]
         if values is None:
             discards[why] += 1

@@ -24,6 +24,7 @@ from scipy.stats import ks_2samp
 from utils.model_under_test import sequence_logprobs
 from utils.data import write_meta, write_split
 from utils.private_prediction import max_rho_for_epsilon
+from utils.record_synthesis import band_edges, band_of
 
 
 def distribution(values):
@@ -83,10 +84,9 @@ def histogram_baseline(real_people, categorical, domains, numeric, bins, epsilon
     out = {}
     for name, values in real.items():
         if name in numeric:
-            lo, hi, k = bins[name]
-            edges = np.linspace(lo, hi, k + 1)
-            cell = lambda v: int(np.clip(np.searchsorted(edges, v, side="right") - 1, 0, k - 1))
-            hist = dp_histogram([cell(v) for v in values if v is not None], range(k), epsilon, delta, rng)
+            bands = band_edges(bins[name])  # the synthesis's own bands (release_bands)
+            edges, k = bands.numpy(), len(bands) - 1
+            hist = dp_histogram([band_of(bands, v) for v in values if v is not None], range(k), epsilon, delta, rng)
             probs = np.array([hist[repr(c)] for c in range(k)])
             which = rng.choice(k, size=n_samples, p=probs)
             draws = rng.uniform(edges[which], edges[which + 1])
