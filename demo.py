@@ -42,7 +42,7 @@ DEFAULTS = dict(
     ft_batch_size=16,    # non-private fine-tuning batch (records)
     dp_epsilon=8.0,      # target epsilon of the DP run
     # DP: the recipe of bench/utility.py (tuned on public data): a large batch (here N/4), 100 steps at a
-    # constant learning rate of 3e-3, and a small clip norm
+    # constant learning rate of 3e-3, a small clip norm, the first half of the blocks and the embeddings fixed
     dp_steps=100,        # DP fine-tuning steps
     dp_batch_size=50,    # DP expected batch (records; ~N/4 of the 200 people)
     dp_learning_rate=3e-3,  # DP fine-tuning learning rate
@@ -129,7 +129,7 @@ def main(argv=None):
     dp_finetune = opts(base_ckpt=base, data_dir=employees, loss_on="answer", max_steps=cfg["dp_steps"],
                        max_grad_norm=cfg["dp_clip"], batch_size=cfg["dp_batch_size"], microbatch_size=cfg["dp_batch_size"],
                        grad_sample_mode="hooks", learning_rate=cfg["dp_learning_rate"], eval_interval=0,
-                       log_interval=5)
+                       log_interval=5, freeze_first_blocks=cfg["n_layer"] // 2, freeze_embeddings=True)
     steps.run(f"fine-tune with DP-SGD (epsilon {cfg['dp_epsilon']})",
               ["finetune_dp.py", *dp_finetune, *opts(dp=True, target_epsilon=cfg["dp_epsilon"],
                                                       out_dir=os.path.join(out, "finetune_dp"))])

@@ -3,7 +3,7 @@
 #   python finetune_dp.py config/finetune_dp_employees.py
 #   python finetune_dp.py config/finetune_dp_employees.py --target_epsilon=3
 #   python finetune_dp.py config/finetune_dp_employees.py --dp=False       # the non-private reference
-#   python finetune_dp.py config/finetune_dp_employees.py --lora_rank=8    # LoRA: less noise per weight
+#   python finetune_dp.py config/finetune_dp_employees.py --lora_rank=8 --freeze_first_blocks=0 --freeze_embeddings=False
 #   python finetune_dp.py config/finetune_dp_employees.py --init_from=resume   # continue after a crash
 base_ckpt = "out/base/ckpt.pt"
 data_dir = "data/employees"
@@ -29,6 +29,12 @@ microbatch_size = 48
 max_steps = 100
 learning_rate = 3e-3
 weight_decay = 0.0
+# What is trained: the first half of the blocks (of the 4-block pydocs base) and the embeddings stay fixed.
+# The public sweep's best at 100 steps (0.923 vs 0.892 for the full fine-tune), and in the matrix it beat
+# the full fine-tune at every N and epsilon. LoRA freezes every base weight itself: with --lora_rank, set
+# these two to 0 / False (the run says so).
+freeze_first_blocks = 2
+freeze_embeddings = True
 
 eval_interval = 25
 checkpoint_interval = 25  # a crash loses at most 25 steps (--init_from=resume)

@@ -266,3 +266,17 @@ def test_noise_is_secure_normal_with_std_sigma_c_over_b(records_dir, mode, monke
     assert noise.numel() > 20000
     assert abs(float(noise.std()) / std - 1) < 0.03
     assert stats.kstest((noise / std).numpy(), "norm").pvalue > 1e-3
+
+
+def test_lora_over_a_freezing_config_is_refused_with_the_overrides_that_fix_it():
+    """The shipped DP config freezes blocks and embeddings (the recipe); LoRA freezes every base weight
+    itself, so `--lora_rank` on top of it is refused, naming exactly the keys to switch off."""
+    from utils.cli import UserError
+    from utils.finetune import prepare_model
+    cfg = dict(lora_rank=2, lora_alpha=16.0, lora_targets=("attn",), freeze_embeddings=True, freeze_first_blocks=2,
+               train_last_blocks=0)
+    with pytest.raises(UserError, match=r"add --freeze_embeddings=False --freeze_first_blocks=0$"):
+        prepare_model(tiny_model(**TINY), cfg)
+    gpt = tiny_model(**TINY)
+    prepare_model(gpt, {**cfg, "freeze_embeddings": False, "freeze_first_blocks": 0})
+    assert gpt.lora_config["rank"] == 2

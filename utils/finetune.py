@@ -266,8 +266,11 @@ def prepare_model(gpt, cfg):
     notes = []
     n_layer = gpt.config.n_layer
     if cfg["lora_rank"] > 0:
-        if cfg["freeze_embeddings"] or cfg["freeze_first_blocks"] or cfg["train_last_blocks"]:
-            raise UserError("lora_rank > 0 already freezes every base weight; drop the freeze_*/train_last_blocks keys")
+        frozen = {k: off for k, off in (("freeze_embeddings", False), ("freeze_first_blocks", 0),
+                                         ("train_last_blocks", 0)) if cfg[k]}
+        if frozen:
+            raise UserError("lora_rank > 0 already freezes every base weight: add "
+                            + " ".join(f"--{k}={off}" for k, off in frozen.items()))
         if gpt.lora_config:
             raise UserError("the base model already has LoRA adapters; merge them first or fine-tune without lora_rank")
         try:
