@@ -567,4 +567,11 @@ def test_an_apply_from_bytes_decrypts_in_the_image_where_a_plaintext_buffer_is_n
     with pytest.raises(pe.TamperedError):
         pa.apply_sealed_patch(base, bytes(damaged), key, "alice")
     assert same_state(before, state(base))
+    one_shot = pf.SealedPatch.from_bytes(raw)  # read by the caller, who says it is not needed again
+    pa.apply_sealed_patch(base, one_shot, key, "alice", consume=True).revert()
+    assert one_shot.consumed
+    with pytest.raises(pe.PatchFormatError, match="consumed"):
+        pa.apply_sealed_patch(base, one_shot, key, "alice")
+    assert same_state(before, state(base))
+    one_shot.close()
     sealed.close()

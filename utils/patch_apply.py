@@ -15,7 +15,7 @@ Applying a sealed patch to a base model, and reverting it exactly (PATCH_FORMAT.
   patch verified, so a registry decrypts into its plaintext scratch buffer instead.
 - A patch given as a path or bytes is read here for this apply only: its image may be decrypted in
   place (open_patch(consume=True)) where a plaintext buffer would be needed (rows, lossy values, CUDA
-  models). A SealedPatch the caller passes (a registry's, say) is never consumed.
+  models). A SealedPatch the caller passes (a registry's, say) is consumed only when it says so.
 - Applying hardens the process (secure_memory.harden_process): whoever holds the key and the plaintext
   gets no core dumps and cannot be attached to.
 """
@@ -208,7 +208,7 @@ def _decrypts_in_place(e):
 
 
 def apply_sealed_patch(model, patch, key, tenant, *, base_fp=None, scratch=None, storage=None, before_swap=None,
-                       max_bytes=DEFAULT_MAX_FILE_BYTES):
+                       max_bytes=DEFAULT_MAX_FILE_BYTES, consume=None):
     """Apply a sealed patch (a path, the file's bytes or a SealedPatch) of `tenant` to `model` in place,
     with the key from patch_keys.load_key(). Any failure raises a PatchError subclass and leaves the model
     bit-exactly as it was. `tenant` is required: a patch of any other tenant is refused, and no tenant
@@ -216,7 +216,9 @@ def apply_sealed_patch(model, patch, key, tenant, *, base_fp=None, scratch=None,
     base_fingerprint() when already known. Registries pass `scratch` (a SecureBuffer for the plaintext),
     `storage` (a PatchedStorage reused for the patched tensors: it holds the applied tenant's weights
     until the new patch verified) and `before_swap` (called after verification, before the model
-    changes). Returns an AppliedPatch: .revert().
+    changes). `consume`: the patch is not needed again, so its image may be decrypted in place
+    (open_patch(consume=True)); default: only a patch this call read itself (a path or bytes). Returns
+    an AppliedPatch: .revert().
 
     Without `storage`, on a CPU model, the patched tensors are laid out in fresh locked storage once the
     header is authentic, and the values of `delta` / `whole` tensors are decrypted straight into them
@@ -235,12 +237,13 @@ def apply_sealed_patch(model, patch, key, tenant, *, base_fp=None, scratch=None,
         return {i: out for i, (e, out) in enumerate(zip(header["tensors"], outs)) if _decrypts_in_place(e)}
 
     sealed, owned = SealedPatch.coerce(patch, max_bytes)
+    consume = owned if consume is None else consume
     opened = None
     try:
         if base_fp is None:
             base_fp = base_fingerprint(model)
         opened = open_patch(sealed, key, tenant=tenant, base_fp=base_fp, scratch=scratch,
-                            values_into=values_into if in_place else None, consume=owned)
+                            values_into=values_into if in_place else None, consume=consume)
     except BaseException:
         if owns_storage:
             storage.close()

@@ -4,8 +4,8 @@ header MAC (PATCH_FORMAT.md sections 3, 7, 8).
 
 open_patch() runs the checks in the order of PATCH_FORMAT.md section 8 (integrity before identity: a
 damaged patch is exit 3 even when it belongs to another tenant) and decrypts into one SecureBuffer, or,
-for the values a caller asks for, straight into its own locked tensors; any failure zeroes what was
-decrypted, wherever it went. A missing expected tenant is refused before anything is read. Nothing here
+for the values a caller asks for, straight into its own locked tensors, or, for a one-shot open, in the
+sealed image itself; any failure zeroes what was decrypted, wherever it went. A missing expected tenant is refused before anything is read. Nothing here
 touches a model.
 """
 import ctypes
@@ -157,8 +157,9 @@ def open_patch(sealed, key, tenant, base_fp=None, scratch=None, values_into=None
     read). Where it pays (_in_place_pays), the sealed image itself becomes `plain`: it is made secret
     (locked, zeroed on close and at exit) before any plaintext enters it, each chunk is decrypted over
     its own ciphertext and, once its tag verified, moved down to its place; `sealed` is then consumed
-    (opened again, tobytes() or export() it refuses). Its pages are resident already, so no fresh
-    memory is touched: that pre-fault was most of a cold open's cost (BENCHMARKS.md, "Throughput")."""
+    (opened again, tobytes() or export() it refuses; after a failure its image is all zeros). Its pages
+    are resident already, so no fresh memory is touched: that pre-fault was most of a cold open's cost
+    (BENCHMARKS.md, "Throughput")."""
     tenant = expected_tenant(tenant)
     sealed.check_intact()
     harden_process()
