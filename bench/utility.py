@@ -137,6 +137,10 @@ DEFAULTS = dict(
     sweep_methods=("full",),  # what is trained, tried
     sweep_lr_schedules=("constant",),  # learning-rate schedules tried (with dp_warmup_steps)
     report_only=False,  # True: write RESULTS.md from the finished runs of this matrix, train nothing
+    # run-to-run spread: these DP cells (N, method, target epsilon) run `repeats` times in all, each with
+    # fresh DP noise and sampling on the same data; the spread table reports every run, mean and sd
+    repeat_cells=(),
+    repeats=3,
     # scoring
     n_candidates=1000,  # random secrets each canary is ranked among
     mia_records=500,  # members and non-members each
@@ -166,6 +170,10 @@ def check_config(cfg):
         raise UserError("freeze_first_blocks must be in 0..n_layer and lora_rank >= 1")
     if cfg["base_ckpt"] and not os.path.isfile(cfg["base_ckpt"]):
         raise UserError(f"base_ckpt {cfg['base_ckpt']} does not exist")
+    if cfg["repeats"] < 1 or any(len(c) != 3 or c[1] not in cfg["methods"] or c[2] not in cfg["epsilons"]
+                                 for c in cfg["repeat_cells"]):
+        raise UserError("repeats must be >= 1 and each repeat_cells entry an (N, method, epsilon) of the matrix, "
+                        f"got {cfg['repeat_cells']}")
     if TASK_TARGET in cfg["pretrain_fields"] or cfg["pretrain_n"] < 0:
         raise UserError(f"pretrain_fields must not ask {TASK_TARGET} (the task the private data teaches) and "
                         "pretrain_n must be >= 0")
@@ -362,7 +370,7 @@ def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def results_markdown(rows, majority, cfg, machine, wall_s, planned):
+def results_markdown(rows, majority, cfg, machine, wall_s, planned, again=()):
     reference = {r["n"]: r["accuracy"] for r in rows if r["target_epsilon"] is None and r["method"] == "full"}
     lines = ["# DP utility at realistic scale (issue 17)", "",
              f"Machine (at report time): {machine}. Runs: {sorted({r.get('threads', 1) for r in rows})} torch "
@@ -398,12 +406,39 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned):
                      f"| {r['steps'] or '-'} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
                      f"| {share} | {gain} | {floor:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} "
                      f"| {mia} | {fmt(r.get('mia_blind_auc'))} | {fmt(r.get('train_cpu_s'), 0)} |")
+    lines += spread_markdown(rows, again, reference, cfg)
     missing = [p for p in planned if p not in {(r["n"], r["method"], r["target_epsilon"]) for r in rows}]
     if missing:
         lines += ["", f"Not run yet ({len(missing)} of {len(planned)} planned runs): "
                   + ", ".join(f"N={n} {m} {'no DP' if e is None else f'ε={e:g}'}" for n, m, e in missing)
                   + ". The same command runs them (finished runs are reused)."]
     return "\n".join(lines) + "\n"
+
+
+def spread_markdown(rows, again, reference, cfg):
+    """The repeated cells: each run's accuracy and exposure gap, their mean and sd (run 1 is the matrix's)."""
+    cells = sorted({(r["n"], r["method"], r["target_epsilon"]) for r in again})
+    if not cells:
+        return []
+    lines = ["", f"## Run-to-run spread ({cfg['repeats']} runs per cell)", "",
+             "The same data and recipe, fresh DP noise and Poisson sampling in each run (run 1 is the row above). "
+             "Each run is its own release at the cell's ε; the mean describes the recipe, not one model.", "",
+             "| N | method | DP target ε | accuracy per run | mean ± sd | % of non-private (mean) "
+             "| exposure gap per run (bits) | mean gap | MIA AUC per run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for n, method, eps in cells:
+        runs = [r for r in rows if (r["n"], r["method"], r["target_epsilon"]) == (n, method, eps)]
+        runs += sorted((r for r in again if (r["n"], r["method"], r["target_epsilon"]) == (n, method, eps)),
+                       key=lambda r: r["repeat"])
+        acc = np.array([r["accuracy"] for r in runs])
+        gaps = [r.get("exposure_gap_bits") for r in runs]
+        ref = reference.get(n)
+        lines.append(f"| {n} | {method} | {eps:g} | {', '.join(f'{a:.3f}' for a in acc)} "
+                     f"| {acc.mean():.3f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.3f} "
+                     f"| {f'{100 * acc.mean() / ref:.1f}%' if ref else '-'} | {', '.join(fmt(g, 2) for g in gaps)} "
+                     f"| {fmt(float(np.mean([g for g in gaps if g is not None])) if any(g is not None for g in gaps) else None, 2)} "
+                     f"| {', '.join(fmt(r.get('mia_auc')) for r in runs)} |")
+    return lines
 
 
 def plot_results(rows, majority, cfg, results_dir):
@@ -442,10 +477,14 @@ def plot_results(rows, majority, cfg, results_dir):
 
 # ----------------------------------------------------------------------------- the two modes
 def run_matrix(cfg):
+    """The matrix, then the repeats of repeat_cells (tags <cell>_r2, _r3, ...: run 1 is the matrix's).
+    Returns (rows, repeat rows, majority rate per N, wall seconds, planned runs)."""
     runs = [(n, m, e) for n in cfg["n_persons"] for m in cfg["methods"]
             for e in ((None,) if m in cfg["nodp_methods"] else ()) + tuple(cfg["epsilons"])]
-    progress = Progress("utility runs", len(runs), hint="--n_persons, --methods, --epsilons", interval=0)
-    rows, majority = [], {}
+    repeats = [(n, m, e, k) for n, m, e in cfg["repeat_cells"] if n in cfg["n_persons"] for k in range(2, cfg["repeats"] + 1)]
+    progress = Progress("utility runs", len(runs) + len(repeats), hint="--n_persons, --methods, --epsilons, --repeats",
+                        interval=0)
+    rows, again, majority = [], [], {}
     for n in cfg["n_persons"]:
         data_dir = prepare_data(cfg, n, cfg["seed"])
         majority[n] = majority_rate(data_dir)[1]
@@ -454,9 +493,13 @@ def run_matrix(cfg):
             row = run_one(cfg, base, data_dir, n, method, eps)
             rows += [row] if row else []
             progress.update()
+        for _, method, eps, k in (r for r in repeats if r[0] == n):
+            row = run_one(cfg, base, data_dir, n, method, eps, tag=f"n{n}_{method}_eps{eps:g}_r{k}")
+            again += [dict(row, repeat=k)] if row else []
+            progress.update()
     if cfg["report_only"]:
-        print(f"{len(rows)} of {len(runs)} runs finished: the table shows those")
-    return rows, majority, sum(r["wall_s"] for r in rows), runs
+        print(f"{len(rows) + len(again)} of {len(runs) + len(repeats)} runs finished: the tables show those")
+    return rows, again, majority, sum(r["wall_s"] for r in rows + again), runs
 
 
 def run_sweep(cfg):
@@ -516,12 +559,13 @@ def main(argv=None):
                                                                          machine=machine, wall_s=wall))
         print(f"wrote {cfg['results_dir']}/sweep.md ({len(rows)} settings ranked)")
         return rows
-    rows, majority, wall, planned = run_matrix(cfg)
+    rows, again, majority, wall, planned = run_matrix(cfg)
     machine = describe_machine()
     write_bytes(os.path.join(cfg["results_dir"], "RESULTS.md"),
-                results_markdown(rows, majority, cfg, machine, wall, planned).encode())
+                results_markdown(rows, majority, cfg, machine, wall, planned, again).encode())
     write_json(os.path.join(cfg["results_dir"], "results.json"),
-               dict(rows=rows, majority_rate={str(k): v for k, v in majority.items()}, machine=machine, wall_s=wall))
+               dict(rows=rows, repeats=again, majority_rate={str(k): v for k, v in majority.items()}, machine=machine,
+                    wall_s=wall))
     plot_results(rows, majority, cfg, cfg["results_dir"])
     print(f"wrote {cfg['results_dir']}/RESULTS.md, results.json, utility_vs_epsilon.png, exposure_vs_epsilon.png")
     return rows

@@ -123,6 +123,24 @@ def test_rerun_resumes_from_finished_runs(matrix, monkeypatch):
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
 
 
+def test_repeated_cells_run_again_with_fresh_noise_and_report_the_spread(matrix):
+    """repeat_cells: the cell's matrix run is run 1 (reused, not retrained), the others get their own tags
+    and JSON; the spread table lists every run's accuracy and gap with the mean and sd."""
+    tmp, rows = matrix
+    again = utility.main(tiny_args(tmp) + ["--repeat_cells=((40, 'full', 8.0),)", "--repeats=2"])
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]  # the matrix itself is reused
+    done = json.load(open(tmp / "results" / "results.json"))
+    (second,) = done["repeats"]
+    assert second["tag"] == "n40_full_eps8_r2" and second["repeat"] == 2 and second["epsilon"] <= 8.0
+    assert os.path.isfile(tmp / "out" / "runs" / "n40_full_eps8_r2.json")
+    first = next(r for r in rows if r["target_epsilon"] == 8.0)
+    table = (tmp / "results" / "RESULTS.md").read_text()
+    accs = [first["accuracy"], second["accuracy"]]
+    mean, sd = sum(accs) / 2, abs(accs[0] - accs[1]) / 2 ** 0.5
+    assert "## Run-to-run spread (2 runs per cell)" in table
+    assert f"| 40 | full | 8 | {accs[0]:.3f}, {accs[1]:.3f} | {mean:.3f} ± {sd:.3f} |" in table
+
+
 def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
     rows = utility.main(tiny_args(tmp_path) + ["--sweep=True", "--sweep_n=40", "--sweep_methods=('lora',)",
                                                "--sweep_batch_sizes=(8,)", "--sweep_steps=(2,)", "--sweep_clip=(0.1, 1.0)",
@@ -137,7 +155,8 @@ def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
 @pytest.mark.parametrize("bad", ["--public_seed=1337", "--methods=('everything',)", "--nodp_methods=('fulll',)",
                                  "--epsilons=(0.0,)",
                                  "--n_persons=(3,)",
-                                 "--pretrain_fields=('Job Titles', 'Department')", "--field_order=sorted"])
+                                 "--pretrain_fields=('Job Titles', 'Department')", "--field_order=sorted",
+                                 "--repeat_cells=((40, 'lora', 8.0),)", "--repeats=0"])
 def test_bad_input_is_refused_before_work(tmp_path, bad):
     with pytest.raises(UserError):
         utility.main(tiny_args(tmp_path) + [bad])
