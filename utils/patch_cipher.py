@@ -5,8 +5,8 @@ header MAC (PATCH_FORMAT.md sections 3, 7, 8).
 open_patch() runs the checks in the order of PATCH_FORMAT.md section 8 (integrity before identity: a
 damaged patch is exit 3 even when it belongs to another tenant) and decrypts into one SecureBuffer, or,
 for the values a caller asks for, straight into its own locked tensors, or, for a one-shot open, in the
-sealed image itself; any failure zeroes what was decrypted, wherever it went. A missing expected tenant is refused before anything is read. Nothing here
-touches a model.
+sealed image itself; any failure zeroes what was decrypted, wherever it went. A missing expected tenant
+is refused before anything is read. Nothing here touches a model.
 """
 import ctypes
 import hashlib
@@ -269,7 +269,7 @@ def _decrypt_record(data, pos, n, key, ad, pieces, out):
         pass
     if out is None:  # GCM is CTR mode: the same keystream XORed again gives the ciphertext back
         again = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
-        for dst in landed:
+        for dst in landed:  # every piece, to keep the keystream in step; the caller's views are zeroed next
             again.update_into(dst, dst)
     _zero(pieces, landed, out)
     return False
