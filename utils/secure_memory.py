@@ -71,11 +71,12 @@ def aligned(nbytes):
 class SecureBuffer:
     """`nbytes` of anonymous, dump-excluded memory; mlock'ed when `lock` and the limit allow (else
     `lock_error` says why), zeroed on close() when `wipe` (ciphertext need not be: wipe=False saves a
-    pass over it)."""
+    pass over it). `reserve`: address space mapped behind it for grow(), not touched until then (an
+    untouched page costs nothing)."""
 
-    def __init__(self, nbytes, lock=True, wipe=True):
-        self.nbytes, self.wipe = int(nbytes), wipe
-        self._size = max(1, self.nbytes)
+    def __init__(self, nbytes, lock=True, wipe=True, reserve=0):
+        self.nbytes, self.wipe, self._want_lock = int(nbytes), wipe, lock
+        self._size = max(1, self.nbytes + int(reserve))
         self.mm = mmap.mmap(-1, self._size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.dontdump = self._madvise(getattr(mmap, "MADV_DONTDUMP", 16))
@@ -84,21 +85,48 @@ class SecureBuffer:
         self.address = ctypes.addressof(probe)
         del probe  # a live export would keep the mmap from closing
         self.locked, self.lock_error = False, "not requested"
-        if lock:
-            self._lock()  # mlock faults every page in itself
-        if not self.locked:
-            self._madvise(MADV_POPULATE_WRITE)  # older kernels refuse it: pages then fault on first use
+        self._make_resident(0, self._size - int(reserve))
         if wipe:
             _live.add(self)
 
-    def _lock(self):
+    @property
+    def capacity(self):
+        """Mapped bytes: nbytes and the reserve grow() may still take."""
+        return self._size
+
+    def _make_resident(self, start, end):
+        """Lock bytes [start, end) (when asked, the limit allows and all before them are locked: mlock
+        faults the pages in itself), else pre-fault them in one call (MADV_POPULATE_WRITE; older kernels
+        refuse it: pages then fault on first use)."""
+        start -= start % mmap.PAGESIZE
+        if end <= start:
+            return
+        if self._want_lock and (self.locked or start == 0):
+            self._lock(start, end)
+        if not self.locked:
+            try:
+                self.mm.madvise(MADV_POPULATE_WRITE, start, end - start)
+            except (AttributeError, OSError, ValueError, TypeError):
+                pass
+
+    def grow(self, nbytes):
+        """Extend the buffer to `nbytes` within its reserve, in place (views of it stay valid); the new
+        pages are locked or pre-faulted like the first."""
+        if nbytes > self._size:
+            raise ValueError(f"cannot grow a buffer of {self._size:,} mapped bytes to {nbytes:,}")
+        old, self.nbytes = self.nbytes, max(self.nbytes, int(nbytes))
+        self._make_resident(old, self.nbytes)
+
+    def _lock(self, start=0, end=None):
+        end = max(1, self.nbytes) if end is None else end
         limit = raise_memlock_limit()
-        if _libc.mlock(self.address, self._size) == 0:
+        if _libc.mlock(self.address + start, end - start) == 0:
             self.locked, self.lock_error = True, None
         else:
             err = ctypes.get_errno()
+            self._unlock()  # all or nothing: pages locked before would hold budget other buffers need
             self.lock_error = (f"mlock refused ({errno.errorcode.get(err, err)}; RLIMIT_MEMLOCK "
-                               f"{'unlimited' if limit is None else f'{limit:,} bytes'} for {self._size:,})")
+                               f"{'unlimited' if limit is None else f'{limit:,} bytes'} for {end:,})")
 
     def make_secret(self):
         """Turn a buffer made for ciphertext (lock=False, wipe=False) into one for plaintext, before any
@@ -108,6 +136,19 @@ class SecureBuffer:
             self._lock()
         self.wipe = True
         _live.add(self)
+
+    def mark_ciphertext(self):
+        """Every byte that held plaintext holds ciphertext now (an in-place seal encrypted each where it
+        lay): close() need not spend a pass zeroing it, and its pages are unlocked (RLIMIT_MEMLOCK is for
+        plaintext; a later make_secret() locks them again, resident, cheaply)."""
+        self.wipe = False
+        _live.discard(self)
+        self._unlock()
+
+    def _unlock(self):
+        if self.locked:
+            _libc.munlock(self.address, self._size)
+            self.locked = False
 
     def _madvise(self, option):
         try:
@@ -130,8 +171,9 @@ class SecureBuffer:
         return t if shape is None else t.view(shape)
 
     def zero(self, offset=0, nbytes=None):
+        """Zero [offset, offset + nbytes), by default to the end of the buffer (not its untouched reserve)."""
         if self.mm is not None and not self.mm.closed:
-            ctypes.memset(self.address + offset, 0, self._size - offset if nbytes is None else nbytes)
+            ctypes.memset(self.address + offset, 0, max(1, self.nbytes) - offset if nbytes is None else nbytes)
 
     def close(self):
         """Zero, unlock and unmap. Views still alive keep the mapping until they go, already zeroed."""
@@ -139,9 +181,7 @@ class SecureBuffer:
             return
         if self.wipe:
             self.zero()
-        if self.locked:
-            _libc.munlock(self.address, self._size)
-            self.locked = False
+        self._unlock()
         try:
             self.mm.close()
         except BufferError:
