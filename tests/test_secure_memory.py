@@ -1,6 +1,7 @@
 """utils/secure_memory.py and where the plaintext lives: buffers, the patched (fine-tuned) parameters, and
 hardened processes. Pages are checked in /proc/self/smaps: `Locked:` (mlock) and the `dd` VmFlag
 (MADV_DONTDUMP)."""
+import copy
 import ctypes
 import mmap
 import os
@@ -11,10 +12,11 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_model
 from tests.sealed_fixtures import sealed_patch, tiny_pair
 from utils import secure_memory as sm
 from utils.checkpoint import save_checkpoint
+from utils.delta_tracker import DeltaTracker
 from utils.patch_apply import apply_sealed_patch
 from utils.patch_keys import generate_key_file
 
@@ -72,6 +74,45 @@ def test_fresh_buffers_are_prefaulted_without_asking_for_huge_pages():
     libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
     assert libc.mincore(buf.address, 4 << 20, resident) == 0 and all(v & 1 for v in resident)
     buf.close()
+
+
+def test_delta_tracker_payloads_share_one_locked_undumpable_arena_zeroed_when_released():
+    """The payloads a patch will seal lie back to back in one arena (so seal(consume=True) can encrypt
+    them there), locked and dump-excluded like any plaintext buffer; the room reserved behind them for
+    sealing is left untouched; each payload is zeroed when closed, the arena with the last."""
+    base = tiny_model().eval()
+    tracker = DeltaTracker(base, dp=True)  # DP: every trainable tensor is stored, no gradient needed
+    model = copy.deepcopy(base)
+    tracker(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    plain, _ = tracker.build(model)
+    arena = plain[0].buffer.arena
+    buf = arena.buffer
+    assert len(plain) > 3 and all(t.buffer.arena is arena for t in plain)
+    assert [t.buffer.offset for t in plain] == sorted(t.buffer.offset for t in plain)  # in header order
+    assert buf.nbytes < sum(t.nbytes for t in plain) + 64 * len(plain) < buf.capacity
+    path, flags, locked_kb = mapping(buf.address)
+    assert path == "" and "dd" in flags and "wf" in flags
+    if lock_possible(buf.nbytes):
+        assert buf.locked and "lo" in flags and locked_kb * 1024 >= buf.nbytes
+    else:
+        assert not buf.locked and "RLIMIT_MEMLOCK" in buf.lock_error
+    resident = (ctypes.c_ubyte * (buf.capacity // mmap.PAGESIZE))()
+    libc = ctypes.CDLL(None)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    assert libc.mincore(buf.address, len(resident) * mmap.PAGESIZE, resident) == 0
+    assert sum(v & 1 for v in resident) * mmap.PAGESIZE < buf.nbytes + 2 * mmap.PAGESIZE  # the reserve: untouched
+    view = buf.tensor(torch.uint8, 0, buf.nbytes)
+    first = plain[0].buffer
+    assert view[first.offset:first.offset + first.nbytes].count_nonzero() > 0
+    plain[0].close()
+    assert not view[first.offset:first.offset + first.nbytes].any() and arena.buffer is buf
+    assert view.count_nonzero() > 0
+    for t in plain[1:]:
+        t.close()
+    assert arena.buffer is None and not view.any()  # released, zeroed (the view kept the mapping to look)
 
 
 def test_patched_parameters_live_in_locked_undumpable_memory_and_are_zeroed_on_revert():

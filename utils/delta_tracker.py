@@ -15,7 +15,8 @@ import copy
 
 import torch
 
-from utils.patch_payload import bits, delta_tensor, whole_tensor
+from utils.patch_format import DEFAULT_CHUNK_BYTES, dtype_name
+from utils.patch_payload import PayloadArena, bits, delta_tensor, payload_bound, whole_tensor
 
 
 class DeltaTracker:
@@ -66,59 +67,88 @@ class DeltaTracker:
         self.handles = []
 
     @torch.no_grad()
-    def build(self, trained, delta_dtype="exact"):
-        """(list of PlainTensor, report dict). The snapshot is zeroed and dropped afterwards."""
+    def build(self, trained, delta_dtype="exact", chunk_bytes=DEFAULT_CHUNK_BYTES):
+        """(list of PlainTensor, report dict). The payloads lie in one PayloadArena, in this order, with
+        room to be sealed in place (seal(..., consume=True)) in chunks of at least `chunk_bytes`. The
+        snapshot is zeroed and dropped afterwards."""
         if self.model is None:
             raise RuntimeError("DeltaTracker was never called: pass it as on_model_ready")
         self.remove_hooks()
         stored = None if delta_dtype == "exact" else delta_dtype
         params = dict(trained.named_parameters())
-        entries, rep = [], dict(trainable=len(self.trainable), frozen=len(self.frozen), untouched=[], zero_delta=[],
-                                rows={}, changed_values=0, stored_values=0, drift_values=0, drift_max=0.0,
-                                exceptions=0, max_error=0.0, new_tensors=0)
+        rep = dict(trainable=len(self.trainable), frozen=len(self.frozen), untouched=[], zero_delta=[], rows={},
+                   changed_values=0, stored_values=0, drift_values=0, drift_max=0.0, exceptions=0, max_error=0.0,
+                   new_tensors=0)
+        plan = self._plan(params, rep)
+        bound = 0
+        for name, dtype, rows in plan:  # sizes the arena before anything is computed: the most each can take
+            dt = dtype_name(dtype)
+            bound += payload_bound(params[name].shape, dt, stored or dt, None if rows is None else rows.numel())
+        arena, entries = PayloadArena(bound, len(plan), chunk_bytes), []
+        try:
+            for name, dtype, rows in plan:
+                ft = params[name].detach().to(dtype)  # the parameter itself when the dtypes agree (no copy)
+                if name not in self.snapshot:
+                    entry = whole_tensor(name, ft, stored, arena=arena)
+                else:
+                    entry = delta_tensor(name, self.snapshot[name].to(dtype), ft, rows=rows, stored_dtype=stored,
+                                         arena=arena)
+                    if entry is None:
+                        rep["zero_delta"].append(name)
+                        continue
+                    if name in self.row_masks:
+                        rep["rows"][name] = (entry.rows if entry.kind == "rows" else ft.shape[0], ft.shape[0])
+                entries.append(entry)
+                rep["stored_values"] += _values(entry)
+                rep["exceptions"] += entry.exceptions
+                rep["max_error"] = max(rep["max_error"], entry.max_error)
+        except BaseException:
+            for entry in entries:
+                entry.close()
+            raise
+        finally:
+            if not entries:
+                arena.release()
+            for t in self.snapshot.values():
+                t.zero_()
+            self.snapshot = {}
+        return entries, rep
+
+    def _plan(self, params, rep):
+        """[(name, dtype, candidate rows or None)] of the tensors to store, in order; counts what is left
+        out (untouched, drift) in `rep`."""
+        plan = []
         for name in self.trainable:
             p = params[name]
             dtype = self.base_dtypes.get(name, self.default_dtype)
-            ft = p.detach().to(dtype)  # the parameter itself when the dtypes agree (no copy)
+            ft = p.detach().to(dtype)
             if name not in self.snapshot:  # not in the base (a LoRA adapter): stored whole, always
-                entry = whole_tensor(name, ft, stored)
                 rep["new_tensors"] += 1
                 rep["changed_values"] += ft.numel()
+                plan.append((name, dtype, None))
+                continue
+            base = self.snapshot[name].to(dtype)
+            changed = bits(ft) != bits(base)
+            rep["changed_values"] += int(changed.sum())
+            if self.dp:  # noise moved everything: select from the released weights only
+                keep = None
+                rows = torch.arange(ft.shape[0]) if name in self.row_masks else None
+            elif name in self.row_masks:
+                keep = self.row_masks[name].view(-1, *([1] * (ft.dim() - 1))).expand_as(ft)
+                rows = self.row_masks[name].nonzero().squeeze(1).cpu()
             else:
-                base = self.snapshot[name].to(dtype)
-                changed = bits(ft) != bits(base)
-                rep["changed_values"] += int(changed.sum())
-                if self.dp:  # noise moved everything: select from the released weights only
-                    keep = None
-                    rows = torch.arange(ft.shape[0]) if name in self.row_masks else None
-                elif name in self.row_masks:
-                    keep = self.row_masks[name].view(-1, *([1] * (ft.dim() - 1))).expand_as(ft)
-                    rows = self.row_masks[name].nonzero().squeeze(1).cpu()
-                else:
-                    keep = None if name in self.touched else torch.zeros_like(changed)
-                    rows = None
-                if keep is not None:  # values that moved without a gradient (weight decay): left out
-                    drift = changed & ~keep
-                    if drift.any():
-                        rep["drift_values"] += int(drift.sum())
-                        rep["drift_max"] = max(rep["drift_max"], float((ft - base)[drift].abs().max()))
-                if not self.dp and name not in self.touched:
-                    rep["untouched"].append(name)
-                    continue
-                entry = delta_tensor(name, base, ft, rows=rows, stored_dtype=stored)
-                if entry is None:
-                    rep["zero_delta"].append(name)
-                    continue
-                if name in self.row_masks:
-                    rep["rows"][name] = (entry.rows if entry.kind == "rows" else ft.shape[0], ft.shape[0])
-            entries.append(entry)
-            rep["stored_values"] += _values(entry)
-            rep["exceptions"] += entry.exceptions
-            rep["max_error"] = max(rep["max_error"], entry.max_error)
-        for t in self.snapshot.values():
-            t.zero_()
-        self.snapshot = {}
-        return entries, rep
+                keep = None if name in self.touched else torch.zeros_like(changed)
+                rows = None
+            if keep is not None:  # values that moved without a gradient (weight decay): left out
+                drift = changed & ~keep
+                if drift.any():
+                    rep["drift_values"] += int(drift.sum())
+                    rep["drift_max"] = max(rep["drift_max"], float((ft - base)[drift].abs().max()))
+            if not self.dp and name not in self.touched:
+                rep["untouched"].append(name)
+                continue
+            plan.append((name, dtype, rows))
+        return plan
 
 
 def _values(entry):
