@@ -22,20 +22,28 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from utils.patch_errors import (PatchFormatError, SwappedBlobError, TamperedError, WrongBaseError, WrongKeyError,
                                 WrongTenantError)
 from utils.patch_format import (DEFAULT_CHUNK_BYTES, DTYPES, FORMAT_VERSION, MAC_BYTES, MAX_CHUNK_BYTES,
-                                NONCE_BYTES, SALT_BYTES, TAG_BYTES, SealedPatch, check_header, check_tenant,
-                                chunk_ad, encode_header, lay_out, payload_layout, record_sizes, valid_name)
+                                NONCE_BYTES, RECORD_OVERHEAD, SALT_BYTES, TAG_BYTES, SealedPatch, check_header,
+                                check_tenant, chunk_ad, encode_header, lay_out, payload_layout, record_sizes,
+                                valid_name)
 from utils.patch_keys import expected_tenant, header_mac, master_key, new_key_spec, subkey, tensor_key
 from utils.patch_payload import set_bits
 from utils.secure_memory import SecureBuffer, aligned, harden_process
 
 
 def seal(tensors, key, *, tenant, base_fingerprint, structure=None, meta=None, generation=None,
-         chunk_bytes=DEFAULT_CHUNK_BYTES, scrypt_params=None):
+         chunk_bytes=DEFAULT_CHUNK_BYTES, scrypt_params=None, consume=False):
     """Encrypt PlainTensors into a SealedPatch (the sealed file's bytes, in anonymous memory).
     structure: {"untie_weights": bool, "lora": None | {"rank", "alpha", "targets"}}, what applying must do
     to the base before the tensors fit. meta: non-secret JSON shown at apply time (authenticated).
     generation: the tenant's patch counter (a registry refuses one older than it has seen); default the
-    creation time in nanoseconds, which grows from patch to patch on one clock without any state."""
+    creation time in nanoseconds, which grows from patch to patch on one clock without any state.
+
+    `consume`: the caller needs the tensors no more. When they are the payloads of one PayloadArena
+    (DeltaTracker.build's) and its layout allows (_arena_to_seal), each chunk is encrypted over its own
+    plaintext, last chunk first, and moved up to its place; the header and MAC go in front and the arena
+    becomes the patch's image, so no fresh memory is pre-faulted (most of a cold seal's cost:
+    BENCHMARKS.md, "Throughput"). The tensors are consumed then (they refuse use). Otherwise, and
+    without `consume`, the image is a fresh buffer and the tensors are left as they were."""
     check_tenant(tenant)
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise PatchFormatError(f"chunk size must be in 1..{MAX_CHUNK_BYTES} bytes")
@@ -60,26 +68,74 @@ def seal(tensors, key, *, tenant, base_fingerprint, structure=None, meta=None, g
     signed = encode_header(header)
     header_sha = hashlib.sha256(signed).hexdigest()
     blob_start = len(signed) + MAC_BYTES
-    image = SecureBuffer(blob_start + header["blob_bytes"], lock=False, wipe=False)  # ciphertext: not secret
+    records = []  # (tensor index, chunk index, file position, offset in the payload, plaintext length)
+    for ti, entry in enumerate(header["tensors"]):
+        pos, start = blob_start + entry["offset"], 0
+        for ci, n in enumerate(record_sizes(entry["plain_bytes"], chunk_bytes)):
+            records.append((ti, ci, pos, start, n))
+            pos, start = pos + RECORD_OVERHEAD + n, start + n
+    image_bytes = blob_start + header["blob_bytes"]
+    arena = _arena_to_seal(tensors, records, image_bytes) if consume else None
+    if arena is not None:
+        slots = [t.buffer for t in tensors]
+        image = arena.consume(image_bytes)
+    else:
+        image = SecureBuffer(image_bytes, lock=False, wipe=False)  # ciphertext: not secret
     out = image.view()
-    out[:len(signed)] = signed
-    out[len(signed):blob_start] = header_mac(subkey(master, salt, "header-mac"), signed)
-    for t, entry in zip(tensors, header["tensors"]):
-        cipher_key = tensor_key(master, salt, t.name)
-        pos, src = blob_start + entry["offset"], 0
-        plain = t.buffer.view(0, t.nbytes)
-        for i, n in enumerate(record_sizes(t.nbytes, chunk_bytes)):
-            nonce = secrets.token_bytes(NONCE_BYTES)
-            enc = Cipher(algorithms.AES(cipher_key), modes.GCM(nonce)).encryptor()
-            enc.authenticate_additional_data(chunk_ad(header, header_sha, entry, i))
+    keys = [tensor_key(master, salt, t.name) for t in tensors]
+    try:
+        for ti, ci, pos, start, n in reversed(records) if arena is not None else records:
+            nonce, ad = secrets.token_bytes(NONCE_BYTES), chunk_ad(header, header_sha, header["tensors"][ti], ci)
+            if arena is not None:  # over its own plaintext, then up to its place (they may overlap: memmove)
+                src = slots[ti].offset + start
+                tag = _encrypt(keys[ti], nonce, ad, out[src:src + n], out[src:src + n])
+                ctypes.memmove(image.address + pos + NONCE_BYTES, image.address + src, n)
+            else:
+                tag = _encrypt(keys[ti], nonce, ad, tensors[ti].buffer.view(start, n),
+                               out[pos + NONCE_BYTES:pos + NONCE_BYTES + n])
             out[pos:pos + NONCE_BYTES] = nonce
-            enc.update_into(plain[src:src + n], out[pos + NONCE_BYTES:pos + NONCE_BYTES + n])
-            enc.finalize()
-            out[pos + NONCE_BYTES + n:pos + NONCE_BYTES + n + TAG_BYTES] = enc.tag
-            pos, src = pos + NONCE_BYTES + n + TAG_BYTES, src + n
-        del plain
+            out[pos + NONCE_BYTES + n:pos + RECORD_OVERHEAD + n] = tag
+        out[:len(signed)] = signed
+        out[len(signed):blob_start] = header_mac(subkey(master, salt, "header-mac"), signed)
+    except BaseException:
+        del out
+        if arena is not None:  # plaintext and ciphertext mixed: the tensors are gone either way
+            image.zero()
+        image.close()
+        raise
     del out
+    if arena is not None:
+        image.mark_ciphertext()  # each plaintext byte was encrypted where it lay, the padding never held any
     return SealedPatch(image, header, len(signed))
+
+
+def _encrypt(key, nonce, ad, plain, out):
+    """One chunk, AES-256-GCM: `plain` encrypted into `out` (which may be `plain` itself); returns the tag."""
+    enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    enc.authenticate_additional_data(ad)
+    enc.update_into(plain, out)
+    enc.finalize()
+    return enc.tag
+
+
+def _arena_to_seal(tensors, records, image_bytes):
+    """The PayloadArena `tensors` lie in, when it can become their sealed image: they are all its open
+    payloads (no other plaintext would be left in it), the image covers its payloads and fits its
+    reserve, and each record's place (nonce, ciphertext, tag) lies at or after the end of every earlier
+    chunk's plaintext, so that placing the records last first never overwrites plaintext not yet
+    encrypted. True by construction of an arena filled in header order (the header comes first, each
+    chunk adds 28 bytes); checked like _moves_down, else None (a fresh image)."""
+    arena = getattr(tensors[0].buffer, "arena", None) if tensors else None
+    if arena is None or arena.buffer is None or {id(t.buffer) for t in tensors} != {id(s) for s in arena.slots}:
+        return None
+    if not arena.buffer.nbytes <= image_bytes <= arena.buffer.capacity:
+        return None
+    end = 0
+    for ti, _, pos, start, n in records:
+        if pos < end:
+            return None
+        end = max(end, tensors[ti].buffer.offset + start + n)
+    return arena
 
 
 @dataclass
