@@ -191,7 +191,7 @@ def seal_main(argv):
     trained = result["model"].cpu()
 
     t0 = time.perf_counter()
-    plain, rep = tracker.build(trained, cfg["delta_dtype"])
+    plain, rep = tracker.build(trained, cfg["delta_dtype"], chunk_bytes=cfg["chunk_mb"] << 20)
     privacy = result["privacy"]
     meta = {"tokenizer": tok.name if tok.name != "word" else None, "dp": bool(privacy),
             "epsilon": privacy["epsilon"] if privacy else None, "delta": privacy["delta"] if privacy else None,
@@ -201,7 +201,7 @@ def seal_main(argv):
     try:
         sealed = seal(plain, key, tenant=tenant, base_fingerprint=base_fp, structure=tracker.structure, meta=meta,
                       generation=cfg["generation"] or None, chunk_bytes=cfg["chunk_mb"] << 20,
-                      scrypt_params={"n": cfg["scrypt_n"]})
+                      scrypt_params={"n": cfg["scrypt_n"]}, consume=True)  # encrypted where they lie
     finally:
         for t in plain:
             t.close()
@@ -289,7 +289,7 @@ def apply_main(argv):
     t0 = time.perf_counter()
     base_fp = base_fingerprint(base)
     fp_s = time.perf_counter() - t0
-    applied = apply_sealed_patch(base, sealed, key, tenant, base_fp=base_fp)
+    applied = apply_sealed_patch(base, sealed, key, tenant, base_fp=base_fp, consume=True)  # read for this apply only
     h = applied.header
     m = h["meta"]
     print(f"applied patch {h['patch_id']} of tenant {h['tenant']} (generation {h['generation']}): "

@@ -65,9 +65,10 @@ def run(data_dir, base, dp=False, delta_dtype="exact", **cfg):
 
 
 def sealed_of(plain, key, base, tracker, tenant="alice", **kw):
+    """Sealed as the CLI does: DeltaTracker's arena encrypted in place (the payloads are not needed again)."""
     try:
         return pc.seal(plain, key, tenant=tenant, base_fingerprint=pa.base_fingerprint(base),
-                       structure=tracker.structure, **kw)
+                       structure=tracker.structure, consume=True, **kw)
     finally:
         for t in plain:
             t.close()
@@ -81,7 +82,8 @@ def full(data_dir):
     key = os.urandom(32)
     sealed = sealed_of(plain, key, base, tracker, chunk_bytes=4096)
     return dict(base=base, trained=trained, rep=rep, key=key, raw=sealed.tobytes(), header=sealed.header,
-                blobs=sealed.blobs(), signed_len=sealed.signed_len)
+                blobs=sealed.blobs(), signed_len=sealed.signed_len,
+                sealed_in_place=plain[0].buffer.arena.buffer is None)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,7 @@ def lora(data_dir):
 def test_full_round_trip_is_bit_exact_and_revert_restores_the_base(full):
     base, trained = full["base"], full["trained"]
     before = state(base)
+    assert full["sealed_in_place"]  # DeltaTracker's payloads became the image: this is what the in-place seal gives
     applied = pa.apply_sealed_patch(base, full["raw"], full["key"], tenant="alice")
     assert not base.weights_tied  # finetune_dp untied lm_head; the patch rebuilt that
     assert equal_params(base, trained)
@@ -456,6 +459,22 @@ def test_bad_input_is_refused_before_the_fine_tune(data_dir, tmp_path, no_finetu
                          (["--tenant", "bob"], "bound to tenant alice")]:
         with pytest.raises(UserError, match=words):
             seal_cli(data_dir, tmp_path, *extra)
+
+
+def test_the_apply_cli_lets_the_patch_it_read_be_opened_in_place_and_applies_it_bit_exactly(exported, monkeypatch):
+    import finetune_encrypt_memmap as fem
+    from utils.checkpoint import load_model
+    root = exported["root"]
+    calls = []
+    monkeypatch.setattr(fem, "apply_sealed_patch", lambda *a, **kw: calls.append(kw) or pa.apply_sealed_patch(*a, **kw))
+    applied = fem.main(["apply", "--base_ckpt", str(root / "base.pt"), "--key_file", str(root / "key.hex"),
+                        "--patch", str(exported["patch"]), "--tenant", "alice"])
+    assert [kw.get("consume") for kw in calls] == [True]  # it reads the file for this apply alone
+    model, _ = load_model(str(root / "base.pt"))
+    kept = pf.SealedPatch.from_file(exported["patch"])
+    pa.apply_sealed_patch(model, kept, pk.load_key(key_file=str(root / "key.hex")), "alice", consume=False)
+    assert not kept.consumed and equal_params(applied.model, model)
+    kept.close()
 
 
 def test_apply_refuses_bad_input_with_one_line(exported, tmp_path):

@@ -46,7 +46,7 @@ def load_model_under_test(ckpt, patch=None, key_file=None, device="cpu", tenant=
             expected = expected_tenant(tenant, key_file)  # neither given: refused before the patch is read
             sealed = SealedPatch.from_file(patch)
             try:
-                apply_sealed_patch(model, sealed, load_key(key_file=key_file), expected)
+                apply_sealed_patch(model, sealed, load_key(key_file=key_file), expected, consume=True)
             finally:
                 sealed.close()
         except PatchError as e:
