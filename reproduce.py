@@ -254,7 +254,7 @@ def finetune_and_seal(cfg, paths, name, log=print):
     try:
         sealed = seal(plain, key, tenant=name, base_fingerprint=base_fp, structure=tracker.structure,
                          meta={"tokenizer": tok.name, "dp": ft_cfg["dp"], "epsilon": privacy["epsilon"] if privacy else None,
-                               "delta": delta if privacy else None, "method": name})
+                               "delta": delta if privacy else None, "method": name}, consume=True)  # where they lie
     finally:
         for t in plain:
             t.close()

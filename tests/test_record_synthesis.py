@@ -292,3 +292,15 @@ def test_released_bands_follow_the_private_salaries_where_the_drafter_cannot_and
     ours, drafter, blind = (SU.ks(salaries(crowd), real), SU.ks(salaries(crowd, public_only=True), real),
                             SU.ks(salaries(others), real))
     assert ours < 0.25 and ours < 0.5 * drafter and blind > drafter * 0.9, (ours, drafter, blind)
+
+
+def test_public_names_never_take_the_form_of_a_generated_persons_name():
+    """The employees generator writes 'First Last' or, for a repeat, 'First M. Last'; synthetic names
+    have two middle initials, so even 10,000 of them share no name with 20,000 generated people (one
+    middle initial, as before, shares some by chance)."""
+    from utils import employees
+    real = set(employees.unique_names(random.Random(1), 20000))
+    names = RS.public_names(random.Random(2), 10000)
+    assert all(re.fullmatch(r"\S+ [A-Z]\. [A-Z]\. .+", n) for n in names) and not real & set(names)
+    one_initial = {re.sub(r" [A-Z]\. ", " ", n, count=1) for n in names}
+    assert real & one_initial

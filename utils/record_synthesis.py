@@ -19,7 +19,7 @@ finished record parses back into its fields, and an unfinished one (budget ran o
 cap) is discarded and counted, never written.
 
 Names are not private fields: each synthetic person gets a name drawn from the public name generator
-(utils/employees' first names, middle initials and last names, always with a middle initial), so a
+(utils/employees' first names, middle initials and last names, always with two middle initials), so a
 name never comes from the records. The canary field is never synthesized, so no canary can be reproduced.
 
 The public drafter: the small base model knows no record format and cannot copy in context (measured:
@@ -239,9 +239,12 @@ def copy_probability(model, template, rng, n=64):
 
 
 def public_names(rng, n):
-    """n names 'First M. Last' from the public generator's lists: never derived from the records."""
+    """n names 'First M. N. Last' from the public generator's lists: never derived from the records, and
+    with two middle initials, a form the employees generator never writes (it writes 'First Last', or
+    'First M. Last' for a repeat), so no synthetic name is a generated person's by chance. Checking the
+    private names instead would make the output depend on who is in the data."""
     return [f"{rng.choice(employees.FIRST_NAMES)} {rng.choice(employees.MIDDLE_INITIALS)}. "
-            f"{rng.choice(employees.LAST_NAMES)}" for _ in range(n)]
+            f"{rng.choice(employees.MIDDLE_INITIALS)}. {rng.choice(employees.LAST_NAMES)}" for _ in range(n)]
 
 
 # ---------------------------------------------------------------------- decoding
