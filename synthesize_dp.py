@@ -7,8 +7,7 @@ synthetic text generation"). Inference only: the model is never trained on the s
 What happens, in order:
 1. the (epsilon, delta) and r (private tokens per batch) from the config alone (utils/private_prediction.py);
 2. the public drafter: the base model, taught the record format on public records only
-   (utils/record_synthesis.py; cached beside the output as drafter.pt), and with a release its
-   confusion: how it reads each cell of the released fields, measured on public records (kept with it);
+   (utils/record_synthesis.py; cached beside the output as drafter.pt);
 3. the plan, before any record is read: a dry run of the public drafter on the template gives the
    private tokens a record costs at most, hence the records each batch can finish; below one per
    batch the run is refused with the numbers and the knobs that help;
@@ -16,8 +15,7 @@ What happens, in order:
    batch: labels and forced tokens free, field values through the mechanism; discarded records are
    counted with the reason, never written. With release_share > 0 the leading categorical fields are
    released once per batch as a noisy joint table (Gaussian, a share of the batch's rho) that every
-   record of the batch draws them from (the drafter's confusion unmixed first: post-processing), so only
-   the remaining fields cost private tokens; a numeric
+   record of the batch draws them from, so only the remaining fields cost private tokens; a numeric
    field in release_bands is released the same way as a table of public bands (given some of those
    fields), and each record draws a value uniform within its band;
 5. the output (JSONL: fields, public name, the record in the schema's Q/A form), the privacy report,
@@ -36,7 +34,6 @@ import time
 from collections import Counter
 
 import numpy as np
-import torch
 
 from configurator import configure
 from utils import private_prediction as pp
@@ -87,8 +84,6 @@ DEFAULTS = dict(
     whole_values=True,              # a categorical value is one choice among the public values (not byte by byte)
     release_share=0.0,              # > 0: this share of rho releases the leading categorical fields' joint once per batch
     release_bands={},               # {numeric field: [released fields]}: its histogram_bins band given them, released too
-    release_unmix=True,             # undo the drafter's confusion (measured on public records) on the released joint
-    confusion_records=8,            # public records per cell that measure that confusion
     plan_records=8,                 # public dry-run records behind the plan
     drafter_steps=200,              # warm-up steps of the public drafter on public records (0 = the base as is)
     drafter_ckpt="",                # '' = beside out as drafter.pt (reused when present)
@@ -149,10 +144,9 @@ def load_public_model(cfg, log):
 
 
 def public_drafter(cfg, template, model, log):
-    """(drafter, its confusion or None): the base taught the template on public records (values uniform
-    over the grammars), cached with its confusion on public records when the release unmixes."""
+    """The base taught the template on public records (values uniform over the grammars), cached."""
     if cfg["drafter_steps"] <= 0:
-        return model, drafter_confusion(cfg, template, model, None, log)
+        return model
     path = cfg["drafter_ckpt"] or os.path.join(os.path.dirname(cfg["out"]) or ".", "drafter.pt")
     key = {"base": os.path.abspath(cfg["ckpt"]), "header": template.header, "fields": template.fields,
            "domains": template.domains, "digits": template.digits, "steps": cfg["drafter_steps"],
@@ -165,7 +159,7 @@ def public_drafter(cfg, template, model, log):
             drafter.copy_probability = conf.get("copy_probability", {})
             log(f"public drafter: {path} (reused); p(own value | prompt) on held-out public records: "
                 + copy_report(drafter.copy_probability))
-            return drafter, drafter_confusion(cfg, template, drafter, (path, conf), log)
+            return drafter
     rng = rs.seeded(-1)
     records, masks = zip(*[template.warmup_record(rng) for _ in range(cfg["drafter_steps"] * cfg["drafter_batch_size"])])
     log(f"public drafter: {cfg['drafter_steps']} warm-up steps on {len(records)} public records (no private data)")
@@ -174,34 +168,11 @@ def public_drafter(cfg, template, model, log):
                                   seed=secrets.randbits(31), loss_masks=list(masks), log=log)
     drafter = run["model"].eval()
     copying = drafter.copy_probability = rs.copy_probability(drafter, template, rs.seeded(-1))  # fresh records
-    conf = {"dataset": "public warm-up records", "drafter": key, "copy_probability": copying}
-    save_checkpoint(path, drafter, config=conf)
+    save_checkpoint(path, drafter, config={"dataset": "public warm-up records", "drafter": key,
+                                           "copy_probability": copying})
     log(f"public drafter: trained in {run.get('train_time_s', 0):.0f}s, saved to {path}; p(own value | prompt) "
         f"on held-out public records: {copy_report(copying)}")
-    return drafter, drafter_confusion(cfg, template, drafter, (path, conf), log)
-
-
-def drafter_confusion(cfg, template, drafter, cached, log):
-    """The drafter's confusion on public records (record_synthesis.confusion), which the release unmixes;
-    None without a release or with release_unmix=False. cached: (checkpoint path, its config), where it is
-    kept once measured."""
-    if not (cfg["release_share"] > 0 and cfg["release_unmix"]):
-        return None
-    path, conf = cached or (None, {})
-    if conf.get("confusion_records") == cfg["confusion_records"] and conf.get("confusion_fields") == template.fields:
-        matrix = torch.tensor(conf["confusion"], dtype=torch.float64)
-    else:
-        t0 = time.time()
-        matrix = rs.confusion(drafter, template, cfg["confusion_records"], rs.seeded(-1), cfg["use_kv_cache"])
-        log(f"public drafter: its confusion on {matrix.size(0)} x {cfg['confusion_records']} public records "
-            f"({time.time() - t0:.0f}s)" + (f", kept in {path}" if path else ""))
-        if path:
-            save_checkpoint(path, drafter, config={**conf, "confusion": matrix.tolist(),
-                                                   "confusion_records": cfg["confusion_records"],
-                                                   "confusion_fields": template.fields})
-    log(f"public drafter: p(own cell | prompt) of the released joint, mean over {matrix.size(0)} cells: "
-        f"{float(matrix.diagonal().mean()):.2f} (the release unmixes the rest)")
-    return matrix
+    return drafter
 
 
 def copy_report(copying):
@@ -296,7 +267,7 @@ def synthesize(cfg, model=None, log=print):
         raise UserError(f"{cfg['data_dir']} asks about {schema.fields}, not {unknown}: prepare it with them, e.g. "
                         f"python data/employees/prepare.py --tokenizer byte --fields \"{','.join(cfg['fields'])}\"")
     template = rs.RecordTemplate(schema, cfg["fields"], cfg["domains"], cfg["digits"], tok, cfg["record_header"])
-    model, confusion = public_drafter(cfg, template, model, log)
+    model = public_drafter(cfg, template, model, log)
     the_plan, privacy = plan(cfg, privacy, template, model, gen, log)  # still no record read
     people = load_people(cfg["data_dir"], cfg["split"], schema)
     if cfg["delta"] >= 1 / len(people):
@@ -319,7 +290,7 @@ def synthesize(cfg, model=None, log=print):
     for b, members in enumerate(batches):  # empty batches run too: skipping them would reveal they are empty
         prompts = [template.prompt_ids(people[i], room) for i in members] + [template.public_ids()]
         decoder = pp.BatchDecoder(model, prompts, template.max_new_tokens(), cfg["use_kv_cache"])
-        joint = rs.release_joint(decoder, len(members), template, release["sigma"], stream, confusion) if release else None
+        joint = rs.release_joint(decoder, len(members), template, release["sigma"], stream) if release else None
         bands = [rs.release_band([people[i] for i in members], template, f, given, cfg["histogram_bins"][f],
                                  release["sigma"], stream) for f, given in cfg["release_bands"].items()]
         kept, why, spent = rs.synthesize_records(decoder, len(members), mech, template, privacy["r"], gen,

@@ -33,13 +33,12 @@ whole_values = True  # a categorical value is one choice among its public values
 # Department x Full or Part-Time x Salary or Hourly (56 cells) released once per batch: every row's
 # probability of each combination (the drafter's, from its prompt), summed, Gaussian noise; each record
 # draws its three fields from it for free, so they follow the batch's joint (p ~ f) instead of the vote's
-# p ~ exp(2c f / tau). The drafter copies each field 85-88% of the time and spreads the rest over other
-# cells: its confusion on public records is undone first (release_unmix, the default). It copies no
-# digits (p(own salary | prompt) ~ 5e-7), so a voted salary only sharpens its uniform digits (KS 0.91
-# against its own 0.51): the salary's band (histogram_bins, 5,000 wide) given Full or Part-Time x Salary
-# or Hourly is released too, read off the records (each person one count: L2 1), and a value drawn
-# uniform in the band. Every field is then released: release_share = 1 gives the two tables half of rho
-# each (sigma 0.97 counts per cell at epsilon 8, 2.3 at 3, 6.4 at 1) and no record costs a private token.
+# p ~ exp(2c f / tau). The drafter copies no digits (p(own salary | prompt) ~ 5e-7), so a voted salary only
+# sharpens its uniform digits (KS 0.91 against its own 0.51): the salary's band (histogram_bins, 5,000
+# wide) given Full or Part-Time x Salary or Hourly is released too, read off the records (each person one
+# count: L2 1), and a value drawn uniform in the band. Every field is then released: release_share = 1
+# gives the two tables half of rho each (sigma 0.97 counts per cell at epsilon 8, 2.3 at 3, 6.4 at 1) and
+# no record costs a private token.
 release_share = 1.0
 release_bands = {"Annual Salary": ("Full or Part-Time", "Salary or Hourly")}
 

@@ -41,15 +41,15 @@ def people(n=60, seed=0):
 
 class CopyingLM(torch.nn.Module):
     """A stand-in for a model that continues the record in its prompt (what the drafter's warm-up teaches):
-    at a value position it puts +boost (8) on the next character of the same field's value in the row's own
+    at a value position it puts +8 on the next character of the same field's value in the row's own
     record, if the row has one and the value so far agrees; otherwise flat logits. blind=True ignores the
     record: every row then predicts what the public row predicts (private logits = public logits)."""
 
-    def __init__(self, header, blind=False, vocab=257, block_size=256, boost=8.0):
+    def __init__(self, header, blind=False, vocab=257, block_size=256):
         super().__init__()
         self.lm_head = torch.nn.Linear(1, vocab)
         self.config = type("C", (), {"block_size": block_size, "vocab_size": vocab})()
-        self.header, self.blind, self.vocab, self.boost = header, blind, vocab, boost
+        self.header, self.blind, self.vocab = header, blind, vocab
 
     def forward(self, idx, attention_mask=None, cache=None, last_only=True, **_):
         assert cache is None  # used with use_kv_cache=False: every call sees the whole row
@@ -65,7 +65,7 @@ class CopyingLM(torch.nn.Module):
             field, sofar = line.split(": ", 1)
             m = re.search(f"^{re.escape(field)}: (.*)$", own, re.M)
             if m and (m.group(1) + "\n").startswith(sofar):
-                logits[i, 0, ord((m.group(1) + "\n")[len(sofar)])] += self.boost
+                logits[i, 0, ord((m.group(1) + "\n")[len(sofar)])] += 8.0
         return logits, None
 
 
@@ -291,25 +291,6 @@ def test_cli_with_a_released_joint_reports_it_and_spends_tokens_on_the_rest_only
         S.main(structured_args(data, ckpt, tmp, "--epsilon=8", "--release_share=1.0"))
     with pytest.raises(UserError, match="release_share"):
         S.main(["--structured=False", "--epsilon=8", "--release_share=0.5", f"--out={tmp}/x.jsonl"])
-
-
-def test_the_drafters_confusion_is_measured_once_kept_with_it_and_can_be_switched_off(records_setup, capsys):
-    """With a release the drafter's confusion on public records (12 cells x 2 records here) is measured
-    once, kept in drafter.pt beside its weights, and reused by the next run; release_unmix=False skips it."""
-    from utils.checkpoint import load_checkpoint
-    data, ckpt, tmp = records_setup
-    args = structured_args(data, ckpt, tmp, "--epsilon=8", "--release_share=0.5", "--utility_check=False",
-                           "--drafter_steps=2", "--confusion_records=2")
-    S.main(args)
-    assert "its confusion on 12 x 2 public records" in capsys.readouterr().out
-    conf = load_checkpoint(str(tmp / "out" / "drafter.pt"))["config"]
-    assert len(conf["confusion"]) == 12 and conf["confusion_records"] == 2
-    assert all(abs(sum(row) - 1) < 1e-6 for row in conf["confusion"])
-    S.main(args)
-    again = capsys.readouterr().out
-    assert "(reused)" in again and "its confusion on" not in again and "p(own cell | prompt)" in again
-    S.main(args + ["--release_unmix=False"])
-    assert "p(own cell | prompt)" not in capsys.readouterr().out
 
 
 def test_cli_with_released_bands_spends_no_token_and_reports_both_tables(records_setup):

@@ -41,9 +41,7 @@ tau), not p ~ f (rare values over-drawn, common ones under-drawn). So the leadin
 row's probability of every combination of their values (joint_log_probs: the product of its
 whole-value grammar probabilities along the path), summed over the private rows, Gaussian noise per
 cell; each record of the batch then draws its combination from that table (post-processing, free) and
-the mechanism pays only for the remaining fields' tokens. The drafter copies a field 85-96% of the time
-(the probe), and spreads the rest over other cells: the released sums are the true counts seen through
-its confusion matrix, measured on public records (confusion); unmix undoes it, as post-processing.
+the mechanism pays only for the remaining fields' tokens.
 
 Released bands (release_bands): the drafter copies no digits (p(own Annual Salary | prompt) ~ 5e-7 on
 the public probe), so a salary voted digit by digit follows the drafter's uniform digits, sharpened:
@@ -61,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from utils import employees
-from utils.private_prediction import BatchDecoder, masked
+from utils.private_prediction import masked
 
 NUMERIC_CHARS = set("0123456789.\n")
 
@@ -335,40 +333,13 @@ def row_joint(decoder, template):
     return fields, probs / probs.sum(1, keepdim=True).clamp(min=1.0), combos
 
 
-def confusion(model, template, per_cell, rng, use_kv_cache=True):
-    """(cells, cells) float64: row c is the drafter's mean row joint over `per_cell` public records whose
-    released fields hold cell c's values (the other fields uniform over their grammars), i.e. how it reads
-    a record of cell c in its prompt. Public: no private record is involved. A drafter that copies 85% of
-    the time spreads 15% of each cell over others, and the released sums with it."""
-    fields = released_fields(template)
-    combos = list(itertools.product(*[template.domains[f] for f in fields]))
-    people = [template.person({**template.random_values(rng), **dict(zip(fields, combo))}, "public")
-              for combo in combos for _ in range(per_cell)]
-    room = model.config.block_size - template.max_new_tokens()
-    prompts = [template.prompt_ids(p, room) for p in people] + [template.public_ids()]
-    _, probs, got = row_joint(BatchDecoder(model, prompts, template.max_new_tokens(), use_kv_cache), template)
-    assert got == combos
-    return probs[:-1].reshape(len(combos), per_cell, -1).mean(1)
-
-
-def unmix(noisy, confusion):
-    """Counts n >= 0 whose expected released sums, confusion^T n, are closest to the noisy sums
-    (non-negative least squares, scipy): the drafter's public misreadings undone, post-processing."""
-    from scipy.optimize import nnls
-    counts, _ = nnls(confusion.T.numpy(), noisy.numpy())
-    return torch.from_numpy(counts)
-
-
-def release_joint(decoder, n_private, template, sigma, stream, confusion=None):
+def release_joint(decoder, n_private, template, sigma, stream):
     """The batch's released joint: the private rows' probabilities summed, plus N(0, sigma^2) per cell
-    from the DP stream (the only look at the rows); then post-processing: with the drafter's public
-    `confusion`, the counts that explain the noisy sums (unmix); cells under 2 sigma are dropped (the
-    noise alone passes 2 sigma in 2.3% of empty cells, and clamping at 0 would spread ~0.4 sigma over
-    every one of them) and the rest normalised; with none left, the public row's joint."""
+    from the DP stream (the only look at the rows); then post-processing: cells under 2 sigma are dropped
+    (the noise alone passes 2 sigma in 2.3% of empty cells, and clamping at 0 would spread ~0.4 sigma
+    over every one of them) and the rest normalised; with none left, the public row's joint."""
     fields, probs, combos = row_joint(decoder, template)
     noisy = probs[:n_private].sum(0) + stream.normal((len(combos),), sigma, dtype=torch.float64)
-    if confusion is not None:
-        noisy = unmix(noisy, confusion)
     kept = torch.where(noisy >= 2 * sigma, noisy, torch.zeros_like(noisy))
     if not kept.sum() > 0:
         kept = probs[n_private]
