@@ -15,7 +15,8 @@ What happens, in order:
    batch: labels and forced tokens free, field values through the mechanism; discarded records are
    counted with the reason, never written. With release_share > 0 the leading categorical fields are
    released once per batch as a noisy joint table (Gaussian, a share of the batch's rho) that every
-   record of the batch draws them from, so only the remaining fields cost private tokens; a numeric
+   record of the batch draws them from (each row's drafter probabilities, or with release_from='records'
+   its own values: a DP contingency table), so only the remaining fields cost private tokens; a numeric
    field in release_bands is released the same way as a table of public bands (given some of those
    fields), and each record draws a value uniform within its band;
 5. the output (JSONL: fields, public name, the record in the schema's Q/A form), the privacy report,
@@ -83,6 +84,7 @@ DEFAULTS = dict(
     max_value_tokens=40,            # length cap of one value (a record hitting it is discarded)
     whole_values=True,              # a categorical value is one choice among the public values (not byte by byte)
     release_share=0.0,              # > 0: this share of rho releases the leading categorical fields' joint once per batch
+    release_from="drafter",         # the joint sums each row's drafter probabilities ('drafter') or its own values ('records')
     release_bands={},               # {numeric field: [released fields]}: its histogram_bins band given them, released too
     plan_records=8,                 # public dry-run records behind the plan
     drafter_steps=200,              # warm-up steps of the public drafter on public records (0 = the base as is)
@@ -116,6 +118,8 @@ def check_config(cfg):
                                          and cfg["fields"][0] in cfg["domains"]):
         raise UserError("release_share > 0 releases the leading categorical fields' joint: it needs --structured=True, "
                         "--whole_values=True and a first field with public values (--domains)")
+    if cfg["release_from"] not in ("drafter", "records"):
+        raise UserError(f"release_from must be 'drafter' or 'records', got {cfg['release_from']!r}")
     for field, given in cfg["release_bands"].items():
         leading = rs.leading_categorical(cfg["fields"], cfg["domains"])
         if field not in cfg["digits"] or field not in cfg["histogram_bins"] or not set(given) <= set(leading):
@@ -220,8 +224,9 @@ def plan(cfg, privacy, template, model, gen, log):
     out["drafter_copy_probability"] = getattr(model, "copy_probability", None)
     if joint is not None:
         out["released_fields"], out["released_cells"] = joint.fields, len(joint.combos)
-        log(f"plan: {' x '.join(joint.fields)} ({len(joint.combos)} cells) released once per batch, "
-            f"noise sigma {privacy['release']['sigma']:.3g} per cell (counts): every record draws them for free")
+        log(f"plan: {' x '.join(joint.fields)} ({len(joint.combos)} cells) released once per batch from the "
+            + ("drafter's predictions" if cfg["release_from"] == "drafter" else "records' own values")
+            + f", noise sigma {privacy['release']['sigma']:.3g} per cell (counts): every record draws them for free")
     for band in bands:
         out.setdefault("released_bands", {})[band.field] = {"given": band.given, "cells": band.probs.numel()}
         log(f"plan: {band.field} band ({band.probs.size(1)} public bands) x {' x '.join(band.given) or 'nothing'} "
@@ -290,7 +295,8 @@ def synthesize(cfg, model=None, log=print):
     for b, members in enumerate(batches):  # empty batches run too: skipping them would reveal they are empty
         prompts = [template.prompt_ids(people[i], room) for i in members] + [template.public_ids()]
         decoder = pp.BatchDecoder(model, prompts, template.max_new_tokens(), cfg["use_kv_cache"])
-        joint = rs.release_joint(decoder, len(members), template, release["sigma"], stream) if release else None
+        from_records = [people[i] for i in members] if cfg["release_from"] == "records" else None
+        joint = rs.release_joint(decoder, len(members), template, release["sigma"], stream, from_records) if release else None
         bands = [rs.release_band([people[i] for i in members], template, f, given, cfg["histogram_bins"][f],
                                  release["sigma"], stream) for f, given in cfg["release_bands"].items()]
         kept, why, spent = rs.synthesize_records(decoder, len(members), mech, template, privacy["r"], gen,

@@ -30,15 +30,19 @@ sharpness = 6.0
 svt = False
 max_examples_per_batch = 228  # records are free (every field released): about one per private person
 whole_values = True  # a categorical value is one choice among its public values: every row votes on whole values
-# Department x Full or Part-Time x Salary or Hourly (56 cells) released once per batch: every row's
-# probability of each combination (the drafter's, from its prompt), summed, Gaussian noise; each record
-# draws its three fields from it for free, so they follow the batch's joint (p ~ f) instead of the vote's
-# p ~ exp(2c f / tau). The drafter copies no digits (p(own salary | prompt) ~ 5e-7), so a voted salary only
-# sharpens its uniform digits (KS 0.91 against its own 0.51): the salary's band (histogram_bins, 5,000
-# wide) given Full or Part-Time x Salary or Hourly is released too, read off the records (each person one
-# count: L2 1), and a value drawn uniform in the band. Every field is then released: release_share = 1
-# gives the two tables half of rho each (sigma 0.97 counts per cell at epsilon 8, 2.3 at 3, 6.4 at 1) and
-# no record costs a private token.
+# Department x Full or Part-Time x Salary or Hourly (56 cells) released once per batch: one noisy table
+# that every record draws its three fields from, for free, so they follow the batch's joint (p ~ f), not
+# the vote's p ~ exp(2c f / tau). Each person adds its own values, read off its record (one-hot: L2 1):
+# a DP contingency table. Read through the drafter's predictions instead (release_from = "drafter"), the
+# table inherits its copying (85-88% per field on the public probe): at epsilon 8 Department TV 0.096
+# against 0.046 for the DP histogram drawn to as many records. The drafter copies no digits at all
+# (p(own salary | prompt) ~ 5e-7), so a voted salary only sharpens its uniform digits (KS 0.91 against its
+# own 0.51): the salary's band (histogram_bins, 5,000 wide) given Full or Part-Time x Salary or Hourly is
+# released too, the same way, and a value drawn uniform in the band. Every field is then released:
+# release_share = 1 gives the two tables half of rho each (sigma 0.97 counts per cell at epsilon 8, 2.3
+# at 3, 6.4 at 1) and no record costs a private token (a field without a public domain, e.g. Job Titles,
+# would still be private-predicted token by token, after the released ones, with release_share < 1).
+release_from = "records"
 release_share = 1.0
 release_bands = {"Annual Salary": ("Full or Part-Time", "Salary or Hourly")}
 
@@ -53,8 +57,10 @@ domains = {
 }
 digits = {"Annual Salary": (4, 6)}  # 1000.00 .. 999999.99 (two decimals: the schema's)
 record_header = "Employee record:\n"
-# the copier warm-up on public records, cached as drafter.pt: p(own value | prompt) at 300 / 600 steps:
-# Department 0.96 / 0.85, Full or Part-Time 0.46 / 0.85, Salary or Hourly 0.90 / 0.88 (the base: 0.06)
+# the public drafter's warm-up on public records, cached as drafter.pt: with every field released it is
+# the epsilon-0 baseline of the utility table (and the private predictor of any field left to tokens);
+# p(own value | prompt) at 300 / 600 steps: Department 0.96 / 0.85, Full or Part-Time 0.46 / 0.85, Salary
+# or Hourly 0.90 / 0.88 (the base: 0.06)
 drafter_steps = 600
 
 utility_check = True

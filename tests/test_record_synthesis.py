@@ -188,21 +188,42 @@ def test_the_release_is_the_noisy_sum_of_the_private_rows_then_post_processing_o
     assert torch.allclose(shifted.probs, (exact + 5) / (exact + 5).sum())  # the noise is added to the sums
 
 
+def test_a_joint_from_the_records_is_their_exact_counts_plus_noise_whatever_the_model_reads():
+    """release_from='records': the joint counts each private person's own (Department, Full or
+    Part-Time), one-hot (removing a person moves one count by 1), so with no noise it is the private
+    joint exactly, even under a model that reads nothing (blind), where the drafter's sums miss it;
+    nothing survives 2 sigma of a huge noise: uniform cells (public)."""
+    tpl, crowd = template(), people(60)
+    counts, combos = RS.record_counts(crowd, tpl, ["Department", "Full or Part-Time"])
+    assert counts.sum() == 60 and (counts - RS.record_counts(crowd[1:], tpl, ["Department", "Full or Part-Time"])[0]).norm() == 1
+    prompts = [tpl.prompt_ids(p, 200) for p in crowd] + [tpl.public_ids()]
+    decoder = P.BatchDecoder(CopyingLM("Record:\n", blind=True), prompts, tpl.max_new_tokens(), use_kv_cache=False)
+    quiet = FixedStream(lambda shape, std: torch.zeros(shape))
+    exact = RS.release_joint(decoder, 60, tpl, 0.01, quiet, people=crowd)
+    assert exact.combos == combos and torch.allclose(exact.probs, counts / 60)
+    real = SU.distribution([(p["Department"], p["Full or Part-Time"]) for p in crowd])
+    blind = RS.release_joint(decoder, 60, tpl, 0.01, quiet)
+    as_dist = lambda joint: {repr(c): float(q) for c, q in zip(joint.combos, joint.probs)}  # noqa: E731
+    assert SU.total_variation(as_dist(exact), real) < 1e-9 < 0.3 < SU.total_variation(as_dist(blind), real)
+    loud = RS.release_joint(decoder, 60, tpl, 1e6, quiet, people=crowd)
+    assert torch.allclose(loud.probs, torch.full((12,), 1 / 12, dtype=torch.float64))
+
+
 # ----------------------------------------------------------------------------- released bands
 BANDS = (0.0, 100000.0, 10)  # 10,000-wide public bands
 
 
-def test_band_counts_are_one_hot_per_person_so_one_person_moves_one_count_by_one():
+def test_record_counts_are_one_hot_per_person_so_one_person_moves_one_count_by_one():
     """Each private person adds 1 at (its Full or Part-Time, the band of its salary): the counts sum to
     the crowd, and removing any one person changes exactly one cell by exactly 1 (L2 sensitivity 1)."""
     tpl, crowd = template(), people(60)
     edges = RS.band_edges(BANDS)
-    counts, combos = RS.band_counts(crowd, tpl, "Annual Salary", ["Full or Part-Time"], edges)
+    counts, combos = RS.record_counts(crowd, tpl, ["Full or Part-Time"], ("Annual Salary", edges))
     assert combos == [("F",), ("P",)] and counts.shape == (2, 10) and counts.sum() == 60
     for p in crowd:
         assert counts[combos.index((p["Full or Part-Time"],)), int(p["Annual Salary"] // 10000)] >= 1
     for i in (0, 17, 59):
-        fewer, _ = RS.band_counts(crowd[:i] + crowd[i + 1:], tpl, "Annual Salary", ["Full or Part-Time"], edges)
+        fewer, _ = RS.record_counts(crowd[:i] + crowd[i + 1:], tpl, ["Full or Part-Time"], ("Annual Salary", edges))
         diff = counts - fewer
         assert diff.abs().sum() == 1 and diff.norm() == 1
     assert RS.band_of(edges, -5.0) == 0 and RS.band_of(edges, 1e9) == 9 and RS.band_of(edges, 10000.0) == 1
@@ -214,7 +235,7 @@ def test_the_band_release_is_the_noisy_count_then_post_processing_only():
     table with nothing left uniform bands."""
     tpl, crowd = template(), people(60)
     edges = RS.band_edges(BANDS)
-    counts, _ = RS.band_counts(crowd, tpl, "Annual Salary", ["Full or Part-Time"], edges)
+    counts, _ = RS.record_counts(crowd, tpl, ["Full or Part-Time"], ("Annual Salary", edges))
     quiet = FixedStream(lambda shape, std: torch.zeros(shape))
     band = RS.release_band(crowd, tpl, "Annual Salary", ["Full or Part-Time"], BANDS, 0.01, quiet)
     assert quiet.calls == [((2, 10), 0.01, torch.float64)]

@@ -114,8 +114,9 @@ def test_structured_records_parse_spend_only_on_values_and_count_discards():
     people_out, texts = RS.qa_records(tpl, [v for v, _ in kept], random.Random(0))
     private_names = {p["Name"] for p in crowd}
     for person, text in zip(people_out, texts):
-        first, middle, last = person["Name"].split(" ")
-        assert first in employees.FIRST_NAMES and last in employees.LAST_NAMES and middle[:-1] in employees.MIDDLE_INITIALS
+        first, middle, second, last = person["Name"].split(" ")
+        assert first in employees.FIRST_NAMES and last in employees.LAST_NAMES
+        assert middle[:-1] in employees.MIDDLE_INITIALS and second[:-1] in employees.MIDDLE_INITIALS
         assert person["Name"] not in private_names and "555-0199" not in text and "Phone" not in text
         for f in FIELDS:
             assert f" {SCHEMA.answer(person, f)}\n" in text
@@ -294,24 +295,30 @@ def test_cli_with_a_released_joint_reports_it_and_spends_tokens_on_the_rest_only
 
 
 def test_cli_with_released_bands_spends_no_token_and_reports_both_tables(records_setup):
-    """release_share=1 with the salary's bands released too: two tables share the budget (the report
-    says so, at the target epsilon), no record spends a private token, every record parses, and each
-    salary lies in a band that holds a private person of its Full or Part-Time (the noise at epsilon
-    1000 is under a count). Bands of a field without public bins, or given an unreleased field, are refused."""
+    """release_share=1 with the salary's bands released too, the joint from the records: two tables share
+    the budget (the report says so, at the target epsilon), no record spends a private token, every
+    record parses, its (Department, Full or Part-Time) is a private person's and its salary lies in a
+    band that holds a private person of its Full or Part-Time (the noise at epsilon 1000 is under a
+    count). Bands of a field without public bins, or given an unreleased field, are refused."""
     data, ckpt, tmp = records_setup
     bands = "--release_bands={'Annual Salary': ['Full or Part-Time']}"
     _, rows = run_script(structured_args(data, ckpt, tmp, "--epsilon=1000", "--release_share=1.0", bands,
                                          "--histogram_bins={'Annual Salary': (0.0, 100000.0, 10)}",
-                                         "--utility_check=False"), tmp)
+                                         "--release_from=records", "--utility_check=False"), tmp)
     tpl = template()
     report = json.load(open(tmp / "out" / "syn.privacy.json"))
     assert report["release"]["tables"] == 2 and report["r"] == 0 and report["epsilon"] <= 1000
     assert report["plan"]["released_bands"] == {"Annual Salary": {"given": ["Full or Part-Time"], "cells": 20}}
     assert len(rows) == report["plan"]["expected_records"] and all(row["private_tokens"] == 0 for row in rows)
     held = {(p["Full or Part-Time"], int(p["Annual Salary"] // 10000)) for p in people(24)}
-    for row in rows:
+    joints = {(p["Department"], p["Full or Part-Time"]) for p in people(24)}
+    assert "one-hot vectors of their own values" in report["release"]["mechanism"]
+    for row in rows:  # the tiny model reads nothing: the cells come from the records, each one a real one
         values = tpl.parse(row["record"])
         assert (values["Full or Part-Time"], int(float(values["Annual Salary"]) // 10000)) in held
+        assert (values["Department"], values["Full or Part-Time"]) in joints
+    with pytest.raises(UserError, match="release_from"):
+        S.main(structured_args(data, ckpt, tmp, "--epsilon=8", "--release_share=1.0", bands, "--release_from=rows"))
     with pytest.raises(UserError, match="release_bands"):
         S.main(structured_args(data, ckpt, tmp, "--epsilon=8", "--release_share=1.0", bands, "--histogram_bins={}"))
     with pytest.raises(UserError, match="release_bands"):

@@ -167,8 +167,11 @@ def privacy_budget(cfg):
     release = None if share == 0 else {
         "share": share, "rho": rho_release, "tables": tables, "rho_per_table": rho_release / tables,
         "sigma": release_sigma(rho_release / tables, capped), "sensitivity": 2.0 if capped else 1.0,
-        "mechanism": "Gaussian on the sum of the private rows' probability vectors over the leading categorical "
-                     "fields' value combinations (each sums to 1: L2 sensitivity 1), once per batch"
+        "mechanism": "Gaussian on the sum of the private rows' "
+                     + ("one-hot vectors of their own values" if cfg.get("release_from") == "records" else
+                        "probability vectors (the drafter's)")
+                     + " over the leading categorical fields' value combinations (each sums to 1: L2 sensitivity "
+                     "1), once per batch"
                      + ("; the same per release_bands field, on each row's one-hot (given values, band of its "
                         "value) read off its record" if tables > 1 else "")}
     return {

@@ -41,7 +41,10 @@ tau), not p ~ f (rare values over-drawn, common ones under-drawn). So the leadin
 row's probability of every combination of their values (joint_log_probs: the product of its
 whole-value grammar probabilities along the path), summed over the private rows, Gaussian noise per
 cell; each record of the batch then draws its combination from that table (post-processing, free) and
-the mechanism pays only for the remaining fields' tokens.
+the mechanism pays only for the remaining fields' tokens. The table is only as good as the drafter's
+copying (85-96% per field on the public probe: the rest of each row spreads over other cells), so with
+release_from='records' it counts each person's own values instead (record_counts: one-hot, the same
+L2 sensitivity of 1): a DP contingency table, which is what a field with a public domain calls for.
 
 Released bands (release_bands): the drafter copies no digits (p(own Annual Salary | prompt) ~ 5e-7 on
 the public probe), so a salary voted digit by digit follows the drafter's uniform digits, sharpened:
@@ -333,16 +336,23 @@ def row_joint(decoder, template):
     return fields, probs / probs.sum(1, keepdim=True).clamp(min=1.0), combos
 
 
-def release_joint(decoder, n_private, template, sigma, stream):
-    """The batch's released joint: the private rows' probabilities summed, plus N(0, sigma^2) per cell
-    from the DP stream (the only look at the rows); then post-processing: cells under 2 sigma are dropped
-    (the noise alone passes 2 sigma in 2.3% of empty cells, and clamping at 0 would spread ~0.4 sigma
-    over every one of them) and the rest normalised; with none left, the public row's joint."""
-    fields, probs, combos = row_joint(decoder, template)
-    noisy = probs[:n_private].sum(0) + stream.normal((len(combos),), sigma, dtype=torch.float64)
+def release_joint(decoder, n_private, template, sigma, stream, people=None):
+    """The batch's released joint: the private rows' probabilities summed (people given: their own
+    values, read off their records, record_counts), plus N(0, sigma^2) per cell from the DP stream (the
+    only look at the rows); then post-processing: cells under 2 sigma are dropped (the noise alone passes
+    2 sigma in 2.3% of empty cells, and clamping at 0 would spread ~0.4 sigma over every one of them) and
+    the rest normalised; with none left, the public row's joint (from records: uniform cells)."""
+    if people is None:
+        fields, probs, combos = row_joint(decoder, template)
+        sums, public = probs[:n_private].sum(0), probs[n_private]
+    else:
+        fields = released_fields(template)
+        sums, combos = record_counts(people, template, fields)
+        public = torch.ones(len(combos), dtype=torch.float64)
+    noisy = sums + stream.normal((len(combos),), sigma, dtype=torch.float64)
     kept = torch.where(noisy >= 2 * sigma, noisy, torch.zeros_like(noisy))
     if not kept.sum() > 0:
-        kept = probs[n_private]
+        kept = public
     return JointRelease(fields, combos, kept / kept.sum())
 
 
@@ -376,28 +386,30 @@ def band_of(edges, value):
     return min(max(at - 1, 0), k - 1)
 
 
-def band_counts(people, template, field, given, edges):
-    """((combinations of `given`, bands) counts, combinations): every person's one-hot at (its `given`
-    values, the band of its value), read off its record. One person moves one count by 1: L2 1, the
-    released joint's sensitivity. A value outside the public domains, or none, counts nowhere."""
-    combos = list(itertools.product(*[template.domains[f] for f in given]))
+def record_counts(people, template, fields, band=None):
+    """(counts, combinations): every person's one-hot at its own values of `fields` (and, with band =
+    (numeric field, edges), the band of that field's value), read off its record, over the combinations
+    of the fields' public values (x the bands). One person moves one count by 1: L2 1, the released
+    joint's sensitivity. A value outside the public domains, or none, counts nowhere."""
+    combos = list(itertools.product(*[template.domains[f] for f in fields]))
     row_of = {c: i for i, c in enumerate(combos)}
-    counts = torch.zeros(len(combos), len(edges) - 1, dtype=torch.float64)
+    counts = torch.zeros((len(combos),) + ((len(band[1]) - 1,) if band else ()), dtype=torch.float64)
     for person in people:
-        values, number = template.real_values(person), person.get(field)
-        key = tuple(values[f] for f in given)
-        if key in row_of and number is not None:
-            counts[row_of[key], band_of(edges, number)] += 1
+        key = tuple(template.real_values(person)[f] for f in fields)
+        if key in row_of and band is None:
+            counts[row_of[key]] += 1
+        elif key in row_of and person.get(band[0]) is not None:
+            counts[row_of[key], band_of(band[1], person[band[0]])] += 1
     return counts, combos
 
 
 def release_band(people, template, field, given, bins, sigma, stream):
-    """A numeric field's released table for one batch: band_counts (the drafter copies no digits, its
+    """A numeric field's released table for one batch: record_counts (the drafter copies no digits, its
     probe says so, so the band is read off the record) plus N(0, sigma^2) per cell from the DP stream.
     Then post-processing only: cells under 2 sigma dropped, each row normalised; a row with nothing left
     falls back to the table's band marginal, then to uniform bands."""
     edges = band_edges(bins)
-    counts, combos = band_counts(people, template, field, given, edges)
+    counts, combos = record_counts(people, template, given, (field, edges))
     noisy = counts + stream.normal(tuple(counts.shape), sigma, dtype=torch.float64)
     kept = torch.where(noisy >= 2 * sigma, noisy, torch.zeros_like(noisy))
     marginal = kept.sum(0)
