@@ -137,10 +137,9 @@ DEFAULTS = dict(
     sweep_methods=("full",),  # what is trained, tried
     sweep_lr_schedules=("constant",),  # learning-rate schedules tried (with dp_warmup_steps)
     report_only=False,  # True: write RESULTS.md from the finished runs of this matrix, train nothing
-    # run-to-run spread: these DP cells (N, method, target epsilon) run `repeats` times in all, each with
-    # fresh DP noise and sampling on the same data; the spread table reports every run, mean and sd
-    repeat_cells=(),
-    repeats=3,
+    # run-to-run spread (fresh DP noise and sampling, the same data; the spread table: every run, mean, sd)
+    repeat_cells=(),  # DP cells (N, method, target epsilon) of the matrix to run `repeats` times in all
+    repeats=3,  # runs per repeated cell, the matrix's included
     # scoring
     n_candidates=1000,  # random secrets each canary is ranked among
     mia_records=500,  # members and non-members each
