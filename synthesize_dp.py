@@ -120,8 +120,8 @@ def check_config(cfg):
                         "--whole_values=True and a first field with public values (--domains)")
     if cfg["release_from"] not in ("drafter", "records"):
         raise UserError(f"release_from must be 'drafter' or 'records', got {cfg['release_from']!r}")
+    leading = rs.leading_categorical(cfg["fields"], cfg["domains"])
     for field, given in cfg["release_bands"].items():
-        leading = rs.leading_categorical(cfg["fields"], cfg["domains"])
         if field not in cfg["digits"] or field not in cfg["histogram_bins"] or not set(given) <= set(leading):
             raise UserError(f"release_bands: {field!r} needs --digits and --histogram_bins (its public bands), and "
                             f"its given fields must be among the released ones {leading}, got {list(given)}")
@@ -295,10 +295,11 @@ def synthesize(cfg, model=None, log=print):
     for b, members in enumerate(batches):  # empty batches run too: skipping them would reveal they are empty
         prompts = [template.prompt_ids(people[i], room) for i in members] + [template.public_ids()]
         decoder = pp.BatchDecoder(model, prompts, template.max_new_tokens(), cfg["use_kv_cache"])
-        from_records = [people[i] for i in members] if cfg["release_from"] == "records" else None
+        batch_people = [people[i] for i in members]
+        from_records = batch_people if cfg["release_from"] == "records" else None
         joint = rs.release_joint(decoder, len(members), template, release["sigma"], stream, from_records) if release else None
-        bands = [rs.release_band([people[i] for i in members], template, f, given, cfg["histogram_bins"][f],
-                                 release["sigma"], stream) for f, given in cfg["release_bands"].items()]
+        bands = [rs.release_band(batch_people, template, f, given, cfg["histogram_bins"][f], release["sigma"], stream)
+                 for f, given in cfg["release_bands"].items()]
         kept, why, spent = rs.synthesize_records(decoder, len(members), mech, template, privacy["r"], gen,
                                                  cfg["max_examples_per_batch"], max_value_tokens=cfg["max_value_tokens"],
                                                  whole_values=cfg["whole_values"], joint=joint, bands=bands,
