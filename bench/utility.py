@@ -123,8 +123,11 @@ DEFAULTS = dict(
     dp_batch_size=1024,  # expected logical batch; capped at N/4 so that q = batch/N stays <= 0.25
     dp_steps=100,  # logical DP steps
     dp_learning_rate=3e-3,  # peak learning rate
-    dp_lr_schedule="constant",  # 'constant' | 'cosine' (down to min_lr_ratio of the peak at the last step)
-    dp_warmup_steps=0,  # 'cosine': linear warmup steps
+    dp_lr_schedule="constant",  # 'constant' | 'cosine' | 'wsd' (utils/lr_schedule.py: the peak, then down to a tenth at the end)
+    dp_warmup_steps=0,  # 'cosine' / 'wsd': linear warmup steps
+    dp_decay_fraction=0.2,  # 'wsd': the last share of the steps over which the rate falls
+    dp_accountant="rdp",  # 'rdp' | 'pld' (dp-accounting's privacy loss distribution: tighter, so less noise for the same epsilon)
+    dp_method_recipes={},  # per method, DP settings that replace the ones above, e.g. {'freeze': {'accountant': 'pld'}}
     max_grad_norm=0.1,  # per-person clipping norm
     microbatch_size=64,  # physical batch (work split only)
     # the sweep (DP at sweep_epsilon on public_seed data of sweep_n persons; every combination runs)
@@ -173,6 +176,19 @@ def check_config(cfg):
                                  for c in cfg["repeat_cells"]):
         raise UserError("repeats must be >= 1 and each repeat_cells entry an (N, method, epsilon) of the matrix, "
                         f"got {cfg['repeat_cells']}")
+    recipe_keys = {"batch_size", "steps", "learning_rate", "lr_schedule", "max_grad_norm", "decay_fraction", "accountant"}
+    if not isinstance(cfg["dp_method_recipes"], dict) or any(
+            m not in METHODS or not isinstance(r, dict) or not set(r) <= recipe_keys for m, r in cfg["dp_method_recipes"].items()):
+        raise UserError(f"dp_method_recipes must map methods ({', '.join(METHODS)}) to dicts of {sorted(recipe_keys)}, "
+                        f"got {cfg['dp_method_recipes']!r}")
+    schedules = {cfg["dp_lr_schedule"], *cfg["sweep_lr_schedules"],
+                 *(r.get("lr_schedule", "constant") for r in cfg["dp_method_recipes"].values())}
+    accountants = {cfg["dp_accountant"], *(r.get("accountant", "rdp") for r in cfg["dp_method_recipes"].values())}
+    if not accountants <= {"rdp", "pld"}:
+        raise UserError(f"accountants must be 'rdp' or 'pld', got {sorted(accountants)}")
+    if not schedules <= {"constant", "cosine", "wsd"} or not 0 < cfg["dp_decay_fraction"] <= 1:
+        raise UserError(f"learning-rate schedules must be 'constant', 'cosine' or 'wsd' (got {sorted(schedules)}) "
+                        "and dp_decay_fraction in (0, 1]")
     if TASK_TARGET in cfg["pretrain_fields"] or cfg["pretrain_n"] < 0:
         raise UserError(f"pretrain_fields must not ask {TASK_TARGET} (the task the private data teaches) and "
                         "pretrain_n must be >= 0")
@@ -242,6 +258,9 @@ def run_config(cfg, data_dir, n, method, epsilon, recipe=None):
                    learning_rate=r.get("learning_rate", cfg["dp_learning_rate"]),
                    lr_schedule=r.get("lr_schedule", cfg["dp_lr_schedule"]), warmup_steps=cfg["dp_warmup_steps"],
                    max_grad_norm=r.get("max_grad_norm", cfg["max_grad_norm"]))
+        run["accountant"] = r.get("accountant", cfg["dp_accountant"])
+        if run["lr_schedule"] == "wsd":
+            run["decay_fraction"] = r.get("decay_fraction", cfg["dp_decay_fraction"])
     else:
         run.update(batch_size=min(cfg["batch_size"], max(1, n // 4)), max_steps=cfg["steps"],
                    learning_rate=cfg["learning_rate"])
@@ -259,7 +278,10 @@ def recipe_of(run_cfg):
     order = load_meta(run_cfg["data_dir"]).get("field_order", "random")
     return json.loads(json.dumps({"field_order": order} | {k: run_cfg.get(k) for k in ("dp", "target_epsilon", "batch_size", "max_steps", "learning_rate",
                                          "max_grad_norm", "loss_on", "freeze_first_blocks", "freeze_embeddings",
-                                         "lora_rank", "lora_targets", "lr_schedule", "warmup_steps")}))
+                                         "lora_rank", "lora_targets", "lr_schedule", "warmup_steps")}
+                      | ({"decay_fraction": run_cfg["decay_fraction"]} if "decay_fraction" in run_cfg else {})
+                      # the RDP runs predate this key: only another accountant makes a run's recipe differ
+                      | ({"accountant": run_cfg["accountant"]} if run_cfg.get("accountant", "rdp") != "rdp" else {})))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -382,16 +404,19 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned, again=()):
              f"then Department ({cfg['field_order']} field order), canonical wording, byte tokenizer, "
              f"loss on {cfg['loss_on']} bytes. Recipe: non-private batch {cfg['batch_size']} x {cfg['steps']} steps, "
              f"lr {cfg['learning_rate']:g}; DP batch {cfg['dp_batch_size']} (at most N/4) x {cfg['dp_steps']} steps, "
-             f"lr {cfg['dp_learning_rate']:g} ({cfg['dp_lr_schedule']}), clip {cfg['max_grad_norm']:g}, AdamW, tuned on public-seed data "
-             "(sweep.md). Privacy unit: a person (add/remove one person, RDP accountant). Exposure gap: mean "
+             f"lr {cfg['dp_learning_rate']:g} ({cfg['dp_lr_schedule']}), clip {cfg['max_grad_norm']:g}, AdamW, "
+             f"{cfg['dp_accountant']} accountant"
+             + "".join(f"; {m}: {', '.join(f'{k} {v}' for k, v in r.items())}" for m, r in cfg["dp_method_recipes"].items())
+             + " (the accountant and schedule columns: each row's own), tuned on public-seed data "
+             "(sweep.md). Privacy unit: a person (add/remove one person; each row's accountant, calibrating its σ). Exposure gap: mean "
              f"exposure of the {max(cfg['canary_reps'])}x canaries minus the never-inserted controls "
              f"({cfg['n_candidates']} candidates; {gap_noise(cfg)}). MIA: the attack chosen on one half of the people, AUC on the "
              "other half with a bootstrap 95% interval; blind AUC: the text's zlib ratio, no model (away from "
              "0.5 = a biased member/non-member split). The data seed is reproducible (canaries are no secret "
              "from whoever knows it); the DP noise and sampling come from a fresh OS secret per run.", "",
-             "| N | method | DP target ε | ε spent | q | σ | steps | accuracy [95%] | % of non-private "
+             "| N | method | DP target ε | ε spent | accountant | q | σ | steps | schedule | accuracy [95%] | % of non-private "
              "| % of its gain over majority | majority rate | val loss | exposure gap (bits) | MIA AUC [95%] | blind AUC | train CPU s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["n"], list(METHODS).index(r["method"]), -1 if r["target_epsilon"] is None else r["target_epsilon"])):
         ref = reference.get(r["n"])
         share = f"{100 * r['accuracy'] / ref:.0f}%" if ref else "-"
@@ -401,8 +426,10 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned, again=()):
         mia = (f"{r['mia_auc']:.3f} [{r['mia_auc_interval'][0]:.3f}, {r['mia_auc_interval'][1]:.3f}]"
                if r.get("mia_auc") is not None else "-")
         lines.append(f"| {r['n']} | {r['method']} | {fmt(r['target_epsilon'], 0) if r['target_epsilon'] else 'none'} "
-                     f"| {fmt(r['epsilon'], 2)} | {fmt(r.get('sample_rate'), 3)} | {fmt(r.get('noise_multiplier'), 2)} "
-                     f"| {r['steps'] or '-'} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
+                     f"| {fmt(r['epsilon'], 2)} | {r['recipe'].get('accountant', 'rdp') if r['target_epsilon'] else '-'} "
+                     f"| {fmt(r.get('sample_rate'), 3)} | {fmt(r.get('noise_multiplier'), 2)} "
+                     f"| {r['steps'] or '-'} | {schedule_name(r) if r['target_epsilon'] else '-'} "
+                     f"| {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
                      f"| {share} | {gain} | {floor:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} "
                      f"| {mia} | {fmt(r.get('mia_blind_auc'))} | {fmt(r.get('train_cpu_s'), 0)} |")
     lines += spread_markdown(rows, again, reference, cfg)
@@ -475,6 +502,11 @@ def plot_results(rows, majority, cfg, results_dir):
 
 
 # ----------------------------------------------------------------------------- the two modes
+def method_recipe(cfg, method, epsilon):
+    """The DP settings dp_method_recipes gives this method (None: the dp_* recipe; non-private runs: None)."""
+    return cfg["dp_method_recipes"].get(method) if epsilon is not None else None
+
+
 def run_matrix(cfg):
     """The matrix, then the repeats of repeat_cells (tags <cell>_r2, _r3, ...: run 1 is the matrix's).
     Returns (rows, repeat rows, majority rate per N, wall seconds, planned runs)."""
@@ -489,11 +521,12 @@ def run_matrix(cfg):
         majority[n] = majority_rate(data_dir)[1]
         base = None if cfg["report_only"] else base_model(cfg, longest_record(data_dir))
         for _, method, eps in (r for r in runs if r[0] == n):
-            row = run_one(cfg, base, data_dir, n, method, eps)
+            row = run_one(cfg, base, data_dir, n, method, eps, recipe=method_recipe(cfg, method, eps))
             rows += [row] if row else []
             progress.update()
         for _, method, eps, k in (r for r in repeats if r[0] == n):
-            row = run_one(cfg, base, data_dir, n, method, eps, tag=f"n{n}_{method}_eps{eps:g}_r{k}")
+            row = run_one(cfg, base, data_dir, n, method, eps, recipe=method_recipe(cfg, method, eps),
+                          tag=f"n{n}_{method}_eps{eps:g}_r{k}")
             again += [dict(row, repeat=k)] if row else []
             progress.update()
     if cfg["report_only"]:
@@ -521,10 +554,17 @@ def run_sweep(cfg):
     for method, batch, steps, clip, lr, schedule in grid:
         recipe = dict(batch_size=batch, steps=steps, max_grad_norm=clip, learning_rate=lr, lr_schedule=schedule)
         tag = (f"sweep_n{n}_{cfg['field_order']}_{method}_b{batch}_s{steps}_c{clip:g}_lr{lr:g}"
-               + ("" if schedule == "constant" else f"_{schedule}"))
+               + ("" if schedule == "constant" else f"_{schedule}")
+               + (f"{cfg['dp_decay_fraction']:g}" if schedule == "wsd" else ""))
         rows.append(run_one(cfg, base, data_dir, n, method, cfg["sweep_epsilon"], True, recipe, tag))
         progress.update()
     return rows, majority_rate(data_dir)[1], time.time() - t0
+
+
+def schedule_name(row):
+    """'constant', 'cosine', or 'wsd (last 20%)': a run's learning-rate schedule, for the tables."""
+    name, share = row.get("lr_schedule") or "constant", row["recipe"].get("decay_fraction")
+    return f"{name} (last {100 * share:.0f}%)" if share is not None else name
 
 
 def sweep_markdown(rows, majority, cfg, machine, wall_s):
@@ -540,7 +580,7 @@ def sweep_markdown(rows, majority, cfg, machine, wall_s):
     for i, r in enumerate(sorted(rows, key=lambda r: (-r["accuracy"], r.get("val_loss") or 0.0)), 1):
         lo, hi = r["accuracy_interval"]
         lines.append(f"| {i} | {r['recipe'].get('field_order', 'random')} | {r['method']} | {r['batch_size']} | {r['steps']} | {r['epochs']:.2f} | {r['max_grad_norm']:g} "
-                     f"| {r['learning_rate']:g} | {r.get('lr_schedule', 'constant')} | {fmt(r['epsilon'], 2)} "
+                     f"| {r['learning_rate']:g} | {schedule_name(r)} | {fmt(r['epsilon'], 2)} "
                      f"| {fmt(r.get('val_loss'))} "
                      f"| {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {fmt(r.get('exposure_gap_bits'), 2)} |")
     return "\n".join(lines) + "\n"

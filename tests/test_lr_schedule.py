@@ -25,6 +25,20 @@ def test_finetune_cosine_reaches_the_floor_at_the_last_planned_step():
     assert finetune_lr(0, 1, {**cfg, "warmup_steps": 0}) == pytest.approx(2.0)  # one step: the peak
 
 
+def test_finetune_wsd_holds_the_peak_then_falls_straight_to_the_floor_over_the_last_share():
+    cfg = {**finetune.DEFAULTS, "learning_rate": 2.0, "lr_schedule": "wsd", "warmup_steps": 2, "min_lr_ratio": 0.1,
+           "decay_fraction": 0.2}
+    lrs = [finetune_lr(i, 50, cfg) for i in range(50)]
+    assert lrs[:2] == pytest.approx([2 / 3, 4 / 3])  # warmup
+    assert lrs[2:41] == pytest.approx([2.0] * 39)  # the peak until the last 10 steps begin
+    assert all(a > b for a, b in zip(lrs[40:49], lrs[41:50]))
+    steps = [a - b for a, b in zip(lrs[40:49], lrs[41:50])]
+    assert steps == pytest.approx([steps[0]] * 9)  # a straight line
+    assert lrs[-1] == pytest.approx(0.2)
+    assert finetune_lr(0, 1, {**cfg, "warmup_steps": 0}) == pytest.approx(2.0)  # one step: the peak
+    assert finetune_lr(99, 100, {**cfg, "decay_fraction": 1.0, "warmup_steps": 0}) == pytest.approx(0.2)
+
+
 class Interrupt(Exception):
     pass
 
@@ -51,5 +65,7 @@ def test_a_finetune_follows_the_schedule_and_a_resumed_run_continues_it(records_
     seen.clear()
     finetune.finetune({**cfg, "init_from": "resume", "base_ckpt": finetune.DEFAULTS["base_ckpt"]}, log=lambda *a: None, on_trainer_ready=record())
     assert seen == pytest.approx([finetune_lr(i, 6, cfg) for i in range(3, 6)])  # steps 3..5, not a fresh schedule
-    with pytest.raises(UserError, match="lr_schedule"):
-        finetune.finetune({**cfg, "lr_schedule": "linear", "out_dir": str(tmp_path / "bad")}, log=lambda *a: None)
+    for bad in (dict(lr_schedule="linear"), dict(lr_schedule="wsd", decay_fraction=0.0)):
+        with pytest.raises(UserError, match="lr_schedule"):
+            finetune.finetune({**cfg, **bad, "out_dir": str(tmp_path / "bad")}, log=lambda *a: None)
+        assert not (tmp_path / "bad").exists()

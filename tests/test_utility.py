@@ -156,7 +156,11 @@ def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
                                  "--epsilons=(0.0,)",
                                  "--n_persons=(3,)",
                                  "--pretrain_fields=('Job Titles', 'Department')", "--field_order=sorted",
-                                 "--repeat_cells=((40, 'lora', 8.0),)", "--repeats=0"])
+                                 "--repeat_cells=((40, 'lora', 8.0),)", "--repeats=0",
+                                 "--dp_lr_schedule=linear", "--dp_decay_fraction=0.0",
+                                 "--dp_method_recipes={'freeze': {'lr_schedule': 'step'}}",
+                                 "--dp_method_recipes={'freeze': {'lr': 0.1}}", "--dp_method_recipes={'all': {}}",
+                                 "--dp_accountant=gdp", "--dp_method_recipes={'lora': {'accountant': 'prv'}}"])
 def test_bad_input_is_refused_before_work(tmp_path, bad):
     with pytest.raises(UserError):
         utility.main(tiny_args(tmp_path) + [bad])
@@ -187,6 +191,36 @@ def test_a_finished_run_with_another_recipe_is_trained_again(matrix, monkeypatch
     with pytest.raises(Trained) as e:
         utility.main(tiny_args(tmp) + ["--nodp_methods=()", "--dp_learning_rate=0.0123"])
     assert e.value.args == (0.0123,)
+
+
+def test_a_method_recipe_replaces_the_dp_settings_of_that_methods_dp_runs_only(tmp_path, monkeypatch):
+    """dp_method_recipes: freeze's DP runs (the matrix's and the repeats) get the wsd schedule and its decay
+    share, full keeps the dp_* recipe, and no non-private run takes it; the table names each row's schedule."""
+    seen = []
+
+    def planned(cfg, base, d, n, m, e, *a, recipe=None, tag=None, **k):
+        run = utility.run_config(cfg, d, n, m, e, recipe)
+        seen.append((m, e, run.get("accountant"), run.get("lr_schedule"), run.get("decay_fraction"), tag))
+    monkeypatch.setattr(utility, "run_one", planned)
+    monkeypatch.setattr(utility, "base_model", lambda cfg, block: None)
+    utility.run_matrix(utility.configure(utility.DEFAULTS, tiny_args(tmp_path) + [
+        "--methods=('full', 'freeze')", "--nodp_methods=('full', 'freeze')", "--epsilons=(8.0,)",
+        "--dp_method_recipes={'freeze': {'lr_schedule': 'wsd', 'decay_fraction': 0.3, 'accountant': 'pld'}}",
+        "--repeat_cells=((40, 'freeze', 8.0),)", "--repeats=2"]))
+    assert seen == [("full", None, None, None, None, None), ("full", 8.0, "rdp", "constant", None, None),
+                    ("freeze", None, None, None, None, None), ("freeze", 8.0, "pld", "wsd", 0.3, None),
+                    ("freeze", 8.0, "pld", "wsd", 0.3, "n40_freeze_eps8_r2")]
+    assert utility.schedule_name({"lr_schedule": "wsd", "recipe": {"decay_fraction": 0.3}}) == "wsd (last 30%)"
+    assert utility.schedule_name({"lr_schedule": "constant", "recipe": {}}) == "constant"
+
+
+def test_the_table_names_each_dp_rows_schedule(matrix):
+    tmp, rows = matrix
+    table = (tmp / "results" / "RESULTS.md").read_text()
+    dp = next(r for r in rows if r["target_epsilon"] == 8.0)
+    assert (f"| 40 | full | 8 | {dp['epsilon']:.2f} | rdp | {dp['sample_rate']:.3f} | {dp['noise_multiplier']:.2f} | 3 "
+            "| constant |") in table
+    assert "| 40 | full | none | - | - | - | - | 3 | - |" in table
 
 
 def test_only_nodp_methods_run_without_dp(tmp_path, monkeypatch):

@@ -112,9 +112,10 @@ DEFAULTS = dict(
     # optimizer
     optimizer="adamw",  # 'adamw' | 'sgd'
     learning_rate=1e-3,  # peak learning rate
-    lr_schedule="constant",  # 'constant' | 'cosine': warmup_steps linear, then down to min_lr_ratio x peak at the last step
-    warmup_steps=0,  # 'cosine': linear warmup steps
-    min_lr_ratio=0.1,  # 'cosine': the last step's learning rate / the peak
+    lr_schedule="constant",  # 'constant' | 'cosine': warmup_steps linear, then down to min_lr_ratio x peak at the last step | 'wsd': warmup, peak, linear decay over the last decay_fraction
+    warmup_steps=0,  # 'cosine' / 'wsd': linear warmup steps
+    min_lr_ratio=0.1,  # 'cosine' / 'wsd': the last step's learning rate / the peak
+    decay_fraction=0.2,  # 'wsd': the share of the planned steps over which the rate falls to min_lr_ratio x peak
     weight_decay=0.0,  # never on embeddings, biases or LayerNorm
     beta1=0.9,          # AdamW first-moment decay
     beta2=0.999,        # AdamW second-moment decay
@@ -180,9 +181,10 @@ def check_config(cfg):
         raise UserError("give max_steps > 0 or epochs > 0")
     if cfg["learning_rate"] <= 0 or cfg["weight_decay"] < 0:
         raise UserError("learning_rate must be positive and weight_decay non-negative")
-    if cfg["lr_schedule"] not in ("constant", "cosine") or cfg["warmup_steps"] < 0 or not 0 <= cfg["min_lr_ratio"] <= 1:
-        raise UserError(f"lr_schedule must be 'constant' or 'cosine' (got {cfg['lr_schedule']!r}), warmup_steps >= 0 "
-                        f"and min_lr_ratio in [0, 1]")
+    if (cfg["lr_schedule"] not in ("constant", "cosine", "wsd") or cfg["warmup_steps"] < 0
+            or not 0 <= cfg["min_lr_ratio"] <= 1 or not 0 < cfg["decay_fraction"] <= 1):
+        raise UserError(f"lr_schedule must be 'constant', 'cosine' or 'wsd' (got {cfg['lr_schedule']!r}), warmup_steps >= 0, "
+                        f"min_lr_ratio in [0, 1] and decay_fraction in (0, 1]")
     if not cfg["dp"]:
         return
     if cfg["sampling"] != "poisson":

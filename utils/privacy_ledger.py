@@ -14,8 +14,8 @@ Adjacency (which datasets are neighbours):
   configured expected batch size), never by a count from the private N (Opacus #571 / #819).
 - 'replace_one': D and D' have the same N and differ in one person's record: N is public by definition.
   Only dp-accounting's PLD accountant handles Poisson sampling under this relation, so it needs
-  accountant='pld'. Roughly a group of 2 under add/remove: the shipped config's 8.00 (add/remove RDP)
-  is 8.03 here.
+  accountant='pld'. Roughly a group of 2 under add/remove: the shipped config's 8.00 (add/remove, 900
+  persons) is about 16 here.
 
 Group privacy: k copies of one record (prepare's canaries) are each Poisson-sampled, so the group moves
 the noisy sum by j*C with j ~ Binomial(k, q). By joint convexity of the hockey-stick divergence the
