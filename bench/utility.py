@@ -571,7 +571,8 @@ def sweep_markdown(rows, majority, cfg, machine, wall_s):
     lines = ["# Recipe sweep (issue 17)", "",
              f"Tuned on PUBLIC data: the employees generator with public_seed={cfg['public_seed']} (the evaluation "
              f"uses seed={cfg['seed']}), {cfg['sweep_n']} training persons, DP at target ε = {cfg['sweep_epsilon']:g}. "
-             f"Majority-class rate {majority:.3f}. Machine: {machine}. Wall time {wall_s / 60:.1f} min.", "",
+             f"Majority-class rate {majority:.3f}. Machine (at report time; a run may have run on another): "
+             f"{machine}. Wall time of the runs {wall_s / 60:.1f} min.", "",
              "Ranked by held-out accuracy, then validation loss (answer bytes). Exposure gap: the "
              f"{max(cfg['canary_reps'])}x canaries' mean exposure minus the controls' ({gap_noise(cfg)}).", "",
              "| rank | field order | method | batch | steps | epochs | clip | lr | schedule | ε spent | val loss | accuracy [95%] "
