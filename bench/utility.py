@@ -433,10 +433,13 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned, again=()):
                      f"| {share} | {gain} | {floor:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} "
                      f"| {mia} | {fmt(r.get('mia_blind_auc'))} | {fmt(r.get('train_cpu_s'), 0)} |")
     lines += spread_markdown(rows, again, reference, cfg)
-    missing = [p for p in planned if p not in {(r["n"], r["method"], r["target_epsilon"]) for r in rows}]
+    done = ({(r["n"], r["method"], r["target_epsilon"]) for r in rows}
+            | {(r["n"], r["method"], r["target_epsilon"], r["repeat"]) for r in again})
+    missing = [p for p in planned if p not in done]  # (N, method, eps) of the matrix, + the run number of a repeat
     if missing:
         lines += ["", f"Not run yet ({len(missing)} of {len(planned)} planned runs): "
-                  + ", ".join(f"N={n} {m} {'no DP' if e is None else f'ε={e:g}'}" for n, m, e in missing)
+                  + ", ".join(f"N={p[0]} {p[1]} {'no DP' if p[2] is None else f'ε={p[2]:g}'}"
+                              + (f" run {p[3]}" if len(p) > 3 else "") for p in missing)
                   + ". The same command runs them (finished runs are reused)."]
     return "\n".join(lines) + "\n"
 
@@ -509,7 +512,8 @@ def method_recipe(cfg, method, epsilon):
 
 def run_matrix(cfg):
     """The matrix, then the repeats of repeat_cells (tags <cell>_r2, _r3, ...: run 1 is the matrix's).
-    Returns (rows, repeat rows, majority rate per N, wall seconds, planned runs)."""
+    Returns (rows, repeat rows, majority rate per N, wall seconds, planned runs: the matrix's (N, method,
+    epsilon), then the repeats' (N, method, epsilon, run number))."""
     runs = [(n, m, e) for n in cfg["n_persons"] for m in cfg["methods"]
             for e in ((None,) if m in cfg["nodp_methods"] else ()) + tuple(cfg["epsilons"])]
     repeats = [(n, m, e, k) for n, m, e in cfg["repeat_cells"] if n in cfg["n_persons"] for k in range(2, cfg["repeats"] + 1)]
@@ -531,7 +535,7 @@ def run_matrix(cfg):
             progress.update()
     if cfg["report_only"]:
         print(f"{len(rows) + len(again)} of {len(runs) + len(repeats)} runs finished: the tables show those")
-    return rows, again, majority, sum(r["wall_s"] for r in rows + again), runs
+    return rows, again, majority, sum(r["wall_s"] for r in rows + again), runs + repeats
 
 
 def run_sweep(cfg):

@@ -176,7 +176,10 @@ def test_report_only_trains_nothing_and_names_the_runs_not_finished(matrix, monk
     again = utility.main(tiny_args(tmp) + ["--report_only=True", "--epsilons=(3.0, 8.0)"])
     assert [r["tag"] for r in again] == [r["tag"] for r in rows]
     table = (tmp / "results" / "RESULTS.md").read_text()
-    assert "Not run yet (1 of 3 planned runs): N=40 full ε=3" in table
+    assert "Not run yet (1 of 3 planned runs): N=40 full ε=3." in table
+    utility.main(tiny_args(tmp) + ["--report_only=True", "--repeat_cells=((40, 'full', 8.0),)", "--repeats=4"])
+    table = (tmp / "results" / "RESULTS.md").read_text()  # runs 3 and 4 of the repeated cell never ran
+    assert "planned runs): " in table and "N=40 full ε=8 run 3, N=40 full ε=8 run 4." in table
 
 
 def test_a_finished_run_with_another_recipe_is_trained_again(matrix, monkeypatch):
