@@ -76,6 +76,7 @@ from utils.cli import UserError, run_cli
 from utils.data import load_meta, offsets
 from utils.employees import SCHEMA, load_people
 from utils.finetune import finetune
+from utils.lr_schedule import FINETUNE_SCHEDULES
 from utils.machine import describe_machine
 from utils.prepare import check_field_order
 from utils.progress import Progress
@@ -186,8 +187,8 @@ def check_config(cfg):
     accountants = {cfg["dp_accountant"], *(r.get("accountant", "rdp") for r in cfg["dp_method_recipes"].values())}
     if not accountants <= {"rdp", "pld"}:
         raise UserError(f"accountants must be 'rdp' or 'pld', got {sorted(accountants)}")
-    if not schedules <= {"constant", "cosine", "wsd"} or not 0 < cfg["dp_decay_fraction"] <= 1:
-        raise UserError(f"learning-rate schedules must be 'constant', 'cosine' or 'wsd' (got {sorted(schedules)}) "
+    if not schedules <= set(FINETUNE_SCHEDULES) or not 0 < cfg["dp_decay_fraction"] <= 1:
+        raise UserError(f"learning-rate schedules must be among {FINETUNE_SCHEDULES} (got {sorted(schedules)}) "
                         "and dp_decay_fraction in (0, 1]")
     if TASK_TARGET in cfg["pretrain_fields"] or cfg["pretrain_n"] < 0:
         raise UserError(f"pretrain_fields must not ask {TASK_TARGET} (the task the private data teaches) and "

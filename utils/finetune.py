@@ -74,7 +74,7 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkp
 from utils.cli import UserError
 from utils.data import RecordDataset, load_meta
 from utils.distributed import leave_process_group
-from utils.lr_schedule import finetune_lr
+from utils.lr_schedule import FINETUNE_SCHEDULES, finetune_lr
 from utils import run_privacy
 from utils.dp_sampling import poisson_loader
 from utils.run_log import RunLog
@@ -181,7 +181,7 @@ def check_config(cfg):
         raise UserError("give max_steps > 0 or epochs > 0")
     if cfg["learning_rate"] <= 0 or cfg["weight_decay"] < 0:
         raise UserError("learning_rate must be positive and weight_decay non-negative")
-    if (cfg["lr_schedule"] not in ("constant", "cosine", "wsd") or cfg["warmup_steps"] < 0
+    if (cfg["lr_schedule"] not in FINETUNE_SCHEDULES or cfg["warmup_steps"] < 0
             or not 0 <= cfg["min_lr_ratio"] <= 1 or not 0 < cfg["decay_fraction"] <= 1):
         raise UserError(f"lr_schedule must be 'constant', 'cosine' or 'wsd' (got {cfg['lr_schedule']!r}), warmup_steps >= 0, "
                         f"min_lr_ratio in [0, 1] and decay_fraction in (0, 1]")

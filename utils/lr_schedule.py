@@ -2,6 +2,8 @@
 a fine-tune's planned steps. One formula for both, so the two loops cannot drift apart."""
 import math
 
+FINETUNE_SCHEDULES = ("constant", "cosine", "wsd")  # finetune_lr's lr_schedule values
+
 
 def get_lr(it, cfg):
     """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
