@@ -43,7 +43,7 @@ format (0% task accuracy in the check of this harness), and DP far more.
 Recipe (--sweep=True): batch size, steps, clip norm, learning rate, its schedule and method, at sweep_epsilon, on the
 generator with public_seed, which shares nothing with the evaluated data but the public generator: tuning
 on the private data would leak (Papernot & Steinke 2022). The ranking, with the 16x canaries' exposure
-gap (the public data has canaries too), goes to results_dir/sweep.md.
+gap (the public data has canaries too), goes to results_dir/sweep.md, and sweep_frontier.png plots accuracy against that gap.
 
 The data seed is a reproducible mode: whoever knows it recomputes people and canary secrets, so the
 canaries measure memorization and are no secret from such an adversary. The DP guarantee rests only on
@@ -131,7 +131,7 @@ DEFAULTS = dict(
     dp_method_recipes={},  # per method, DP settings that replace the ones above, e.g. {'freeze': {'accountant': 'pld'}}
     max_grad_norm=0.1,  # per-person clipping norm
     microbatch_size=64,  # physical batch (work split only)
-    # the sweep (DP at sweep_epsilon on public_seed data of sweep_n persons; every combination runs)
+    # the sweep (DP at sweep_epsilon on public_seed data of sweep_n persons, dp_accountant; every combination runs)
     sweep_n=10000,  # training persons of the sweep data (batch sizes are capped at sweep_n / 4)
     sweep_epsilon=8.0,  # the target the recipe is tuned for
     sweep_batch_sizes=(512, 1024),  # logical batch sizes tried
@@ -505,6 +505,25 @@ def plot_results(rows, majority, cfg, results_dir):
     save_figure(fig, os.path.join(results_dir, "exposure_vs_epsilon.png"))
 
 
+def plot_sweep(rows, cfg, results_dir):
+    """sweep_frontier.png: held-out accuracy against the 16x canaries' exposure gap, a point per sweep run
+    that scored its canaries: what a setting buys in accuracy, it pays (or not) in memorization."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    scored = [r for r in rows if r.get("exposure_gap_bits") is not None]
+    for i, method in enumerate(METHODS):
+        mine = [r for r in scored if r["method"] == method]
+        ax.scatter([r["exposure_gap_bits"] for r in mine], [r["accuracy"] for r in mine], color=f"C{i}", label=method)
+        for r in mine:
+            ax.annotate(f"b{r['batch_size']} s{r['steps']} lr{r['learning_rate']:g} {schedule_name(r).split(' ')[0]}",
+                        (r["exposure_gap_bits"], r["accuracy"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.axvline(2.0, color="gray", ls="--", lw=1, label="goal: gap <= 2 bits")
+    ax.set(xlabel=f"exposure gap, {max(cfg['canary_reps'])}x canaries − controls (bits)", ylabel="held-out accuracy",
+           title=f"sweep on public data (seed {cfg['public_seed']}), N={cfg['sweep_n']}, ε={cfg['sweep_epsilon']:g}")
+    ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(results_dir, "sweep_frontier.png"))
+
+
 # ----------------------------------------------------------------------------- the two modes
 def method_recipe(cfg, method, epsilon):
     """The DP settings dp_method_recipes gives this method (None: the dp_* recipe; non-private runs: None)."""
@@ -560,7 +579,8 @@ def run_sweep(cfg):
         recipe = dict(batch_size=batch, steps=steps, max_grad_norm=clip, learning_rate=lr, lr_schedule=schedule)
         tag = (f"sweep_n{n}_{cfg['field_order']}_{method}_b{batch}_s{steps}_c{clip:g}_lr{lr:g}"
                + ("" if schedule == "constant" else f"_{schedule}")
-               + (f"{cfg['dp_decay_fraction']:g}" if schedule == "wsd" else ""))
+               + (f"{cfg['dp_decay_fraction']:g}" if schedule == "wsd" else "")
+               + ("" if cfg["dp_accountant"] == "rdp" else f"_{cfg['dp_accountant']}"))  # RDP tags predate this
         rows.append(run_one(cfg, base, data_dir, n, method, cfg["sweep_epsilon"], True, recipe, tag))
         progress.update()
     return rows, majority_rate(data_dir)[1], time.time() - t0
@@ -580,13 +600,13 @@ def sweep_markdown(rows, majority, cfg, machine, wall_s):
              f"{machine}. Wall time of the runs {wall_s / 60:.1f} min.", "",
              "Ranked by held-out accuracy, then validation loss (answer bytes). Exposure gap: the "
              f"{max(cfg['canary_reps'])}x canaries' mean exposure minus the controls' ({gap_noise(cfg)}).", "",
-             "| rank | field order | method | batch | steps | epochs | clip | lr | schedule | ε spent | val loss | accuracy [95%] "
-             "| exposure gap (bits) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| rank | field order | method | batch | steps | epochs | clip | lr | schedule | ε spent | accountant | val loss "
+             "| accuracy [95%] | exposure gap (bits) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(sorted(rows, key=lambda r: (-r["accuracy"], r.get("val_loss") or 0.0)), 1):
         lo, hi = r["accuracy_interval"]
         lines.append(f"| {i} | {r['recipe'].get('field_order', 'random')} | {r['method']} | {r['batch_size']} | {r['steps']} | {r['epochs']:.2f} | {r['max_grad_norm']:g} "
-                     f"| {r['learning_rate']:g} | {schedule_name(r)} | {fmt(r['epsilon'], 2)} "
+                     f"| {r['learning_rate']:g} | {schedule_name(r)} | {fmt(r['epsilon'], 2)} | {r['recipe'].get('accountant', 'rdp')} "
                      f"| {fmt(r.get('val_loss'))} "
                      f"| {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {fmt(r.get('exposure_gap_bits'), 2)} |")
     return "\n".join(lines) + "\n"
@@ -602,7 +622,8 @@ def main(argv=None):
         write_bytes(os.path.join(cfg["results_dir"], "sweep.md"), sweep_markdown(rows, majority, cfg, machine, wall).encode())
         write_json(os.path.join(cfg["results_dir"], "sweep.json"), dict(rows=rows, majority_rate=majority,
                                                                          machine=machine, wall_s=wall))
-        print(f"wrote {cfg['results_dir']}/sweep.md ({len(rows)} settings ranked)")
+        plot_sweep(rows, cfg, cfg["results_dir"])
+        print(f"wrote {cfg['results_dir']}/sweep.md, sweep_frontier.png ({len(rows)} settings ranked)")
         return rows
     rows, again, majority, wall, planned = run_matrix(cfg)
     machine = describe_machine()

@@ -147,6 +147,7 @@ def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
                                                "--sweep_learning_rates=(0.004,)"])
     table = (tmp_path / "results" / "sweep.md").read_text()
     assert "public_seed=2027" in table and table.count("| schema | lora | 8 | 2 |") == 2
+    assert (tmp_path / "results" / "sweep_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(isinstance(r["exposure_gap_bits"], float) for r in rows)  # the privacy side is ranked beside
     assert os.path.isdir(tmp_path / "out" / "data_n40_seed2027_schema")
     assert not os.path.exists(tmp_path / "out" / "data_n40_seed1337_schema")
@@ -244,3 +245,18 @@ def test_sweep_report_only_ranks_the_runs_of_every_grid(tmp_path, monkeypatch):
     rows = utility.main(args + ["--report_only=True"])
     assert sorted((r["steps"], r["learning_rate"]) for r in rows) == [(2, 0.004), (3, 0.001)]
     assert (tmp_path / "results" / "sweep.md").read_text().count("| full | 8 |") == 2
+
+
+def test_sweep_under_another_accountant_is_its_own_run(tmp_path, monkeypatch):
+    """A PLD sweep run gets its own tag and row: it must not overwrite (or be mistaken for) the RDP run of
+    the same grid point."""
+    args = tiny_args(tmp_path) + ["--sweep=True", "--sweep_n=40", "--sweep_methods=('full',)", "--sweep_batch_sizes=(8,)",
+                                  "--sweep_clip=(0.1,)", "--sweep_steps=(2,)", "--sweep_learning_rates=(0.004,)"]
+    rdp = utility.main(args)[0]
+    pld = utility.main(args + ["--dp_accountant=pld"])[0]
+    assert pld["tag"] == rdp["tag"] + "_pld" and pld["recipe"]["accountant"] == "pld"
+    assert os.path.isfile(tmp_path / "out" / "runs" / f"{rdp['tag']}.json")
+    monkeypatch.setattr(utility, "finetune", lambda *a, **k: pytest.fail("report_only trained a model"))
+    utility.main(args + ["--report_only=True"])
+    table = (tmp_path / "results" / "sweep.md").read_text()
+    assert table.count("| full | 8 | 2 |") == 2 and "| rdp |" in table and "| pld |" in table
