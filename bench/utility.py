@@ -515,7 +515,8 @@ def plot_sweep(rows, cfg, results_dir):
         mine = [r for r in scored if r["method"] == method]
         ax.scatter([r["exposure_gap_bits"] for r in mine], [r["accuracy"] for r in mine], color=f"C{i}", label=method)
         for r in mine:
-            ax.annotate(f"b{r['batch_size']} s{r['steps']} lr{r['learning_rate']:g} {schedule_name(r).split(' ')[0]}",
+            schedule = "" if schedule_name(r) == "constant" else f" {schedule_name(r)}"
+            ax.annotate(f"b{r['batch_size']} s{r['steps']} lr{r['learning_rate']:g}{schedule}",
                         (r["exposure_gap_bits"], r["accuracy"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.axvline(2.0, color="gray", ls="--", lw=1, label="goal: gap <= 2 bits")
     ax.set(xlabel=f"exposure gap, {max(cfg['canary_reps'])}x canaries − controls (bits)", ylabel="held-out accuracy",
