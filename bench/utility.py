@@ -49,7 +49,8 @@ The data seed is a reproducible mode: whoever knows it recomputes people and can
 canaries measure memorization and are no secret from such an adversary. The DP guarantee rests only on
 the fine-tune's secret noise and sampling (never a reproducible_noise_seed here).
 Each run's results go to out_dir/runs/<run>.json as it ends, and a rerun skips runs already there
-(--fresh=True redoes them): an interrupted experiment resumes.
+(--fresh=True redoes them): an interrupted experiment resumes. A run whose recipe changed runs again,
+and the earlier run's JSON moves to out_dir/runs/superseded/ (never overwritten).
 """
 import copy
 import itertools
@@ -383,6 +384,11 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
     if score_privacy:
         row.update(membership(model, data_dir, meta, cfg))
     row["wall_s"] = time.time() - t0
+    if os.path.isfile(path):  # another recipe's finished run: kept, not overwritten (moved once this one is done)
+        old = os.path.join(cfg["out_dir"], "runs", "superseded", f"{tag}.{int(os.path.getmtime(path))}.json")
+        os.makedirs(os.path.dirname(old), exist_ok=True)
+        os.replace(path, old)
+        print(f"{tag}: the earlier recipe's run moved to {old}")
     write_json(path, row)
     return row
 

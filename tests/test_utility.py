@@ -123,6 +123,17 @@ def test_rerun_resumes_from_finished_runs(matrix, monkeypatch):
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
 
 
+def test_a_changed_recipe_runs_again_and_keeps_the_earlier_run(tmp_path):
+    first = utility.main(tiny_args(tmp_path))
+    second = utility.main(tiny_args(tmp_path) + ["--dp_learning_rate=0.001"])
+    dp = [r for r in second if r["target_epsilon"]]
+    assert dp and all(r["learning_rate"] == 0.001 for r in dp)
+    (kept,) = os.listdir(tmp_path / "out" / "runs" / "superseded")
+    earlier = json.load(open(tmp_path / "out" / "runs" / "superseded" / kept))
+    assert kept.startswith("n40_full_eps8.") and earlier["learning_rate"] == 3e-3
+    assert earlier["accuracy"] == next(r for r in first if r["target_epsilon"])["accuracy"]
+
+
 def test_repeated_cells_run_again_with_fresh_noise_and_report_the_spread(matrix):
     """repeat_cells: the cell's matrix run is run 1 (reused, not retrained), the others get their own tags
     and JSON; the spread table lists every run's accuracy and gap with the mean and sd."""
