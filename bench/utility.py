@@ -384,7 +384,7 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
     if score_privacy:
         row.update(membership(model, data_dir, meta, cfg))
     row["wall_s"] = time.time() - t0
-    if os.path.isfile(path):  # another recipe's finished run: kept, not overwritten (moved once this one is done)
+    if os.path.isfile(path):  # the run this one replaces (another recipe's, or --fresh): kept, moved only now
         old = os.path.join(cfg["out_dir"], "runs", "superseded", f"{tag}.{int(os.path.getmtime(path))}.json")
         os.makedirs(os.path.dirname(old), exist_ok=True)
         os.replace(path, old)
@@ -433,7 +433,7 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned, again=()):
         mia = (f"{r['mia_auc']:.3f} [{r['mia_auc_interval'][0]:.3f}, {r['mia_auc_interval'][1]:.3f}]"
                if r.get("mia_auc") is not None else "-")
         lines.append(f"| {r['n']} | {r['method']} | {fmt(r['target_epsilon'], 0) if r['target_epsilon'] else 'none'} "
-                     f"| {fmt(r['epsilon'], 2)} | {r['recipe'].get('accountant', 'rdp') if r['target_epsilon'] else '-'} "
+                     f"| {fmt(r['epsilon'], 2)} | {accountant_name(r) if r['target_epsilon'] else '-'} "
                      f"| {fmt(r.get('sample_rate'), 3)} | {fmt(r.get('noise_multiplier'), 2)} "
                      f"| {r['steps'] or '-'} | {schedule_name(r) if r['target_epsilon'] else '-'} "
                      f"| {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
@@ -593,6 +593,11 @@ def run_sweep(cfg):
     return rows, majority_rate(data_dir)[1], time.time() - t0
 
 
+def accountant_name(row):
+    """'rdp' or 'pld': the accountant that calibrated a DP run's noise (the RDP runs predate the recipe key)."""
+    return row["recipe"].get("accountant", "rdp")
+
+
 def schedule_name(row):
     """'constant', 'cosine', or 'wsd (last 20%)': a run's learning-rate schedule, for the tables."""
     name, share = row.get("lr_schedule") or "constant", row["recipe"].get("decay_fraction")
@@ -613,7 +618,7 @@ def sweep_markdown(rows, majority, cfg, machine, wall_s):
     for i, r in enumerate(sorted(rows, key=lambda r: (-r["accuracy"], r.get("val_loss") or 0.0)), 1):
         lo, hi = r["accuracy_interval"]
         lines.append(f"| {i} | {r['recipe'].get('field_order', 'random')} | {r['method']} | {r['batch_size']} | {r['steps']} | {r['epochs']:.2f} | {r['max_grad_norm']:g} "
-                     f"| {r['learning_rate']:g} | {schedule_name(r)} | {fmt(r['epsilon'], 2)} | {r['recipe'].get('accountant', 'rdp')} "
+                     f"| {r['learning_rate']:g} | {schedule_name(r)} | {fmt(r['epsilon'], 2)} | {accountant_name(r)} "
                      f"| {fmt(r.get('val_loss'))} "
                      f"| {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {fmt(r.get('exposure_gap_bits'), 2)} |")
     return "\n".join(lines) + "\n"
