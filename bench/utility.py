@@ -129,6 +129,7 @@ DEFAULTS = dict(
     dp_warmup_steps=0,  # 'cosine' / 'wsd': linear warmup steps
     dp_decay_fraction=0.2,  # 'wsd': the last share of the steps over which the rate falls
     dp_accountant="rdp",  # 'rdp' | 'pld' (dp-accounting's privacy loss distribution: tighter, so less noise for the same epsilon)
+    dp_ema_decay=0.0,  # > 0: the DP model is the EMA of its iterates at this decay (post-processing, same epsilon); 0 = the last iterate
     dp_method_recipes={},  # per method, DP settings that replace the ones above, e.g. {'freeze': {'accountant': 'pld'}}
     max_grad_norm=0.1,  # per-person clipping norm
     microbatch_size=64,  # physical batch (work split only)
@@ -178,7 +179,8 @@ def check_config(cfg):
                                  for c in cfg["repeat_cells"]):
         raise UserError("repeats must be >= 1 and each repeat_cells entry an (N, method, epsilon) of the matrix, "
                         f"got {cfg['repeat_cells']}")
-    recipe_keys = {"batch_size", "steps", "learning_rate", "lr_schedule", "max_grad_norm", "decay_fraction", "accountant"}
+    recipe_keys = {"batch_size", "steps", "learning_rate", "lr_schedule", "max_grad_norm", "decay_fraction", "accountant",
+                   "ema_decay"}
     if not isinstance(cfg["dp_method_recipes"], dict) or any(
             m not in METHODS or not isinstance(r, dict) or not set(r) <= recipe_keys for m, r in cfg["dp_method_recipes"].items()):
         raise UserError(f"dp_method_recipes must map methods ({', '.join(METHODS)}) to dicts of {sorted(recipe_keys)}, "
@@ -191,6 +193,9 @@ def check_config(cfg):
     if not schedules <= set(FINETUNE_SCHEDULES) or not 0 < cfg["dp_decay_fraction"] <= 1:
         raise UserError(f"learning-rate schedules must be among {FINETUNE_SCHEDULES} (got {sorted(schedules)}) "
                         "and dp_decay_fraction in (0, 1]")
+    emas = {cfg["dp_ema_decay"], *(r.get("ema_decay", 0.0) for r in cfg["dp_method_recipes"].values())}
+    if not all(isinstance(e, (int, float)) and 0 <= e < 1 for e in emas):
+        raise UserError(f"EMA decays must be in [0, 1) (0 = the last iterate), got {sorted(map(str, emas))}")
     if TASK_TARGET in cfg["pretrain_fields"] or cfg["pretrain_n"] < 0:
         raise UserError(f"pretrain_fields must not ask {TASK_TARGET} (the task the private data teaches) and "
                         "pretrain_n must be >= 0")
@@ -263,6 +268,8 @@ def run_config(cfg, data_dir, n, method, epsilon, recipe=None):
         run["accountant"] = r.get("accountant", cfg["dp_accountant"])
         if run["lr_schedule"] == "wsd":
             run["decay_fraction"] = r.get("decay_fraction", cfg["dp_decay_fraction"])
+        if r.get("ema_decay", cfg["dp_ema_decay"]):
+            run["ema_decay"] = float(r.get("ema_decay", cfg["dp_ema_decay"]))
     else:
         run.update(batch_size=min(cfg["batch_size"], max(1, n // 4)), max_steps=cfg["steps"],
                    learning_rate=cfg["learning_rate"])
@@ -283,7 +290,8 @@ def recipe_of(run_cfg):
                                          "lora_rank", "lora_targets", "lr_schedule", "warmup_steps")}
                       | ({"decay_fraction": run_cfg["decay_fraction"]} if "decay_fraction" in run_cfg else {})
                       # the RDP runs predate this key: only another accountant makes a run's recipe differ
-                      | ({"accountant": run_cfg["accountant"]} if run_cfg.get("accountant", "rdp") != "rdp" else {})))
+                      | ({"accountant": run_cfg["accountant"]} if run_cfg.get("accountant", "rdp") != "rdp" else {})
+                      | ({"ema_decay": run_cfg["ema_decay"]} if run_cfg.get("ema_decay") else {})))  # so do the last-iterate runs
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -412,6 +420,7 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned, again=()):
              f"loss on {cfg['loss_on']} bytes. Recipe: non-private batch {cfg['batch_size']} x {cfg['steps']} steps, "
              f"lr {cfg['learning_rate']:g}; DP batch {cfg['dp_batch_size']} (at most N/4) x {cfg['dp_steps']} steps, "
              f"lr {cfg['dp_learning_rate']:g} ({cfg['dp_lr_schedule']}), clip {cfg['max_grad_norm']:g}, AdamW, "
+             + (f"the EMA of the iterates (decay {cfg['dp_ema_decay']:g}), " if cfg["dp_ema_decay"] else "") +
              f"{cfg['dp_accountant']} accountant"
              + "".join(f"; {m}: {', '.join(f'{k} {v}' for k, v in r.items())}" for m, r in cfg["dp_method_recipes"].items())
              + " (the accountant and schedule columns: each row's own), tuned on public-seed data "
@@ -587,7 +596,8 @@ def run_sweep(cfg):
         tag = (f"sweep_n{n}_{cfg['field_order']}_{method}_b{batch}_s{steps}_c{clip:g}_lr{lr:g}"
                + ("" if schedule == "constant" else f"_{schedule}")
                + (f"{cfg['dp_decay_fraction']:g}" if schedule == "wsd" else "")
-               + ("" if cfg["dp_accountant"] == "rdp" else f"_{cfg['dp_accountant']}"))  # RDP tags predate this
+               + ("" if cfg["dp_accountant"] == "rdp" else f"_{cfg['dp_accountant']}")  # RDP tags predate this
+               + (f"_ema{cfg['dp_ema_decay']:g}" if cfg["dp_ema_decay"] else ""))
         rows.append(run_one(cfg, base, data_dir, n, method, cfg["sweep_epsilon"], True, recipe, tag))
         progress.update()
     return rows, majority_rate(data_dir)[1], time.time() - t0
@@ -599,9 +609,11 @@ def accountant_name(row):
 
 
 def schedule_name(row):
-    """'constant', 'cosine', or 'wsd (last 20%)': a run's learning-rate schedule, for the tables."""
+    """'constant', 'cosine', or 'wsd (last 20%)': a run's learning-rate schedule, for the tables; ', EMA 0.9'
+    when the model is the average of its iterates."""
     name, share = row.get("lr_schedule") or "constant", row["recipe"].get("decay_fraction")
-    return f"{name} (last {100 * share:.0f}%)" if share is not None else name
+    ema = row["recipe"].get("ema_decay")
+    return (f"{name} (last {100 * share:.0f}%)" if share is not None else name) + (f", EMA {ema:g}" if ema else "")
 
 
 def sweep_markdown(rows, majority, cfg, machine, wall_s):

@@ -172,7 +172,8 @@ def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
                                  "--dp_lr_schedule=linear", "--dp_decay_fraction=0.0",
                                  "--dp_method_recipes={'freeze': {'lr_schedule': 'step'}}",
                                  "--dp_method_recipes={'freeze': {'lr': 0.1}}", "--dp_method_recipes={'all': {}}",
-                                 "--dp_accountant=gdp", "--dp_method_recipes={'lora': {'accountant': 'prv'}}"])
+                                 "--dp_accountant=gdp", "--dp_method_recipes={'lora': {'accountant': 'prv'}}",
+                                 "--dp_ema_decay=1.0", "--dp_method_recipes={'freeze': {'ema_decay': -0.1}}"])
 def test_bad_input_is_refused_before_work(tmp_path, bad):
     with pytest.raises(UserError):
         utility.main(tiny_args(tmp_path) + [bad])
@@ -271,3 +272,22 @@ def test_sweep_under_another_accountant_is_its_own_run(tmp_path, monkeypatch):
     utility.main(args + ["--report_only=True"])
     table = (tmp_path / "results" / "sweep.md").read_text()
     assert table.count("| full | 8 | 2 |") == 2 and "| rdp |" in table and "| pld |" in table
+
+
+def test_an_ema_recipe_reaches_the_dp_runs_of_its_method_and_names_itself(tmp_path, monkeypatch):
+    """ema_decay in a method's recipe: that method's DP runs return the average of their iterates, the
+    recipe (and so resuming) tells them from last-iterate runs, the table says so; a sweep run gets its own tag."""
+    cfg = utility.configure(utility.DEFAULTS, tiny_args(tmp_path) + ["--dp_method_recipes={'freeze': {'ema_decay': 0.9}}"])
+    data = utility.prepare_data(cfg, 40, cfg["seed"])
+    recipe = cfg["dp_method_recipes"]["freeze"]
+    freeze = utility.run_config(cfg, data, 40, "freeze", 8.0, recipe)
+    assert freeze["ema_decay"] == 0.9 and utility.recipe_of(freeze)["ema_decay"] == 0.9
+    for other in (utility.run_config(cfg, data, 40, "full", 8.0), utility.run_config(cfg, data, 40, "freeze", None)):
+        assert "ema_decay" not in other and "ema_decay" not in utility.recipe_of(other)  # earlier runs still match
+    assert utility.schedule_name({"lr_schedule": "constant", "recipe": utility.recipe_of(freeze)}) == "constant, EMA 0.9"
+    args = tiny_args(tmp_path) + ["--sweep=True", "--sweep_n=40", "--sweep_methods=('full',)", "--sweep_batch_sizes=(8,)",
+                                  "--sweep_clip=(0.1,)", "--sweep_steps=(2,)", "--sweep_learning_rates=(0.004,)",
+                                  "--dp_ema_decay=0.5"]
+    row = utility.main(args)[0]
+    assert row["tag"].endswith("_ema0.5") and row["recipe"]["ema_decay"] == 0.5
+    assert "| constant, EMA 0.5 |" in (tmp_path / "results" / "sweep.md").read_text()

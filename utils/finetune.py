@@ -28,6 +28,9 @@ What is private, and how:
   gives lm_head its own copy before anything is frozen (the head then trains even with
   freeze_embeddings), and ghost with a trainable tie falls back to hooks and says so. LoRA and
   train_last_blocks freeze both ends, so they leave the tie alone.
+- ema_decay=d > 0 keeps an exponential moving average of the trained parameters (utils/iterate_averaging.py)
+  and the final model (returned, evaluated, saved) is that average: post-processing of the released
+  iterates, so the guarantee is unchanged; periodic checkpoints carry it, so a resumed run continues it.
 - noise_quantization='int8' quantizes each gradient tensor that reaches the optimizer (after noise and,
   under torchrun, after the all-reduce) to int8 with a per-tensor scale and unbiased stochastic
   rounding: post-processing of the private gradient, so the guarantee is unchanged.
@@ -73,6 +76,7 @@ from utils import privacy_ledger as ledger
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from utils.cli import UserError
 from utils.data import RecordDataset, load_meta
+from utils.iterate_averaging import ParameterEMA
 from utils.distributed import leave_process_group
 from utils.lr_schedule import FINETUNE_SCHEDULES, finetune_lr
 from utils import run_privacy
@@ -120,6 +124,7 @@ DEFAULTS = dict(
     beta1=0.9,          # AdamW first-moment decay
     beta2=0.999,        # AdamW second-moment decay
     momentum=0.0,  # sgd only
+    ema_decay=0.0,  # d in (0, 1): the model returned and saved is the EMA of the iterates (post-processing: same epsilon)
     # what is trained
     untie_weights=True,  # give lm_head its own copy of the embedding (ghost clipping refuses a tie)
     freeze_embeddings=False,  # keep token and position embeddings fixed
@@ -179,6 +184,8 @@ def check_config(cfg):
                         "physical batch splits the logical one, so it cannot be larger")
     if cfg["max_steps"] < 0 or (cfg["max_steps"] == 0 and not cfg["epochs"] > 0):
         raise UserError("give max_steps > 0 or epochs > 0")
+    if not 0.0 <= cfg["ema_decay"] < 1.0:
+        raise UserError(f"ema_decay must be in [0, 1) (0 = the last iterate); got {cfg['ema_decay']}")
     if cfg["learning_rate"] <= 0 or cfg["weight_decay"] < 0:
         raise UserError("learning_rate must be positive and weight_decay non-negative")
     if (cfg["lr_schedule"] not in FINETUNE_SCHEDULES or cfg["warmup_steps"] < 0
@@ -683,6 +690,13 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
         on_trainer_ready(tr)
     if lineage["resume"]:
         tr.optimizer.original_optimizer.load_state_dict(base["optimizer"])
+    ema = ParameterEMA(trainable_parameters(gpt), cfg["ema_decay"]) if cfg["ema_decay"] else None
+    if ema is not None:
+        if lineage["resume"] and "ema" in base:
+            ema.load_state_dict(base["ema"])
+        log(f"iterate averaging: the final model is the EMA (decay {cfg['ema_decay']:g}) of the iterates"
+            + (", continued from the checkpoint" if lineage["resume"] and "ema" in base
+               else ", started at " + ("the resumed weights" if lineage["resume"] else "the initial weights")))
     n_trainable = gpt.get_num_params(non_embedding=False, trainable_only=True)
     delta = plan.get("delta")
     if cfg["dp"]:
@@ -706,7 +720,7 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
         log(f"non-private ({cfg['sampling']} sampling, expected batch {cfg['batch_size']}): "
             f"{plan['steps']} steps; {n_trainable:,} trainable parameters")
     return SimpleNamespace(trainer=tr, gpt=gpt, plan=plan, val_set=val_set, answer_set=answer_set,
-                           autocast=autocast, n_trainable=n_trainable)
+                           autocast=autocast, n_trainable=n_trainable, ema=ema)
 
 
 def _finetune(cfg, model, on_model_ready, log, rank, world_size, device, on_trainer_ready=None):
@@ -729,6 +743,9 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device, on_trai
             group["lr"] = lr
     set_lr()  # after a resumed optimizer's state (which carries its old rate) is loaded
     tr.optimizer.original_optimizer.register_step_post_hook(set_lr)
+    ema = run.ema
+    if ema is not None:
+        tr.optimizer.original_optimizer.register_step_post_hook(ema.update)
     warn = f" [{run_privacy.REPRODUCIBLE_WARNING}]" if cfg["dp"] and cfg["reproducible_noise_seed"] is not None else ""
 
     def segments():
@@ -742,7 +759,8 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device, on_trai
     def write_checkpoint(final):
         """ckpt.pt with the privacy history and the run's progress (periodic ones: + optimizer state, to
         resume). No secret randomness: a resumed run draws a fresh secret."""
-        extra = {} if final else {"optimizer": tr.optimizer.original_optimizer}
+        extra = {} if final else {"optimizer": tr.optimizer.original_optimizer,
+                                  **({"ema": ema.state_dict()} if ema is not None else {})}
         run_state = {**state, "steps_done": state["steps_done"] + tr.steps,
                      "noise_multiplier": plan.get("noise_multiplier")}
         save_checkpoint(os.path.join(out, "ckpt.pt"), gpt, iter_num=state["steps_done"] + tr.steps, config=cfg,
@@ -798,6 +816,8 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device, on_trai
                     if run_log:
                         run_log.write({"event": "step", "step": step, "train_loss": train_loss, "records": step_records,
                                        "epsilon": eps, "ms": dt})
+                if ema is not None and step == steps_to_run:
+                    ema.copy_to_params()  # the last step is done: from here on (final eval, ckpt) the average
                 if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == steps_to_run:
                     t_eval = time.time()
                     run_eval(step, train_loss)
@@ -820,7 +840,8 @@ def _finetune(cfg, model, on_model_ready, log, rank, world_size, device, on_trai
         privacy.update(
             epsilon=eps, steps=tr.steps, epochs=tr.steps * plan["sample_rate"], planned_steps=plan["planned_steps"],
             grad_sample_mode=tr.mode, trainable_params=n_trainable, weights_tied=gpt.weights_tied,
-            world_size=world_size, eval_epsilons=eval_epsilons, stopped_at_budget=stopped_at_budget)
+            world_size=world_size, eval_epsilons=eval_epsilons, stopped_at_budget=stopped_at_budget,
+            ema_decay=cfg["ema_decay"])
     gpt = tr.close()
     if writes:
         write_checkpoint(final=True)
