@@ -268,8 +268,9 @@ def run_config(cfg, data_dir, n, method, epsilon, recipe=None):
         run["accountant"] = r.get("accountant", cfg["dp_accountant"])
         if run["lr_schedule"] == "wsd":
             run["decay_fraction"] = r.get("decay_fraction", cfg["dp_decay_fraction"])
-        if r.get("ema_decay", cfg["dp_ema_decay"]):
-            run["ema_decay"] = float(r.get("ema_decay", cfg["dp_ema_decay"]))
+        ema = r.get("ema_decay", cfg["dp_ema_decay"])
+        if ema:
+            run["ema_decay"] = float(ema)
     else:
         run.update(batch_size=min(cfg["batch_size"], max(1, n // 4)), max_steps=cfg["steps"],
                    learning_rate=cfg["learning_rate"])

@@ -74,7 +74,7 @@ def test_a_resumed_run_continues_the_average_from_the_checkpoint(cfg):
         torch.testing.assert_close(got, w)
 
 
-@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5, "0.9", True])
 def test_a_decay_outside_0_1_is_refused_before_anything_is_written(cfg, decay, tmp_path):
     with pytest.raises(UserError, match="ema_decay"):
         finetune.finetune({**cfg, "ema_decay": decay}, log=quiet)

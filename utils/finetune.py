@@ -76,8 +76,8 @@ from utils import privacy_ledger as ledger
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from utils.cli import UserError
 from utils.data import RecordDataset, load_meta
-from utils.iterate_averaging import ParameterEMA
 from utils.distributed import leave_process_group
+from utils.iterate_averaging import ParameterEMA
 from utils.lr_schedule import FINETUNE_SCHEDULES, finetune_lr
 from utils import run_privacy
 from utils.dp_sampling import poisson_loader
@@ -184,7 +184,8 @@ def check_config(cfg):
                         "physical batch splits the logical one, so it cannot be larger")
     if cfg["max_steps"] < 0 or (cfg["max_steps"] == 0 and not cfg["epochs"] > 0):
         raise UserError("give max_steps > 0 or epochs > 0")
-    if not 0.0 <= cfg["ema_decay"] < 1.0:
+    decay = cfg["ema_decay"]
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
         raise UserError(f"ema_decay must be in [0, 1) (0 = the last iterate); got {cfg['ema_decay']}")
     if cfg["learning_rate"] <= 0 or cfg["weight_decay"] < 0:
         raise UserError("learning_rate must be positive and weight_decay non-negative")
@@ -692,10 +693,11 @@ def build_run(cfg, model=None, on_model_ready=None, log=print, rank=0, world_siz
         tr.optimizer.original_optimizer.load_state_dict(base["optimizer"])
     ema = ParameterEMA(trainable_parameters(gpt), cfg["ema_decay"]) if cfg["ema_decay"] else None
     if ema is not None:
-        if lineage["resume"] and "ema" in base:
+        continued = bool(lineage["resume"]) and "ema" in base
+        if continued:
             ema.load_state_dict(base["ema"])
         log(f"iterate averaging: the final model is the EMA (decay {cfg['ema_decay']:g}) of the iterates"
-            + (", continued from the checkpoint" if lineage["resume"] and "ema" in base
+            + (", continued from the checkpoint" if continued
                else ", started at " + ("the resumed weights" if lineage["resume"] else "the initial weights")))
     n_trainable = gpt.get_num_params(non_embedding=False, trainable_only=True)
     delta = plan.get("delta")
