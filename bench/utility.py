@@ -142,7 +142,8 @@ DEFAULTS = dict(
     sweep_learning_rates=(1e-3, 3e-3),  # learning rates tried
     sweep_methods=("full",),  # what is trained, tried
     sweep_lr_schedules=("constant",),  # learning-rate schedules tried (with dp_warmup_steps)
-    report_only=False,  # True: write RESULTS.md from the finished runs of this matrix, train nothing
+    report_only=False,  # True: write RESULTS.md from the finished runs of this matrix, train nothing (a run of
+    # an earlier recipe is shown, marked; its repeats are left out of the spread)
     # run-to-run spread (fresh DP noise and sampling, the same data; the spread table: every run, mean, sd)
     repeat_cells=(),  # DP cells (N, method, target epsilon) of the matrix to run `repeats` times in all
     repeats=3,  # runs per repeated cell, the matrix's included
@@ -367,6 +368,8 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
             done = json.load(f)
         if done.get("recipe") == this_recipe:
             return done
+        if cfg["report_only"]:  # shown, marked: a real run, of the recipe its own columns name
+            return dict(done, earlier_recipe=True)
         print(f"{tag}: the finished run used another recipe; running it again")
     if cfg["report_only"]:
         return None
@@ -445,11 +448,16 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned, again=()):
         lines.append(f"| {r['n']} | {r['method']} | {fmt(r['target_epsilon'], 0) if r['target_epsilon'] else 'none'} "
                      f"| {fmt(r['epsilon'], 2)} | {accountant_name(r) if r['target_epsilon'] else '-'} "
                      f"| {fmt(r.get('sample_rate'), 3)} | {fmt(r.get('noise_multiplier'), 2)} "
-                     f"| {r['steps'] or '-'} | {schedule_name(r) if r['target_epsilon'] else '-'} "
+                     f"| {r['steps'] or '-'} | {schedule_name(r) if r['target_epsilon'] else '-'}{' †' * bool(r.get('earlier_recipe'))} "
                      f"| {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
                      f"| {share} | {gain} | {floor:.3f} | {fmt(r.get('val_loss'))} | {fmt(r.get('exposure_gap_bits'), 2)} "
                      f"| {mia} | {fmt(r.get('mia_blind_auc'))} | {fmt(r.get('train_cpu_s'), 0)} |")
     lines += spread_markdown(rows, again, reference, cfg)
+    earlier = [r for r in rows if r.get("earlier_recipe")]
+    if earlier:
+        lines += ["", f"† {len(earlier)} run(s) of an earlier recipe, shown by their own steps, q and schedule "
+                  "columns (the same command reruns them under this one): "
+                  + ", ".join(f"N={r['n']} {r['method']} ε={r['target_epsilon']:g}" for r in earlier) + "."]
     done = ({(r["n"], r["method"], r["target_epsilon"]) for r in rows}
             | {(r["n"], r["method"], r["target_epsilon"], r["repeat"]) for r in again})
     missing = [p for p in planned if p not in done]  # (N, method, eps) of the matrix, + the run number of a repeat
@@ -463,11 +471,13 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned, again=()):
 
 def spread_markdown(rows, again, reference, cfg):
     """The repeated cells: each run's accuracy and exposure gap, their mean and sd (run 1 is the matrix's)."""
+    rows = [r for r in rows if not r.get("earlier_recipe")]  # a spread is one recipe's
     cells = sorted({(r["n"], r["method"], r["target_epsilon"]) for r in again})
     if not cells:
         return []
     lines = ["", f"## Run-to-run spread ({cfg['repeats']} runs per cell)", "",
-             "The same data and recipe, fresh DP noise and Poisson sampling in each run (run 1 is the row above). "
+             "The same data and recipe, fresh DP noise and Poisson sampling in each run (run 1 is the row above, "
+             "unless it is an earlier recipe's). "
              "Each run is its own release at the cell's ε; the mean describes the recipe, not one model.", "",
              "| N | method | DP target ε | accuracy per run | mean ± sd | % of non-private (mean) "
              "| exposure gap per run (bits) | mean gap | MIA AUC per run |",
@@ -498,7 +508,12 @@ def plot_results(rows, majority, cfg, results_dir):
             dp = sorted((r for r in rows if r["n"] == n and r["method"] == method and r["target_epsilon"]),
                         key=lambda r: r["target_epsilon"])
             color = f"C{i}"
-            ax.plot([r["target_epsilon"] for r in dp], [r["accuracy"] for r in dp], "o-", color=color, label=method)
+            now = [r for r in dp if not r.get("earlier_recipe")]
+            ax.plot([r["target_epsilon"] for r in now], [r["accuracy"] for r in now], "o-", color=color, label=method)
+            before = [r for r in dp if r.get("earlier_recipe")]
+            if before:
+                ax.plot([r["target_epsilon"] for r in before], [r["accuracy"] for r in before], "o", mfc="none",
+                        color=color, label=f"{method}, earlier recipe")
             for r in rows:
                 if r["n"] == n and r["method"] == method and r["target_epsilon"] is None:
                     ax.axhline(r["accuracy"], color=color, ls=":", lw=1)
@@ -510,7 +525,8 @@ def plot_results(rows, majority, cfg, results_dir):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for n, method in itertools.product(ns, cfg["methods"]):
         dp = sorted((r for r in rows if r["n"] == n and r["method"] == method and r["target_epsilon"]
-                     and r.get("exposure_gap_bits") is not None), key=lambda r: r["target_epsilon"])
+                     and r.get("exposure_gap_bits") is not None and not r.get("earlier_recipe")),
+                    key=lambda r: r["target_epsilon"])
         if dp:
             ax.plot([r["target_epsilon"] for r in dp], [r["exposure_gap_bits"] for r in dp], "o-",
                     label=f"N={n} {method}")
@@ -568,7 +584,7 @@ def run_matrix(cfg):
         for _, method, eps, k in (r for r in repeats if r[0] == n):
             row = run_one(cfg, base, data_dir, n, method, eps, recipe=method_recipe(cfg, method, eps),
                           tag=f"n{n}_{method}_eps{eps:g}_r{k}")
-            again += [dict(row, repeat=k)] if row else []
+            again += [dict(row, repeat=k)] if row and not row.get("earlier_recipe") else []  # else: not run yet
             progress.update()
     if cfg["report_only"]:
         print(f"{len(rows) + len(again)} of {len(runs) + len(repeats)} runs finished: the tables show those")

@@ -195,6 +195,23 @@ def test_report_only_trains_nothing_and_names_the_runs_not_finished(matrix, monk
     assert "planned runs): " in table and "N=40 full ε=8 run 3, N=40 full ε=8 run 4." in table
 
 
+def test_report_only_marks_an_earlier_recipes_run_and_keeps_it_out_of_the_spread(tmp_path, monkeypatch):
+    """A recipe changed mid-matrix: the report shows the earlier recipe's run, marked (its own columns name its
+    recipe), and never mixes its repeats into the new recipe's spread: they count as not run yet."""
+    args = tiny_args(tmp_path) + ["--repeat_cells=((40, 'full', 8.0),)", "--repeats=2"]
+    utility.main(args)
+    monkeypatch.setattr(utility, "finetune", lambda *a, **k: pytest.fail("report_only trained a model"))
+    rows = utility.main(args + ["--report_only=True", "--dp_learning_rate=0.001"])
+    dp = next(r for r in rows if r["target_epsilon"])
+    assert dp["earlier_recipe"] and dp["learning_rate"] == 3e-3
+    assert not any(r.get("earlier_recipe") for r in rows if r["target_epsilon"] is None)
+    table = (tmp_path / "results" / "RESULTS.md").read_text()
+    assert "| constant † |" in table and "† 1 run(s) of an earlier recipe" in table and "N=40 full ε=8." in table
+    assert "Run-to-run spread" not in table and "Not run yet (1 of 3 planned runs): N=40 full ε=8 run 2." in table
+    assert json.load(open(tmp_path / "results" / "results.json"))["repeats"] == []
+    assert not json.load(open(tmp_path / "out" / "runs" / "n40_full_eps8.json")).get("earlier_recipe")
+
+
 def test_a_finished_run_with_another_recipe_is_trained_again(matrix, monkeypatch):
     tmp, _ = matrix
 
