@@ -475,7 +475,7 @@ def spread_markdown(rows, again, reference, cfg):
     cells = sorted({(r["n"], r["method"], r["target_epsilon"]) for r in again})
     if not cells:
         return []
-    lines = ["", f"## Run-to-run spread ({cfg['repeats']} runs per cell)", "",
+    lines = ["", f"## Run-to-run spread ({cfg['repeats']} runs planned per cell; each row lists those finished)", "",
              "The same data and recipe, fresh DP noise and Poisson sampling in each run (run 1 is the row above, "
              "unless it is an earlier recipe's). "
              "Each run is its own release at the cell's ε; the mean describes the recipe, not one model.", "",
