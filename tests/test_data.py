@@ -8,10 +8,11 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from utils.cli import UserError
-from utils.data import RecordDataset, answer_mask, load_meta, offsets, tokens
+from utils.data import RecordDataset, answer_mask, last_run, load_meta, offsets, tokens
 from utils.employees import (CANARY_FIELD, FIELDS, N_TEMPLATES, QUESTIONS, answer, generate_people, qa_prompt,
                              random_secret, record_fields, render_examples, render_record)
 from utils.prepare import encode_record, take_tokens
@@ -146,6 +147,32 @@ def test_employees_deterministic_split_by_person_and_masks(employees_dir, tmp_pa
     ds = RecordDataset(str(a), "train", block_size=256, loss_on="answer")
     x, y = ds[0]
     assert (y != -1).sum() > 0 and (y != -1).sum() < (x != 0).sum()
+
+
+def test_last_answer_loss_keeps_exactly_each_records_last_answer(employees_dir):
+    """loss_on='last_answer' (completion-only fine-tuning): the targets are the record's last answer, every
+    earlier answer and all the scaffold ignored; 'answer' keeps them all."""
+    meta = load_meta(employees_dir)
+    tok = get_tokenizer(meta)
+    block = RecordDataset(str(employees_dir), "train", block_size=8).longest  # no record cut
+    last = RecordDataset(str(employees_dir), "train", block_size=block, loss_on="last_answer")
+    every = RecordDataset(str(employees_dir), "train", block_size=block, loss_on="answer")
+    fields = [CANARY_FIELD] + meta["fields"]
+    several = 0
+    for i, (person, (text, _)) in enumerate(zip(people(employees_dir, "train"), decoded_records(employees_dir, "train"))):
+        order = fields_of_lines(person, text, [f for f in fields if person.get(f) is not None])
+        kept = last[i][1]
+        assert tok.decode([int(t) for t in kept[kept >= 0]]) == f" {answer(person, order[-1])}\n"
+        several += len(order) > 1 and (every[i][1] >= 0).sum() > (kept >= 0).sum()
+    assert several > 0  # records with earlier answers exist, and they lost them
+    with pytest.raises(UserError, match="loss_on must be one of all, answer, last_answer"):
+        RecordDataset(str(employees_dir), "train", block_size=256, loss_on="last")
+
+
+def test_last_run_of_a_mask():
+    keep = np.array([0, 1, 1, 0, 0, 1, 1, 1, 0], bool)
+    assert last_run(keep).tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 0]
+    assert last_run(np.array([1, 1], bool)).tolist() == [1, 1] and not last_run(np.zeros(3, bool)).any()
 
 
 def test_records_longer_than_the_block_are_refused_unless_truncation_is_asked(employees_dir):

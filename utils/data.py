@@ -65,6 +65,20 @@ def offsets(data_dir, split):
     return off
 
 
+LOSS_ON = ("all", "answer", "last_answer")
+
+
+def last_run(keep):
+    """The mask with only its last run of True kept (a record's last answer)."""
+    out = np.zeros_like(keep)
+    ends = np.flatnonzero(keep)
+    if ends.size:
+        end = ends[-1]
+        gaps = np.flatnonzero(~keep[:end])
+        out[(gaps[-1] + 1 if gaps.size else 0):end + 1] = True
+    return out
+
+
 def answer_mask(data_dir, split):
     path = os.path.join(data_dir, f"{split}_answer_mask.bin")
     return np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
@@ -106,22 +120,25 @@ def get_batch(data, batch_size, block_size, device="cpu", generator=None):
 
 class RecordDataset(torch.utils.data.Dataset):
     """One item per record: (x, y), each of length block_size. Padding is token 0 in x and -1 (ignored)
-    in y; with loss_on='answer', y is also -1 outside answer tokens. Records longer than
+    in y; with loss_on='answer', y is also -1 outside answer tokens, and with 'last_answer' outside the
+    record's last answer (the completion-only loss of supervised fine-tuning: the last field is predicted
+    from the others the record shows; a canary's one answer is its secret, so it trains as before). Records longer than
     block_size + 1 tokens are counted in `n_truncated` and cut by __getitem__; training refuses them
     unless truncation is asked for (check_fit): a cut record trains its person on their first lines
     only, and the leakage tests would then probe fields the model never saw."""
 
     def __init__(self, data_dir, split, block_size, loss_on="all", meta=None):
-        if loss_on not in ("all", "answer"):
-            raise UserError(f"loss_on must be 'all' or 'answer', got {loss_on!r}")
+        if loss_on not in LOSS_ON:
+            raise UserError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
         self.meta = meta or load_meta(data_dir)
         self.tokens = tokens(data_dir, split, self.meta)
         self.offsets = offsets(data_dir, split)
         if self.offsets[-1] != len(self.tokens):
             raise UserError(f"{data_dir}: {split}_offsets.bin does not match {split}.bin; rerun `{prepare_hint(data_dir)}`")
-        self.mask = answer_mask(data_dir, split) if loss_on == "answer" else None
-        if loss_on == "answer" and self.mask is None:
-            raise UserError(f"loss_on='answer' needs {split}_answer_mask.bin, which {data_dir} lacks")
+        self.mask = answer_mask(data_dir, split) if loss_on != "all" else None
+        self.last_answer_only = loss_on == "last_answer"
+        if loss_on != "all" and self.mask is None:
+            raise UserError(f"loss_on={loss_on!r} needs {split}_answer_mask.bin, which {data_dir} lacks")
         self.block_size = block_size
         lengths = np.diff(self.offsets)
         self.n_truncated = int(np.sum(lengths > block_size + 1))
@@ -156,6 +173,8 @@ class RecordDataset(torch.utils.data.Dataset):
         y = torch.full((self.block_size,), -1, dtype=torch.long)
         x[:n], y[:n] = t[:-1], t[1:]
         if self.mask is not None:
-            keep = torch.from_numpy(self.mask[a + 1:b].astype(bool))
-            y[:n][~keep] = -1
+            keep = self.mask[a + 1:b].astype(bool)
+            if self.last_answer_only:
+                keep = last_run(keep)
+            y[:n][~torch.from_numpy(keep)] = -1
         return x, y

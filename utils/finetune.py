@@ -75,7 +75,7 @@ from utils.bk_clipping import BookKeeping
 from utils import privacy_ledger as ledger
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 from utils.cli import UserError
-from utils.data import RecordDataset, load_meta
+from utils.data import LOSS_ON, RecordDataset, load_meta
 from utils.distributed import leave_process_group
 from utils.iterate_averaging import ParameterEMA
 from utils.lr_schedule import FINETUNE_SCHEDULES, finetune_lr
@@ -94,7 +94,7 @@ DEFAULTS = dict(
     # data
     block_size=0,  # 0 = the base model's; a record longer than it is refused before training...
     truncate_records=False,  # ...unless True: then cut to block_size + 1 tokens, counted in the log and privacy.json
-    loss_on="all",  # 'all' | 'answer' (needs {split}_answer_mask.bin)
+    loss_on="all",  # 'all' | 'answer' | 'last_answer' (each record's last answer only; both need {split}_answer_mask.bin)
     sampling="poisson",  # 'poisson' (always with dp) | 'shuffle' (dp=False only)
     # privacy
     dp=True,             # DP-SGD (Opacus); False = the same loop without privacy
@@ -151,7 +151,7 @@ def check_config(cfg):
     """Refuse bad settings before anything is loaded or written."""
     if cfg["save"] and os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
         raise UserError(f"--out_dir={cfg['out_dir']} is a file, not a directory")
-    choices = dict(loss_on=("all", "answer"), sampling=("poisson", "shuffle"), grad_sample_mode=("ghost", "hooks", "bk"),
+    choices = dict(loss_on=LOSS_ON, sampling=("poisson", "shuffle"), grad_sample_mode=("ghost", "hooks", "bk"),
                    noise_quantization=("none", "int8"), optimizer=("adamw", "sgd"),
                    dtype=("float32", "float64", "bfloat16"))
     if cfg["dtype"] == "float16":
