@@ -27,9 +27,10 @@ chosen on one half of the people, scored with a bootstrap interval on the other)
 
 Runs: per N, methods full / freeze (first freeze_first_blocks blocks and the embeddings fixed) / lora at
 every target epsilon, and the non-private full fine-tune, the reference of every row's "% of non-private"
-(utils.finetune.finetune, grad_sample_mode 'bk', loss on the answer bytes only: the names and the
-question scaffold carry nothing the task needs and would take a share of each person's clipped
-gradient). Every run has a fixed budget of steps x batch (DP: ~100k records seen, ~17 CPU minutes
+(utils.finetune.finetune, grad_sample_mode 'bk', the loss on loss_on's bytes: config/utility.py asks for
+'last_answer', each record's last answer only, i.e. the Department, and a canary's secret: the names,
+the question scaffold and the Job Titles answer, which the name cannot predict, would take a share of
+each person's clipped gradient, while a canary's would stay whole). Every run has a fixed budget of steps x batch (DP: ~100k records seen, ~17 CPU minutes
 whatever N >= 4,096; non-private: ~19k), so a larger N does not cost more: it lowers the DP sample rate q = batch / N, and with it
 the noise needed for the same epsilon (the fixed-steps view of Sander et al. 2023, TAN). The base
 is base_ckpt, or, with base_ckpt='', a fresh model seeded with `seed`, trained without DP on
@@ -74,9 +75,10 @@ from utils.atomic import write_bytes, write_json
 from utils.audit_bounds import clopper_pearson
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import UserError, run_cli
-from utils.data import load_meta, offsets
+from utils.data import LOSS_ON, load_meta, offsets
 from utils.employees import SCHEMA, load_people
 from utils.finetune import finetune
+from utils.iterate_averaging import ParameterEMA
 from utils.lr_schedule import FINETUNE_SCHEDULES
 from utils.machine import describe_machine
 from utils.prepare import check_field_order
@@ -119,7 +121,7 @@ DEFAULTS = dict(
     batch_size=64,  # expected batch (records)
     steps=300,  # logical steps (~19k records seen: at N >= 10,000 about one pass or less)
     learning_rate=2e-3,  # peak learning rate (constant)
-    loss_on="answer",  # 'answer': the loss (and so each person's clipped gradient) only on answer bytes
+    loss_on="answer",  # 'answer': the loss (and so each person's clipped gradient) only on answer bytes; 'last_answer': on the last one
     # the recipe, DP: a fixed number of steps at a fixed large batch, so a run costs the same at every N
     # and a larger N only lowers q = batch / N (and so the noise for the same epsilon); Sander et al. 2023
     dp_batch_size=1024,  # expected logical batch; capped at N/4 so that q = batch/N stays <= 0.25
@@ -142,6 +144,7 @@ DEFAULTS = dict(
     sweep_learning_rates=(1e-3, 3e-3),  # learning rates tried
     sweep_methods=("full",),  # what is trained, tried
     sweep_lr_schedules=("constant",),  # learning-rate schedules tried (with dp_warmup_steps)
+    sweep_ema_decays=(),  # EMA decays of each sweep run's iterates scored too, each a row (free: the same run)
     report_only=False,  # True: write RESULTS.md from the finished runs of this matrix, train nothing (a run of
     # an earlier recipe is shown, marked; its repeats are left out of the spread)
     # run-to-run spread (fresh DP noise and sampling, the same data; the spread table: every run, mean, sd)
@@ -170,6 +173,8 @@ def check_config(cfg):
     if cfg["n_heldout"] < 4 or cfg["mia_records"] < 2 or cfg["resamples"] < 100:
         raise UserError("need n_heldout >= 4, mia_records >= 2 and resamples >= 100")
     check_field_order(cfg["field_order"], "field_order")
+    if cfg["loss_on"] not in LOSS_ON:
+        raise UserError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {cfg['loss_on']!r}")
     if cfg["seed"] == cfg["public_seed"]:
         raise UserError("public_seed must differ from seed: the recipe must not be tuned on the evaluated data")
     if not 0 <= cfg["freeze_first_blocks"] <= cfg["n_layer"] or cfg["lora_rank"] < 1:
@@ -194,9 +199,13 @@ def check_config(cfg):
     if not schedules <= set(FINETUNE_SCHEDULES) or not 0 < cfg["dp_decay_fraction"] <= 1:
         raise UserError(f"learning-rate schedules must be among {FINETUNE_SCHEDULES} (got {sorted(schedules)}) "
                         "and dp_decay_fraction in (0, 1]")
-    emas = {cfg["dp_ema_decay"], *(r.get("ema_decay", 0.0) for r in cfg["dp_method_recipes"].values())}
+    emas = {cfg["dp_ema_decay"], *(r.get("ema_decay", 0.0) for r in cfg["dp_method_recipes"].values()),
+            *(d or -1 for d in cfg["sweep_ema_decays"])}
     if not all(isinstance(e, (int, float)) and 0 <= e < 1 for e in emas):
-        raise UserError(f"EMA decays must be in [0, 1) (0 = the last iterate), got {sorted(map(str, emas))}")
+        raise UserError(f"EMA decays must be in [0, 1) (0 = the last iterate; sweep_ema_decays in (0, 1)), got "
+                        f"{sorted(map(str, emas))}")
+    if cfg["sweep_ema_decays"] and cfg["dp_ema_decay"]:
+        raise UserError("sweep_ema_decays scores averages of a last-iterate sweep run: set dp_ema_decay=0 with it")
     if TASK_TARGET in cfg["pretrain_fields"] or cfg["pretrain_n"] < 0:
         raise UserError(f"pretrain_fields must not ask {TASK_TARGET} (the task the private data teaches) and "
                         "pretrain_n must be >= 0")
@@ -357,26 +366,30 @@ def membership(model, data_dir, meta, cfg):
 
 
 # ----------------------------------------------------------------------------- one run
-def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=None, tag=None):
-    """Fine-tune a copy of the base, score it; the JSON is written as soon as the run ends."""
+def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=None, tag=None, averages=()):
+    """Fine-tune a copy of the base, score it; the JSON is written as soon as the run ends. averages: EMA
+    decays of the same run's iterates scored too (post-processing, the same epsilon), each its own row and
+    JSON (tag + _ema<d>, the recipe with that ema_decay); then a list of rows, the run's own first."""
     tag = tag or f"n{n}_{method}_{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
-    path = os.path.join(cfg["out_dir"], "runs", f"{tag}.json")
     run_cfg = run_config(cfg, data_dir, n, method, epsilon, recipe)
     this_recipe = recipe_of(run_cfg)
-    if os.path.isfile(path) and not cfg["fresh"]:
-        with open(path) as f:
-            done = json.load(f)
-        if done.get("recipe") == this_recipe:
-            return done
-        if cfg["report_only"]:  # shown, marked: a real run, of the recipe its own columns name
-            return dict(done, earlier_recipe=True)
-        print(f"{tag}: the finished run used another recipe; running it again")
-    if cfg["report_only"]:
-        return None
+    wanted = [(tag, this_recipe)] + [(f"{tag}_ema{d:g}", dict(this_recipe, ema_decay=float(d))) for d in averages]
+    done = [finished_run(cfg, t, r) for t, r in wanted]
+    if cfg["report_only"] or all(d is not None for d in done):
+        done = [d for d in done if d is not None]
+        return done if averages else (done[0] if done else None)
     meta = load_meta(data_dir)
     tok = get_tokenizer(meta)
+    emas = {}
+
+    def track_averages(trainer):  # extra EMAs of the iterates the DP optimizer releases
+        params = [p for g in trainer.optimizer.original_optimizer.param_groups for p in g["params"]]
+        for d in averages:
+            emas[d] = ParameterEMA(params, d)
+            trainer.optimizer.original_optimizer.register_step_post_hook(emas[d].update)
+
     t0, cpu0 = time.time(), time.process_time()
-    out = finetune(run_cfg, model=copy.deepcopy(base))
+    out = finetune(run_cfg, model=copy.deepcopy(base), **({"on_trainer_ready": track_averages} if averages else {}))
     train_cpu_s = time.process_time() - cpu0
     model = out["model"].eval()
     privacy, last_eval = out["privacy"] or {}, (out["history"] or [{}])[-1]
@@ -388,21 +401,65 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
                max_grad_norm=run_cfg.get("max_grad_norm") if epsilon is not None else None,
                train_time_s=out["train_time_s"], train_cpu_s=train_cpu_s, threads=torch.get_num_threads(),
                recipe=this_recipe)
+    row.update(score(cfg, model, data_dir, meta, tok, score_privacy))
+    row["wall_s"] = time.time() - t0
+    save_run(cfg, tag, row)
+    rows = [row]
+    if averages:
+        params = next(iter(emas.values())).params
+        iterates = [p.detach().clone() for p in params]
+        for (avg_tag, avg_recipe), d in zip(wanted[1:], averages):
+            t1 = time.time()
+            with torch.no_grad():
+                emas[d].copy_to_params()
+            avg = dict(row, tag=avg_tag, recipe=avg_recipe, averaged_from=tag, val_loss=None,  # val loss: the iterate's
+                       **score(cfg, model, data_dir, meta, tok, score_privacy))
+            with torch.no_grad():
+                for p, x in zip(params, iterates):
+                    p.copy_(x)
+            avg["wall_s"] = time.time() - t1  # scoring only: the training is the run's (its wall_s)
+            save_run(cfg, avg_tag, avg)
+            rows.append(avg)
+    return rows if averages else row
+
+
+def finished_run(cfg, tag, recipe):
+    """The finished run's row when its JSON has this recipe; with report_only, a run of another recipe
+    (marked earlier_recipe: a real run, of the recipe its own columns name); else None."""
+    path = os.path.join(cfg["out_dir"], "runs", f"{tag}.json")
+    if not os.path.isfile(path) or cfg["fresh"]:
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    if done.get("recipe") == recipe:
+        return done
+    if cfg["report_only"]:
+        return dict(done, earlier_recipe=True)
+    print(f"{tag}: the finished run used another recipe; running it again")
+    return None
+
+
+def score(cfg, model, data_dir, meta, tok, score_privacy):
+    """Held-out task accuracy; with score_privacy, the canaries' exposure gap and membership inference."""
     with torch.no_grad():
-        row.update(task_accuracy(model, task_prompts(data_dir, tok), tok, cfg["eval_batch_size"]))
+        out = task_accuracy(model, task_prompts(data_dir, tok), tok, cfg["eval_batch_size"])
         if score_privacy:
             canaries = prepare_canaries(os.path.join(data_dir, "canaries.json"), tok, cfg["n_candidates"], cfg["seed"])
-            row.update(exposure_gap(model, canaries, tok, cfg["eval_batch_size"]))
+            out.update(exposure_gap(model, canaries, tok, cfg["eval_batch_size"]))
     if score_privacy:
-        row.update(membership(model, data_dir, meta, cfg))
-    row["wall_s"] = time.time() - t0
-    if os.path.isfile(path):  # the run this one replaces (another recipe's, or --fresh): kept, moved only now
+        out.update(membership(model, data_dir, meta, cfg))
+    return out
+
+
+def save_run(cfg, tag, row):
+    """Write the run's JSON; a run it replaces (another recipe's, or --fresh) is kept, moved only now."""
+    path = os.path.join(cfg["out_dir"], "runs", f"{tag}.json")
+    if os.path.isfile(path):
         old = os.path.join(cfg["out_dir"], "runs", "superseded", f"{tag}.{int(os.path.getmtime(path))}.json")
         os.makedirs(os.path.dirname(old), exist_ok=True)
         os.replace(path, old)
         print(f"{tag}: the earlier recipe's run moved to {old}")
     write_json(path, row)
-    return row
 
 
 # ----------------------------------------------------------------------------- report
@@ -456,8 +513,10 @@ def results_markdown(rows, majority, cfg, machine, wall_s, planned, again=()):
     earlier = [r for r in rows if r.get("earlier_recipe")]
     if earlier:
         lines += ["", f"† {len(earlier)} run(s) of an earlier recipe, shown by their own steps, q and schedule "
-                  "columns (the same command reruns them under this one): "
-                  + ", ".join(f"N={r['n']} {r['method']} ε={r['target_epsilon']:g}" for r in earlier) + "."]
+                  "columns, and named here by their loss where it was another (the same command reruns them under "
+                  "this one): " + ", ".join(f"N={r['n']} {r['method']} " + ("no DP" if r["target_epsilon"] is None else f"ε={r['target_epsilon']:g}")
+                                            + ("" if r["recipe"]["loss_on"] == cfg["loss_on"] else f" (loss on {r['recipe']['loss_on']})")
+                                            for r in earlier) + "."]
     done = ({(r["n"], r["method"], r["target_epsilon"]) for r in rows}
             | {(r["n"], r["method"], r["target_epsilon"], r["repeat"]) for r in again})
     missing = [p for p in planned if p not in done]  # (N, method, eps) of the matrix, + the run number of a repeat
@@ -537,17 +596,28 @@ def plot_results(rows, majority, cfg, results_dir):
     save_figure(fig, os.path.join(results_dir, "exposure_vs_epsilon.png"))
 
 
+def on_frontier(row, rows):
+    """No other row has both a higher-or-equal accuracy and a smaller-or-equal exposure gap, one strictly."""
+    a, g = row["accuracy"], row["exposure_gap_bits"]
+    return not any(r["accuracy"] >= a and r["exposure_gap_bits"] <= g and (r["accuracy"], r["exposure_gap_bits"]) != (a, g)
+                   for r in rows)
+
+
 def plot_sweep(rows, cfg, results_dir):
     """sweep_frontier.png: held-out accuracy against the 16x canaries' exposure gap, a point per sweep run
-    that scored its canaries: what a setting buys in accuracy, it pays (or not) in memorization."""
+    that scored its canaries (marker: the loss), the frontier's named: what a setting buys in accuracy, it
+    pays (or not) in memorization."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     scored = [r for r in rows if r.get("exposure_gap_bits") is not None]
-    for i, method in enumerate(METHODS):
-        mine = [r for r in scored if r["method"] == method]
-        ax.scatter([r["exposure_gap_bits"] for r in mine], [r["accuracy"] for r in mine], color=f"C{i}", label=method)
-        for r in mine:
-            schedule = "" if schedule_name(r) == "constant" else f" {schedule_name(r)}"
+    for (i, method), (loss, marker) in itertools.product(enumerate(METHODS), (("answer", "o"), ("last_answer", "^"))):
+        mine = [r for r in scored if r["method"] == method and r["recipe"]["loss_on"] == loss]
+        if not mine:
+            continue
+        ax.scatter([r["exposure_gap_bits"] for r in mine], [r["accuracy"] for r in mine], color=f"C{i}",
+                   marker=marker, label=f"{method}, loss on {loss}", s=16)
+        for r in (r for r in mine if on_frontier(r, scored)):  # names on the frontier only: readable
+            schedule = "" if schedule_name(r) == "constant" else f" {schedule_name(r).removeprefix('constant, ')}"
             ax.annotate(f"b{r['batch_size']} s{r['steps']} lr{r['learning_rate']:g}{schedule}",
                         (r["exposure_gap_bits"], r["accuracy"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.axvline(2.0, color="gray", ls="--", lw=1, label="goal: gap <= 2 bits")
@@ -614,8 +684,10 @@ def run_sweep(cfg):
                + ("" if schedule == "constant" else f"_{schedule}")
                + (f"{cfg['dp_decay_fraction']:g}" if schedule == "wsd" else "")
                + ("" if cfg["dp_accountant"] == "rdp" else f"_{cfg['dp_accountant']}")  # RDP tags predate this
-               + (f"_ema{cfg['dp_ema_decay']:g}" if cfg["dp_ema_decay"] else ""))
-        rows.append(run_one(cfg, base, data_dir, n, method, cfg["sweep_epsilon"], True, recipe, tag))
+               + (f"_ema{cfg['dp_ema_decay']:g}" if cfg["dp_ema_decay"] else "")
+               + ("" if cfg["loss_on"] == "answer" else f"_{cfg['loss_on']}"))  # the 'answer' tags predate this
+        got = run_one(cfg, base, data_dir, n, method, cfg["sweep_epsilon"], True, recipe, tag, cfg["sweep_ema_decays"])
+        rows += got if cfg["sweep_ema_decays"] else [got]
         progress.update()
     return rows, majority_rate(data_dir)[1], time.time() - t0
 
@@ -639,14 +711,16 @@ def sweep_markdown(rows, majority, cfg, machine, wall_s):
              f"uses seed={cfg['seed']}), {cfg['sweep_n']} training persons, DP at target ε = {cfg['sweep_epsilon']:g}. "
              f"Majority-class rate {majority:.3f}. Machine (at report time; a run may have run on another): "
              f"{machine}. Wall time of the runs {wall_s / 60:.1f} min.", "",
-             "Ranked by held-out accuracy, then validation loss (answer bytes). Exposure gap: the "
+             "Ranked by held-out accuracy, then validation loss (on the bytes of its loss, so comparable within one "
+             "loss only; '-' for an average of a run's iterates, scored beside the run). A setting run again (fresh "
+             "DP noise and sampling) has a row per run. Exposure gap: the "
              f"{max(cfg['canary_reps'])}x canaries' mean exposure minus the controls' ({gap_noise(cfg)}).", "",
-             "| rank | field order | method | batch | steps | epochs | clip | lr | schedule | ε spent | accountant | val loss "
-             "| accuracy [95%] | exposure gap (bits) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| rank | field order | loss on | method | batch | steps | epochs | clip | lr | schedule | ε spent | accountant "
+             "| val loss | accuracy [95%] | exposure gap (bits) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(sorted(rows, key=lambda r: (-r["accuracy"], r.get("val_loss") or 0.0)), 1):
         lo, hi = r["accuracy_interval"]
-        lines.append(f"| {i} | {r['recipe'].get('field_order', 'random')} | {r['method']} | {r['batch_size']} | {r['steps']} | {r['epochs']:.2f} | {r['max_grad_norm']:g} "
+        lines.append(f"| {i} | {r['recipe'].get('field_order', 'random')} | {r['recipe']['loss_on']} | {r['method']} | {r['batch_size']} | {r['steps']} | {r['epochs']:.2f} | {r['max_grad_norm']:g} "
                      f"| {r['learning_rate']:g} | {schedule_name(r)} | {fmt(r['epsilon'], 2)} | {accountant_name(r)} "
                      f"| {fmt(r.get('val_loss'))} "
                      f"| {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {fmt(r.get('exposure_gap_bits'), 2)} |")

@@ -157,7 +157,7 @@ def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
                                                "--sweep_batch_sizes=(8,)", "--sweep_steps=(2,)", "--sweep_clip=(0.1, 1.0)",
                                                "--sweep_learning_rates=(0.004,)"])
     table = (tmp_path / "results" / "sweep.md").read_text()
-    assert "public_seed=2027" in table and table.count("| schema | lora | 8 | 2 |") == 2
+    assert "public_seed=2027" in table and table.count("| schema | answer | lora | 8 | 2 |") == 2
     assert (tmp_path / "results" / "sweep_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(isinstance(r["exposure_gap_bits"], float) for r in rows)  # the privacy side is ranked beside
     assert os.path.isdir(tmp_path / "out" / "data_n40_seed2027_schema")
@@ -173,7 +173,8 @@ def test_sweep_ranks_settings_on_public_seed_data(tmp_path):
                                  "--dp_method_recipes={'freeze': {'lr_schedule': 'step'}}",
                                  "--dp_method_recipes={'freeze': {'lr': 0.1}}", "--dp_method_recipes={'all': {}}",
                                  "--dp_accountant=gdp", "--dp_method_recipes={'lora': {'accountant': 'prv'}}",
-                                 "--dp_ema_decay=1.0", "--dp_method_recipes={'freeze': {'ema_decay': -0.1}}"])
+                                 "--dp_ema_decay=1.0", "--dp_method_recipes={'freeze': {'ema_decay': -0.1}}",
+                                 "--sweep_ema_decays=(0.0,)", "--sweep_ema_decays=(1.0,)", "--loss_on=last"])
 def test_bad_input_is_refused_before_work(tmp_path, bad):
     with pytest.raises(UserError):
         utility.main(tiny_args(tmp_path) + [bad])
@@ -210,6 +211,9 @@ def test_report_only_marks_an_earlier_recipes_run_and_keeps_it_out_of_the_spread
     assert "Run-to-run spread" not in table and "Not run yet (1 of 3 planned runs): N=40 full ε=8 run 2." in table
     assert json.load(open(tmp_path / "results" / "results.json"))["repeats"] == []
     assert not json.load(open(tmp_path / "out" / "runs" / "n40_full_eps8.json")).get("earlier_recipe")
+    utility.main(args + ["--report_only=True", "--loss_on=last_answer"])  # another loss: no column, so the note names it
+    table = (tmp_path / "results" / "RESULTS.md").read_text()
+    assert "N=40 full no DP (loss on answer), N=40 full ε=8 (loss on answer)." in table
 
 
 def test_a_finished_run_with_another_recipe_is_trained_again(matrix, monkeypatch):
@@ -308,3 +312,31 @@ def test_an_ema_recipe_reaches_the_dp_runs_of_its_method_and_names_itself(tmp_pa
     row = utility.main(args)[0]
     assert row["tag"].endswith("_ema0.5") and row["recipe"]["ema_decay"] == 0.5
     assert "| constant, EMA 0.5 |" in (tmp_path / "results" / "sweep.md").read_text()
+
+
+def test_sweep_scores_averages_of_each_runs_iterates_as_their_own_rows(tmp_path, monkeypatch):
+    """sweep_ema_decays: one DP run, a row per EMA of its iterates (the same epsilon) beside its own. A decay
+    near 1 leaves the average at the base model and one near 0 at the last iterate: their scores are those
+    models' scores, and the run's own row is untouched by the swap. A rerun reuses all rows."""
+    args = tiny_args(tmp_path) + ["--sweep=True", "--sweep_n=40", "--sweep_methods=('full',)", "--sweep_batch_sizes=(8,)",
+                                  "--sweep_clip=(0.1,)", "--sweep_steps=(3,)", "--sweep_learning_rates=(0.01,)",
+                                  "--loss_on=last_answer", "--sweep_ema_decays=(1e-12, 0.999999999)"]
+    run, last, frozen = utility.main(args)
+    assert run["tag"].endswith("_last_answer") and run["recipe"]["loss_on"] == "last_answer"
+    assert last["tag"] == run["tag"] + "_ema1e-12" and frozen["tag"] == run["tag"] + "_ema1"
+    assert frozen["recipe"] == dict(run["recipe"], ema_decay=0.999999999) and frozen["averaged_from"] == run["tag"]
+    assert frozen["epsilon"] == run["epsilon"] and frozen["val_loss"] is None
+    keys = ("accuracy", "exposure_gap_bits", "mia_auc")
+    assert [last[k] for k in keys] == pytest.approx([run[k] for k in keys])
+    cfg = utility.configure(utility.DEFAULTS, args)
+    data = utility.prepare_data(cfg, 40, cfg["public_seed"])
+    base = utility.base_model(cfg, utility.longest_record(data))
+    meta = utility.load_meta(data)
+    at_base = utility.score(cfg, base.eval(), data, meta, utility.get_tokenizer(meta), True)
+    assert [frozen[k] for k in keys] == pytest.approx([at_base[k] for k in keys])
+    assert (run["exposure_gap_bits"], run["accuracy"]) != (frozen["exposure_gap_bits"], frozen["accuracy"])  # it trained
+    assert "| last_answer | full | 8 | 3 |" in (tmp_path / "results" / "sweep.md").read_text()
+    monkeypatch.setattr(utility, "finetune", lambda *a, **k: pytest.fail("a finished sweep run trained again"))
+    assert [r["tag"] for r in utility.main(args)] == [run["tag"], last["tag"], frozen["tag"]]
+    with pytest.raises(UserError, match="set dp_ema_decay=0 with it"):
+        utility.main(args + ["--dp_ema_decay=0.9"])
