@@ -199,11 +199,11 @@ def check_config(cfg):
     if not schedules <= set(FINETUNE_SCHEDULES) or not 0 < cfg["dp_decay_fraction"] <= 1:
         raise UserError(f"learning-rate schedules must be among {FINETUNE_SCHEDULES} (got {sorted(schedules)}) "
                         "and dp_decay_fraction in (0, 1]")
-    emas = {cfg["dp_ema_decay"], *(r.get("ema_decay", 0.0) for r in cfg["dp_method_recipes"].values()),
-            *(d or -1 for d in cfg["sweep_ema_decays"])}
+    emas = {cfg["dp_ema_decay"], *(r.get("ema_decay", 0.0) for r in cfg["dp_method_recipes"].values())}
     if not all(isinstance(e, (int, float)) and 0 <= e < 1 for e in emas):
-        raise UserError(f"EMA decays must be in [0, 1) (0 = the last iterate; sweep_ema_decays in (0, 1)), got "
-                        f"{sorted(map(str, emas))}")
+        raise UserError(f"EMA decays must be in [0, 1) (0 = the last iterate), got {sorted(map(str, emas))}")
+    if not all(isinstance(d, (int, float)) and 0 < d < 1 for d in cfg["sweep_ema_decays"]):
+        raise UserError(f"sweep_ema_decays must be in (0, 1), got {cfg['sweep_ema_decays']}")
     if cfg["sweep_ema_decays"] and cfg["dp_ema_decay"]:
         raise UserError("sweep_ema_decays scores averages of a last-iterate sweep run: set dp_ema_decay=0 with it")
     if TASK_TARGET in cfg["pretrain_fields"] or cfg["pretrain_n"] < 0:
@@ -380,6 +380,9 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
         return done if averages else (done[0] if done else None)
     meta = load_meta(data_dir)
     tok = get_tokenizer(meta)
+    items = task_prompts(data_dir, tok)  # prepared once, scored for the run and each average
+    canaries = (prepare_canaries(os.path.join(data_dir, "canaries.json"), tok, cfg["n_candidates"], cfg["seed"])
+                if score_privacy else None)
     emas = {}
 
     def track_averages(trainer):  # extra EMAs of the iterates the DP optimizer releases
@@ -401,7 +404,7 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
                max_grad_norm=run_cfg.get("max_grad_norm") if epsilon is not None else None,
                train_time_s=out["train_time_s"], train_cpu_s=train_cpu_s, threads=torch.get_num_threads(),
                recipe=this_recipe)
-    row.update(score(cfg, model, data_dir, meta, tok, score_privacy))
+    row.update(score(cfg, model, items, canaries, data_dir, meta, tok))
     row["wall_s"] = time.time() - t0
     save_run(cfg, tag, row)
     rows = [row]
@@ -413,7 +416,7 @@ def run_one(cfg, base, data_dir, n, method, epsilon, score_privacy=True, recipe=
             with torch.no_grad():
                 emas[d].copy_to_params()
             avg = dict(row, tag=avg_tag, recipe=avg_recipe, averaged_from=tag, val_loss=None,  # val loss: the iterate's
-                       **score(cfg, model, data_dir, meta, tok, score_privacy))
+                       **score(cfg, model, items, canaries, data_dir, meta, tok))
             with torch.no_grad():
                 for p, x in zip(params, iterates):
                     p.copy_(x)
@@ -439,14 +442,14 @@ def finished_run(cfg, tag, recipe):
     return None
 
 
-def score(cfg, model, data_dir, meta, tok, score_privacy):
-    """Held-out task accuracy; with score_privacy, the canaries' exposure gap and membership inference."""
+def score(cfg, model, items, canaries, data_dir, meta, tok):
+    """Held-out task accuracy on items (task_prompts); with canaries (prepare_canaries; None = accuracy
+    only), their exposure gap and membership inference."""
     with torch.no_grad():
-        out = task_accuracy(model, task_prompts(data_dir, tok), tok, cfg["eval_batch_size"])
-        if score_privacy:
-            canaries = prepare_canaries(os.path.join(data_dir, "canaries.json"), tok, cfg["n_candidates"], cfg["seed"])
+        out = task_accuracy(model, items, tok, cfg["eval_batch_size"])
+        if canaries is not None:
             out.update(exposure_gap(model, canaries, tok, cfg["eval_batch_size"]))
-    if score_privacy:
+    if canaries is not None:
         out.update(membership(model, data_dir, meta, cfg))
     return out
 

@@ -332,7 +332,9 @@ def test_sweep_scores_averages_of_each_runs_iterates_as_their_own_rows(tmp_path,
     data = utility.prepare_data(cfg, 40, cfg["public_seed"])
     base = utility.base_model(cfg, utility.longest_record(data))
     meta = utility.load_meta(data)
-    at_base = utility.score(cfg, base.eval(), data, meta, utility.get_tokenizer(meta), True)
+    tok = utility.get_tokenizer(meta)
+    canaries = utility.prepare_canaries(os.path.join(data, "canaries.json"), tok, cfg["n_candidates"], cfg["seed"])
+    at_base = utility.score(cfg, base.eval(), utility.task_prompts(data, tok), canaries, data, meta, tok)
     assert [frozen[k] for k in keys] == pytest.approx([at_base[k] for k in keys])
     assert (run["exposure_gap_bits"], run["accuracy"]) != (frozen["exposure_gap_bits"], frozen["accuracy"])  # it trained
     assert "| last_answer | full | 8 | 3 |" in (tmp_path / "results" / "sweep.md").read_text()

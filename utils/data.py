@@ -122,7 +122,9 @@ class RecordDataset(torch.utils.data.Dataset):
     """One item per record: (x, y), each of length block_size. Padding is token 0 in x and -1 (ignored)
     in y; with loss_on='answer', y is also -1 outside answer tokens, and with 'last_answer' outside the
     record's last answer (the completion-only loss of supervised fine-tuning: the last field is predicted
-    from the others the record shows; a canary's one answer is its secret, so it trains as before). Records longer than
+    from the others the record shows; a canary whose record is its secret line alone, as bench/utility.py
+    writes them, trains as before, while one with lines after its secret, as prepare.py's default order
+    gives, would not be trained on its secret at all). Records longer than
     block_size + 1 tokens are counted in `n_truncated` and cut by __getitem__; training refuses them
     unless truncation is asked for (check_fit): a cut record trains its person on their first lines
     only, and the leakage tests would then probe fields the model never saw."""
